@@ -1,0 +1,1 @@
+"""Kernel and train-step benchmarks (pytest-benchmark and the CLI's `bench`)."""

@@ -1,0 +1,136 @@
+"""The `relu-sparsity` console script: parse, then call train/ or bench/."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from relu_sparsity.train.config import PRESETS
+
+EPILOG_TRAIN = """\
+overrides: any config field as section.key=value (JSON values), e.g.
+  train.peak_lr=1e-3 train.steps=2000 model.d_ff=4096 'model.d_ff=[512,1024,1024,512]'
+  data.source='["notes.txt", "src/"]' data.cache=/path/to/cache
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relu-sparsity", description=(
+        "Watch and exploit activation sparsity in ReLU Transformers while they train."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="build a token cache from a corpus")
+    prep.add_argument("sources", nargs="*", help="text files or folders; none: the default "
+                      "corpus (this Python's standard-library sources)")
+    prep.add_argument("--out", required=True, help="cache folder to write")
+    prep.add_argument("--vocab-size", type=int, default=4096)
+    prep.add_argument("--eval-fraction", type=float, default=0.02)
+
+    train = sub.add_parser("train", help="train a ReLU Transformer and log its sparsity",
+                           epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
+    train.add_argument("--config", default="tiny", choices=sorted(PRESETS),
+                       help="preset (default: tiny, a few minutes on a CPU)")
+    train.add_argument("--run-dir", help="run folder (default: runs/<config>); an existing one "
+                       "is resumed")
+    train.add_argument("--cache", help="token cache folder from `prepare` (default: the "
+                       "default corpus, prepared on first use)")
+    train.add_argument("--instrument", choices=("fused", "xla", "off"),
+                       help="where the sparsity statistics come from (default: xla)")
+    train.add_argument("--kernel", help="kernel backend for --instrument fused: auto, "
+                       "triton, mosaic_gpu, pallas_tpu")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume a run folder although its config differs")
+    train.add_argument("--no-report", action="store_true", help="skip tables and plots")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+    report = sub.add_parser("report", help="the paper's tables and figures from runs")
+    report.add_argument("runs", nargs="+", help="run folders")
+    report.add_argument("--out", help="output folder (default: the run folder, for one run)")
+    report.add_argument("--last-k", type=int, default=None,
+                        help="average the tables over the last K logged steps (default: the "
+                        "runs' train.mean_last, else 5)")
+
+    bench = sub.add_parser("bench", help="kernel benchmarks against XLA")
+    bench.add_argument("--shapes", nargs="+", default=None,
+                       help="TxDxF shapes (default: the three paper-scale shapes on an "
+                       "accelerator, small ones on a CPU)")
+    bench.add_argument("--seq-len", type=int, default=512)
+    bench.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bfloat16 on "
+                       "an accelerator, float32 on a CPU)")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--out", help="also write the table as JSON here")
+    return parser
+
+
+def cmd_prepare(args) -> None:
+    from relu_sparsity.train import data
+
+    source = [str(Path(s)) for s in args.sources] if args.sources else data.DEFAULT_CORPUS
+    path = data.prepare(args.out, source, vocab_size=args.vocab_size,
+                        eval_fraction=args.eval_fraction)
+    print(f"token cache ready: {path}")
+
+
+def cmd_train(args) -> None:
+    from relu_sparsity.train import config as config_lib
+    from relu_sparsity.train.loop import train
+    from relu_sparsity.train.report import write_report
+
+    overrides = list(args.overrides)
+    if args.instrument:
+        overrides.append(f"instrument={args.instrument}")
+    if args.kernel:
+        overrides.append(f"kernel={args.kernel}")
+    if args.cache:
+        overrides.append(f"data.cache={args.cache}")
+    config = config_lib.preset(args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / args.config)
+    train(config, run_dir, allow_config_change=args.allow_config_change,
+          progress=not args.no_progress)
+    if not args.no_report:
+        tables = write_report([run_dir], last_k=config.train.mean_last)
+        print(f"\nrun folder: {run_dir}\ntables: {tables}\nplots: {run_dir / 'plots'}\n")
+        print(Path(tables).read_text())
+
+
+def cmd_report(args) -> None:
+    from relu_sparsity.train.report import write_report
+
+    last_k = args.last_k
+    if last_k is None:
+        import json
+
+        configs = [Path(r) / "config.json" for r in args.runs]
+        ks = [json.loads(c.read_text()).get("train", {}).get("mean_last") for c in configs
+              if c.exists()]
+        last_k = min((k for k in ks if k), default=5)
+    tables = write_report(args.runs, args.out, last_k=last_k)
+    print(Path(tables).read_text())
+    print(f"tables: {tables}")
+
+
+def cmd_bench(args) -> None:
+    from relu_sparsity.bench.kernels import main as bench_main
+
+    bench_main(shapes=args.shapes, seq_len=args.seq_len, dtype=args.dtype,
+               repeats=args.repeats, out=args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        {"prepare": cmd_prepare, "train": cmd_train, "report": cmd_report,
+         "bench": cmd_bench}[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`fused_mlp_up`: the one entry point of every backend, its input checks and its custom VJP.
+
+Each backend supplies only a forward `(x, w1, b1, *, seq_len, live, with_stats, with_token_mask)
+-> (h, stats)`; the backward (the ReLU mask from `h`, then three GEMMs) is shared here.
+"""
+
+import functools
+import logging
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relu_sparsity.kernels.reference import SparsityStats, reference_forward
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[..., tuple[jax.Array, SparsityStats | None]]
+
+# Backends that exist in this build. The fused GPU/TPU kernels register here as they land.
+BACKENDS: dict[str, Forward] = {"reference": reference_forward}
+KNOWN_BACKENDS = ("reference", "triton", "mosaic_gpu", "pallas_tpu")
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this build or this machine cannot run."""
+
+
+def preferred_backend(platform: str | None = None, device_kind: str | None = None) -> str:
+    """DESIGN.md's fixed preference per platform (whether or not that backend is built yet)."""
+    if platform is None or device_kind is None:
+        device = jax.devices()[0]
+        platform, device_kind = device.platform, device.device_kind
+    if platform in ("gpu", "cuda"):
+        hopper = any(name in device_kind for name in ("H100", "H200", "H800", "GH200"))
+        return "mosaic_gpu" if hopper else "triton"
+    if platform == "tpu":
+        return "pallas_tpu"
+    return "reference"
+
+
+@functools.cache
+def resolve_backend(backend: str) -> str:
+    """Name of the backend that will run; logs the choice once. No silent fallback: `auto` on an
+    accelerator whose fused backend is not built says so as a warning."""
+    if backend not in KNOWN_BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + KNOWN_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        wanted = preferred_backend()
+        if wanted in BACKENDS:
+            log.info("fused_mlp_up: backend auto -> %s", wanted)
+            return wanted
+        log.warning("fused_mlp_up: backend auto prefers %s on this device, but it is not built "
+                    "yet; running the reference backend (XLA) instead", wanted)
+        return "reference"
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(
+            f"backend {backend!r} is not available in this build; available: {sorted(BACKENDS)}")
+    log.info("fused_mlp_up: backend %s", backend)
+    return backend
+
+
+def _check_live(live, num_units: int) -> tuple[int, ...] | None:
+    if live is None:
+        return None
+    if isinstance(live, jax.core.Tracer):
+        raise ValueError("live must be a concrete array of unit ids, not a traced value "
+                         "(it fixes the output width, so it cannot change inside jit)")
+    arr = np.asarray(live)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"live must be a non-empty 1-D integer array, got shape {arr.shape} "
+                         f"dtype {arr.dtype}")
+    if np.any(np.diff(arr) <= 0):
+        raise ValueError("live must be strictly increasing (sorted, no repeats)")
+    if arr[0] < 0 or arr[-1] >= num_units:
+        raise ValueError(f"live must lie in [0, {num_units}), got [{arr[0]}, {arr[-1]}]")
+    return tuple(int(i) for i in arr)
+
+
+def _check_inputs(x, w1, b1, seq_len) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must be [T, D], got shape {x.shape}")
+    if w1.ndim != 2 or w1.shape[0] != x.shape[1]:
+        raise ValueError(f"w1 must be [D, F] with D = {x.shape[1]}, got shape {w1.shape}")
+    if b1.ndim != 1 or b1.shape[0] != w1.shape[1]:
+        raise ValueError(f"b1 must be [F] with F = {w1.shape[1]}, got shape {b1.shape}")
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    for name, arr in (("w1", w1), ("b1", b1)):
+        if arr.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype} (the caller casts), "
+                             f"got {arr.dtype}")
+    if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if x.shape[0] % seq_len:
+        raise ValueError(f"seq_len must divide the token count T = {x.shape[0]}, got {seq_len}")
+
+
+def fused_mlp_up(
+    x: jax.Array,
+    w1: jax.Array,
+    b1: jax.Array,
+    *,
+    seq_len: int,
+    live=None,
+    with_stats: bool = True,
+    with_token_mask: bool = False,
+    backend: str = "auto",
+) -> tuple[jax.Array, SparsityStats | None]:
+    """h = relu(x @ w1 + b1) ([T, F], or [T, F_live] with `live`) and its sparsity statistics.
+
+    See DESIGN.md, "The kernel contract". Differentiable in x, w1 and b1.
+    """
+    _check_inputs(x, w1, b1, seq_len)
+    live_ids = _check_live(live, w1.shape[1])
+    name = resolve_backend(backend)
+    return _fused(x, w1, b1, int(seq_len), live_ids, bool(with_stats), bool(with_token_mask), name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _fused(x, w1, b1, seq_len, live, with_stats, with_token_mask, backend):
+    return BACKENDS[backend](x, w1, b1, seq_len=seq_len, live=live, with_stats=with_stats,
+                             with_token_mask=with_token_mask)
+
+
+def _fused_fwd(x, w1, b1, seq_len, live, with_stats, with_token_mask, backend):
+    h, stats = _fused(x, w1, b1, seq_len, live, with_stats, with_token_mask, backend)
+    return (h, stats), (x, w1, h)
+
+
+def _fused_bwd(seq_len, live, with_stats, with_token_mask, backend, residuals, cotangents):
+    del seq_len, with_stats, with_token_mask, backend
+    x, w1, h = residuals
+    dh, _ = cotangents  # integer statistics carry no cotangent
+    # relu'(0) = 0: a unit that is exactly zero passes no gradient.
+    dpre = jnp.where(h > 0, dh, jnp.zeros_like(dh))
+    w1_live = w1 if live is None else w1[:, jnp.asarray(live)]
+    dx = jnp.dot(dpre, w1_live.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw1 = jnp.dot(x.T, dpre, preferred_element_type=jnp.float32).astype(w1.dtype)
+    db1 = jnp.sum(dpre, axis=0, dtype=jnp.float32).astype(w1.dtype)
+    if live is not None:
+        idx = jnp.asarray(live)
+        dw1 = jnp.zeros_like(w1).at[:, idx].set(dw1)
+        db1 = jnp.zeros(w1.shape[1], w1.dtype).at[idx].set(db1)
+    return dx, dw1, db1
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,61 @@
+"""The instrumented two-layer ReLU MLP: a Flax module to drop into any Transformer block."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from relu_sparsity.kernels import fused_mlp_up
+
+INSTRUMENT_MODES = ("off", "xla", "fused")
+
+
+class ReluMLP(nn.Module):
+    """y = relu(x @ wi + bi)[live] @ wo[live] + bo, with the hidden layer's sparsity stats sown.
+
+    The hidden layer runs through `kernels.fused_mlp_up`; its `SparsityStats` go to
+    `self.sow("intermediates", "stats", ...)`, so `apply(..., mutable=["intermediates"])` hands
+    them to the caller with no extra pass.
+
+    Attributes:
+      d_ff: hidden width F.
+      instrument: "off" (no statistics), "xla" (the reference backend computes them), "fused"
+        (a fused kernel backend computes them in the GEMM epilogue).
+      backend: kernel backend for "fused" ("auto" or a name); "off"/"xla" use the reference.
+      live: optional sorted tuple of hidden-unit ids to compute; the others are dead (zero).
+      dtype: compute dtype; parameters stay in `param_dtype`.
+    """
+
+    d_ff: int
+    instrument: str = "xla"
+    backend: str = "auto"
+    live: tuple[int, ...] | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.instrument not in INSTRUMENT_MODES:
+            raise ValueError(f"instrument must be one of {INSTRUMENT_MODES}, got {self.instrument!r}")
+        batch, seq_len, d_model = x.shape
+        init = nn.initializers.lecun_normal()
+        wi = self.param("wi", init, (d_model, self.d_ff), self.param_dtype)
+        bi = self.param("bi", nn.initializers.zeros, (self.d_ff,), self.param_dtype)
+        wo = self.param("wo", init, (self.d_ff, d_model), self.param_dtype)
+        bo = self.param("bo", nn.initializers.zeros, (d_model,), self.param_dtype)
+
+        backend = self.backend if self.instrument == "fused" else "reference"
+        if self.instrument == "fused" and backend == "reference":
+            raise ValueError("instrument='fused' needs a fused kernel backend, not 'reference' "
+                             "(use instrument='xla' for the reference statistics)")
+        h, stats = fused_mlp_up(
+            x.reshape(batch * seq_len, d_model).astype(self.dtype),
+            wi.astype(self.dtype), bi.astype(self.dtype),
+            seq_len=seq_len, live=self.live, with_stats=self.instrument != "off",
+            backend=backend)
+        if stats is not None:
+            self.sow("intermediates", "stats", stats)
+        if self.live is not None:
+            wo = wo[jnp.asarray(self.live)]
+        y = jnp.dot(h, wo.astype(self.dtype), preferred_element_type=jnp.float32)
+        y = y.astype(self.dtype) + bo.astype(self.dtype)
+        return y.reshape(batch, seq_len, d_model)

@@ -1,0 +1,343 @@
+"""The training loop: one jitted step, statistics fetched to the host only at logged steps.
+
+Step numbering: the record of step `s` comes from the forward pass on the parameters after `s`
+updates; step 0 is the forward pass at initialization (the paper's "batch 0"). A checkpoint named
+`s` holds the state after `s` updates, so a resume from it redoes steps >= s.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import relu_sparsity
+from relu_sparsity.kernels import resolve_backend
+from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
+from relu_sparsity.train import data
+from relu_sparsity.train.config import Config, to_dict, validate
+from relu_sparsity.train.metrics import UnitStates, batch_mask, sparsity_metrics
+from relu_sparsity.train.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# Setup -----------------------------------------------------------------------------------------
+def compute_dtype(config: Config) -> str:
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "tpu") else "float32"
+
+
+def model_config(config: Config, vocab_size: int, *, instrument: str | None = None
+                 ) -> TransformerConfig:
+    m = config.model
+    return TransformerConfig(
+        vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+        num_heads=m.num_heads, d_ff=m.d_ff if isinstance(m.d_ff, int) else tuple(m.d_ff),
+        max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
+        instrument=instrument or config.instrument, backend=config.kernel,
+        dtype=compute_dtype(config))
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.peak_lr, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.peak_lr * t.end_lr_ratio)
+    # Decay only matrices: biases, LayerNorm scales and positions keep their values.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def learning_rate(config: Config, step: int) -> float:
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t.peak_lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+        t.peak_lr * t.end_lr_ratio)
+    return float(schedule(step))
+
+
+def init_state(model: Transformer, optimizer, config: Config) -> TrainState:
+    tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
+    params = model.init(jax.random.key(config.train.seed), tokens)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def make_train_step(model: Transformer, optimizer):
+    def loss_fn(params, tokens):
+        logits, state = model.apply({"params": params}, tokens[:, :-1],
+                                    mutable=["intermediates"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return loss, layer_stats(state.get("intermediates", {}))
+
+    def train_step(state: TrainState, tokens: jax.Array):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(state.step + 1, params, opt_state)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}, stats
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: Transformer):
+    @jax.jit
+    def eval_step(params, tokens):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        targets = tokens[:, 1:]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == targets)
+        return loss, correct
+
+    return eval_step
+
+
+def evaluate(eval_step, params, cache: data.TokenCache, config: Config) -> dict[str, float]:
+    t, m = config.train, config.model
+    loss_sum, correct, count = 0.0, 0, 0
+    for tokens in cache.eval_batches(t.eval_batches, t.batch_size, m.seq_len):
+        loss, hits = eval_step(params, jnp.asarray(tokens))
+        loss_sum += float(loss)
+        correct += int(hits)
+        count += tokens.shape[0] * (tokens.shape[1] - 1)
+    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+
+
+def default_cache_dir(config: Config) -> Path:
+    root = Path(os.environ.get("RELU_SPARSITY_CACHE", Path.home() / ".cache" / "relu-sparsity"))
+    source = config.data.source
+    if source == data.DEFAULT_CORPUS:
+        tag = f"stdlib-py{platform.python_version()}"
+    else:
+        paths = [source] if isinstance(source, str) else list(source)
+        tag = "files-" + hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:12]
+    return root / f"{tag}-v{config.data.vocab_size}"
+
+
+def open_cache(config: Config) -> data.TokenCache:
+    cache_dir = Path(config.data.cache) if config.data.cache else default_cache_dir(config)
+    if not (cache_dir / "meta.json").exists():
+        if config.data.cache:
+            raise FileNotFoundError(f"no token cache at {cache_dir}; build it with "
+                                    "`relu-sparsity prepare`")
+        log.info("preparing the token cache at %s", cache_dir)
+        source = config.data.source
+        data.prepare(cache_dir, source if source == data.DEFAULT_CORPUS else
+                     ([source] if isinstance(source, str) else source),
+                     vocab_size=config.data.vocab_size)
+    cache = data.TokenCache(cache_dir)
+    if cache.vocab_size != config.data.vocab_size:
+        log.warning("token cache %s has vocabulary %d, the config asks %d: using the cache's",
+                    cache_dir, cache.vocab_size, config.data.vocab_size)
+    return cache
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(relu_sparsity.__file__).parent, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run_metadata(config: Config, cache: data.TokenCache, backend: str) -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        **to_dict(config),
+        "version": relu_sparsity.__version__,
+        "git_commit": git_commit(),
+        "corpus": {k: cache.meta.get(k) for k in ("source", "corpus_hash", "python_version",
+                                                   "files", "train_tokens", "eval_tokens",
+                                                   "vocab_size", "unigram_entropy_nats")},
+        "cache": str(cache.path),
+        "runtime": {"jax": jax.__version__, "python": platform.python_version(),
+                    "device": device.device_kind, "platform": device.platform,
+                    "num_devices": jax.device_count(), "dtype": compute_dtype(config),
+                    "kernel_backend": backend},
+    }
+
+
+# Interruption ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and returns."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):
+        if requested["stop"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        log.warning("stop requested: checkpointing after this step (press again to abort)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# The loop --------------------------------------------------------------------------------------
+def layer_records(stats, widths: tuple[int, ...], unit_states: list[UnitStates]
+                  ) -> tuple[list[dict], list[np.ndarray]]:
+    records, masks = [], []
+    for layer_stat, width, states in zip(stats, widths, unit_states):
+        mask = batch_mask(layer_stat)
+        masks.append(mask[None])  # [n_devices = 1, W]
+        records.append({"d_ff": width, **sparsity_metrics(layer_stat, num_units=width),
+                        **states.update(mask)})
+    return records, masks
+
+
+def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = False,
+          progress: bool = True, max_steps: int | None = None) -> Path:
+    """Train `config` in `run_dir`, resuming it if it holds a checkpoint. Returns the folder.
+
+    max_steps stops (with a checkpoint) after that many steps of this call: for tests and for
+    splitting long runs; the run resumes where it stopped.
+    """
+    validate(config)
+    folder = RunFolder(run_dir)
+    saved = folder.read_config()
+    wanted = to_dict(config)
+    if saved is not None:
+        saved_config = {k: saved.get(k) for k in wanted}
+        if saved_config != wanted and not allow_config_change:
+            diff = [k for k in wanted if saved_config.get(k) != wanted[k]]
+            raise ValueError(f"{folder.path} holds a run with a different configuration "
+                             f"(sections {diff} differ); pass --allow-config-change to resume it "
+                             "with this one, or choose another --run-dir")
+    folder.create()
+
+    cache = open_cache(config)
+    backend = resolve_backend(config.kernel) if config.instrument == "fused" else "reference"
+    folder.write_config(run_metadata(config, cache, backend))
+    log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
+             folder.path, config.instrument, backend, compute_dtype(config))
+
+    mcfg = model_config(config, cache.vocab_size)
+    widths = mcfg.layer_widths()
+    model = Transformer(mcfg)
+    optimizer = make_optimizer(config)
+    state = init_state(model, optimizer, config)
+    unit_states = [UnitStates(w) for w in widths]
+
+    ckpts = folder.checkpoint_steps()
+    if ckpts:
+        template = {"train_state": state,
+                    "unit_states": [u.state_dict() for u in unit_states]}
+        restored = folder.load_checkpoint(ckpts[-1], template)
+        state = restored["train_state"]
+        unit_states = [UnitStates.from_state_dict(w, s)
+                       for w, s in zip(widths, restored["unit_states"].values()
+                                       if isinstance(restored["unit_states"], dict)
+                                       else restored["unit_states"])]
+        dropped = folder.drop_after(ckpts[-1])
+        log.info("resumed from step %d (dropped %d log lines written after it)", ckpts[-1],
+                 dropped)
+    else:
+        folder.drop_after(0)  # a folder without checkpoints starts from scratch
+    start = int(state.step)
+
+    from tensorboardX import SummaryWriter  # imported late: it is slow to import
+
+    writer = SummaryWriter(str(folder.path), purge_step=start if start else None)
+    t, m = config.train, config.model
+    tokens_per_step = t.batch_size * m.seq_len
+    eval_step = make_eval_step(Transformer(model_config(config, cache.vocab_size,
+                                                        instrument="off")))
+
+    t0 = time.perf_counter()
+    first = jnp.asarray(cache.batch("train", start, t.batch_size, m.seq_len, seed=t.seed))
+    step_fn = make_train_step(model, optimizer).lower(state, first).compile()
+    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+
+    def save(step: int) -> None:
+        folder.save_checkpoint(step, {"train_state": state,
+                                      "unit_states": [u.state_dict() for u in unit_states]},
+                               keep=t.keep_checkpoints)
+
+    end = t.steps if max_steps is None else min(t.steps, start + max_steps)
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step",
+               dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), start
+    with stop_requests() as stop:
+        for step in range(start, end):
+            tokens = cache.batch("train", step, t.batch_size, m.seq_len, seed=t.seed)
+            logged = step % t.log_every == 0 or step == t.steps - 1
+            evaluated = step % t.eval_every == 0 or step == t.steps - 1
+            record: dict[str, Any] = {"step": step}
+            if evaluated:
+                # The parameters this step's forward pass sees (before its update).
+                eval_start = time.perf_counter()
+                record.update(evaluate(eval_step, state.params, cache, config))
+                last_time += time.perf_counter() - eval_start  # not training throughput
+            state, scalars, stats = step_fn(state, jnp.asarray(tokens))
+            if logged:
+                scalars, stats = jax.device_get((scalars, stats))
+                now = time.perf_counter()
+                record.update(loss=float(scalars["loss"]), grad_norm=float(scalars["grad_norm"]),
+                              lr=learning_rate(config, step),
+                              tokens_per_s=(step + 1 - last_step) * tokens_per_step
+                              / (now - last_time))
+                if stats:
+                    record["layers"], masks = layer_records(stats, widths, unit_states)
+                    folder.write_masks(step, masks)
+                folder.append_metrics(record)
+                write_scalars(writer, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                last_time, last_step = time.perf_counter(), step + 1
+            bar.update(1)
+            done = step + 1
+            if done % t.checkpoint_every == 0 or done == end or stop["stop"]:
+                save(done)
+            if stop["stop"]:
+                log.warning("stopped at step %d; run again with the same --run-dir to resume",
+                            done)
+                break
+    bar.close()
+    writer.close()
+    return folder.path
+
+
+def write_scalars(writer, record: dict[str, Any]) -> None:
+    step = record["step"]
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "eval_loss", "eval_accuracy"):
+        if key in record:
+            writer.add_scalar(f"train/{key}" if not key.startswith("eval") else
+                              f"eval/{key[5:]}", record[key], step)
+    for i, layer in enumerate(record.get("layers", [])):
+        for key, value in layer.items():
+            writer.add_scalar(f"layer_{i}/{key}", value, step)
+    writer.flush()
+
+
+def run_finished(run_dir: str | Path, config: Config) -> bool:
+    steps = RunFolder(run_dir).checkpoint_steps()
+    return bool(steps) and steps[-1] >= config.train.steps
+

@@ -1,0 +1,108 @@
+"""A run's folder: config.json, metrics.jsonl, masks/, TensorBoard events and checkpoints/.
+
+Everything a later look needs is written here, and everything a resume needs is read back from
+here. Writes that a crash could tear (checkpoints, config) go through a temporary file and
+`os.replace`.
+"""
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import serialization
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"ckpt_(\d{8})\.msgpack$")
+MASK_RE = re.compile(r"step_(\d{8})\.npz$")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.masks = self.path / "masks"
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.config_file = self.path / "config.json"
+
+    def create(self) -> None:
+        for folder in (self.path, self.masks, self.checkpoints):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # config.json -------------------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any] | None:
+        if not self.config_file.exists():
+            return None
+        return json.loads(self.config_file.read_text())
+
+    def write_config(self, values: dict[str, Any]) -> None:
+        _atomic_write(self.config_file, (json.dumps(values, indent=2) + "\n").encode())
+
+    # metrics.jsonl and masks/ ------------------------------------------------------------------
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        records = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash: the resume rewrites it
+                break
+        return records
+
+    def write_masks(self, step: int, layer_masks: list[np.ndarray]) -> None:
+        """layer_masks[i]: uint32 [n_devices, W] batch masks of layer i, original unit ids."""
+        arrays = {f"layer_{i}": np.asarray(m, np.uint32) for i, m in enumerate(layer_masks)}
+        tmp = self.masks / f"step_{step:08d}.tmp-{os.getpid()}.npz"
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, self.masks / f"step_{step:08d}.npz")
+
+    def mask_steps(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.masks.glob("step_*.npz")
+                      if (m := MASK_RE.search(p.name)))
+
+    def read_masks(self, step: int) -> list[np.ndarray]:
+        with np.load(self.masks / f"step_{step:08d}.npz") as data:
+            return [data[f"layer_{i}"] for i in range(len(data.files))]
+
+    def drop_after(self, step: int) -> int:
+        """Forget everything logged at steps >= `step` (a resume redoes them). Returns the count
+        of metric lines dropped."""
+        records = self.read_metrics()
+        kept = [r for r in records if r["step"] < step]
+        _atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        for s in self.mask_steps():
+            if s >= step:
+                (self.masks / f"step_{s:08d}.npz").unlink()
+        return len(records) - len(kept)
+
+    # checkpoints/ ------------------------------------------------------------------------------
+    def checkpoint_steps(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.checkpoints.glob("ckpt_*.msgpack")
+                      if (m := CHECKPOINT_RE.search(p.name)))
+
+    def save_checkpoint(self, step: int, state: Any, keep: int) -> Path:
+        path = self.checkpoints / f"ckpt_{step:08d}.msgpack"
+        _atomic_write(path, serialization.to_bytes(state))
+        for old in self.checkpoint_steps()[:-keep]:
+            (self.checkpoints / f"ckpt_{old:08d}.msgpack").unlink()
+        return path
+
+    def load_checkpoint(self, step: int, template: Any) -> Any:
+        data = (self.checkpoints / f"ckpt_{step:08d}.msgpack").read_bytes()
+        return serialization.from_bytes(template, data)

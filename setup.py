@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="relu-sparsity",
+    version="0.1.0",
+    description="Watch and exploit activation sparsity in ReLU Transformers while they train.",
+    packages=find_packages(include=["relu_sparsity", "relu_sparsity.*"]),
+    package_data={"relu_sparsity": ["kernels/configs/*.json"]},
+    python_requires=">=3.11",
+    # Ranges wide enough for the GPU image (jax 0.11.x, flax 0.12.10, optax 0.2.8) and the CPU
+    # machines; CI pins the GPU image's versions through the test extra.
+    install_requires=[
+        "jax>=0.10.0",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "numpy>=1.26",
+        "sentencepiece>=0.2.0",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "gpu": ["jax-triton==0.3.1", "triton==3.6.0"],
+        "seqio": ["seqio", "tensorflow-datasets"],
+    },
+    entry_points={"console_scripts": ["relu-sparsity=relu_sparsity.cli:main"]},
+)
