@@ -76,7 +76,9 @@ class Transformer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if tokens.shape[1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {cfg.max_len}")
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, name="embed")
+        # Small embeddings (GPT-2's 0.02) keep tied logits near zero at initialization: loss ~ ln V.
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
         positions = self.param("pos_embed", nn.initializers.normal(0.02),
                                (cfg.max_len, cfg.d_model))
         x = embed(tokens) + positions[None, : tokens.shape[1]].astype(dtype)

@@ -98,7 +98,7 @@ def make_train_step(model: Transformer, optimizer):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(state.step + 1, params, opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}, stats
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}, stats
 
     return jax.jit(train_step, donate_argnums=0)
 

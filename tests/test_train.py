@@ -1,0 +1,151 @@
+"""The training loop end to end on a very small config: loss falls, the run folder holds what
+DESIGN.md lists, resume is exact, config changes are refused, and the CLI works."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relu_sparsity import cli
+from relu_sparsity.kernels.bits import np_unpack_bits
+from relu_sparsity.train import data
+from relu_sparsity.train.config import preset
+from relu_sparsity.train.loop import train
+from relu_sparsity.train.metrics import METRIC_KEYS, UNIT_STATE_KEYS, UnitStates
+from relu_sparsity.train.run_folder import RunFolder
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["textwrap.py", "string.py", "json/decoder.py", "json/encoder.py", "shlex.py"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    corpus = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_FILES:
+        shutil.copy(STDLIB / name, corpus / name.replace("/", "_"))
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    data.prepare(out, [str(corpus)], vocab_size=512, eval_fraction=0.2)
+    return out
+
+
+def small_config(cache_dir: Path, *overrides: str):
+    return preset("tiny", [
+        f"data.cache={json.dumps(str(cache_dir))}", "model.num_layers=2", "model.d_model=32",
+        "model.num_heads=2", "model.d_ff=[64,40]", "model.seq_len=32", "train.batch_size=4",
+        "train.steps=24", "train.warmup_steps=4", "data.vocab_size=512", "train.log_every=4", "train.eval_every=12",
+        "train.eval_batches=2", "train.checkpoint_every=8", "train.peak_lr=1e-2", *overrides])
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_train_writes_the_run_folder(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(cache_dir), run, progress=False)
+    folder = RunFolder(run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["d_ff"] == [64, 40] and config["corpus"]["corpus_hash"]
+    assert config["runtime"]["kernel_backend"] == "reference" and config["git_commit"]
+    records = folder.read_metrics()
+    assert [r["step"] for r in records] == [0, 4, 8, 12, 16, 20, 23]
+    for r in records:
+        assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r)
+        assert [layer["d_ff"] for layer in r["layers"]] == [64, 40]
+        for layer in r["layers"]:
+            assert set(METRIC_KEYS) | set(UNIT_STATE_KEYS) <= set(layer)
+            assert all(0.0 <= layer[k] <= 1.0 for k in METRIC_KEYS if k.startswith(("p", "t")))
+    assert {r["step"] for r in records if "eval_loss" in r} == {0, 12, 23}
+    assert folder.mask_steps() == [0, 4, 8, 12, 16, 20, 23]
+    assert folder.read_masks(0)[1].shape == (1, 2) and folder.read_masks(0)[1].dtype == np.uint32
+    assert list(run.glob("events.out.tfevents.*"))
+    assert folder.checkpoint_steps() == [16, 24]  # keep_checkpoints = 2
+    # Loss falls well below its value at initialization (ln 512 = 6.24).
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"] - 1.0
+
+
+def test_unit_states_recompute_from_masks(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(cache_dir), run, progress=False)
+    folder = RunFolder(run)
+    records = folder.read_metrics()
+    for layer, width in enumerate((64, 40)):
+        states = UnitStates(width)
+        for r in records:
+            words = folder.read_masks(r["step"])[layer][0]
+            assert np.count_nonzero(np_unpack_bits(words, width)) / width == pytest.approx(
+                r["layers"][layer]["batch_use"])
+            assert states.update(words) == pytest.approx(
+                {k: r["layers"][layer][k] for k in UNIT_STATE_KEYS})
+
+
+def test_resume_gives_identical_metrics(cache_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(small_config(cache_dir), straight, progress=False)
+    train(small_config(cache_dir), resumed, progress=False, max_steps=10)
+    folder = RunFolder(resumed)
+    assert folder.checkpoint_steps()[-1] == 10
+    # A crash after the checkpoint leaves log lines the resume must drop, and a torn last line.
+    with folder.metrics_file.open("a") as f:
+        f.write(json.dumps({"step": 12, "loss": 99.0}) + "\n" + '{"step": 1')
+    train(small_config(cache_dir), resumed, progress=False)
+    assert strip_timing(RunFolder(resumed).read_metrics()) == strip_timing(
+        RunFolder(straight).read_metrics())
+    assert RunFolder(resumed).mask_steps() == RunFolder(straight).mask_steps()
+    for step in RunFolder(straight).mask_steps():
+        for a, b in zip(RunFolder(straight).read_masks(step), folder.read_masks(step)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_config_change_is_refused_unless_allowed(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(cache_dir, "train.steps=8"), run, progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(small_config(cache_dir, "train.steps=12"), run, progress=False)
+    train(small_config(cache_dir, "train.steps=12"), run, progress=False,
+          allow_config_change=True)
+    assert RunFolder(run).read_metrics()[-1]["step"] == 11
+
+
+def test_bad_overrides_raise():
+    with pytest.raises(ValueError, match="no config field"):
+        preset("tiny", ["train.learning_rate=1"])
+    with pytest.raises(ValueError, match="divisible"):
+        preset("tiny", ["model.num_heads=3"])
+    with pytest.raises(ValueError, match="widths"):
+        preset("tiny", ["model.d_ff=[10,20]"])
+    with pytest.raises(ValueError, match="unknown config"):
+        preset("huge")
+
+
+def test_cli_end_to_end(cache_dir, tmp_path, capsys):
+    run = tmp_path / "cli_run"
+    args = ["train", "--config", "tiny", "--run-dir", str(run), "--cache", str(cache_dir),
+            "--no-progress", "model.num_layers=2", "model.d_model=32", "model.num_heads=2",
+            "model.d_ff=48", "model.seq_len=16", "train.batch_size=2", "train.steps=6",
+            "train.log_every=2", "train.eval_every=3", "train.eval_batches=1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Table 1" in out and "Table 2" in out and "Table 3" in out
+    assert (run / "tables.md").exists()
+    assert (run / "plots" / "fig1_batch_use.png").stat().st_size > 5000
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "tables.md").read_text() == (run / "tables.md").read_text()
+    # Bad input: a clear message and exit status 2, not a traceback.
+    assert cli.main(["train", "--run-dir", str(run), "train.nope=1"]) == 2
+    assert "no config field" in capsys.readouterr().err
+    assert cli.main(["train", "--cache", str(tmp_path / "missing"), "--run-dir",
+                     str(tmp_path / "r2")]) == 2
+    assert "prepare" in capsys.readouterr().err
+
+
+def test_cli_prepare(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((STDLIB / "textwrap.py").read_text())
+    assert cli.main(["prepare", str(corpus), "--out", str(tmp_path / "c"), "--vocab-size",
+                     "512"]) == 0
+    assert data.TokenCache(tmp_path / "c").vocab_size == 512
