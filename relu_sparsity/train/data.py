@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import pathlib
 import platform
@@ -100,7 +99,8 @@ def _local_files(paths: Sequence[str | os.PathLike]) -> list[tuple[str, pathlib.
                 for name in filenames:
                     file = pathlib.Path(dirpath, name)
                     if file.is_file():
-                        entries.setdefault(file, (pathlib.Path(path.name) / file.relative_to(path)).as_posix())
+                        rel = (pathlib.Path(path.name) / file.relative_to(path)).as_posix()
+                        entries.setdefault(file, rel)
         elif path.is_file():
             entries.setdefault(path, path.name)
         else:
@@ -247,10 +247,51 @@ def tokenizer_options(vocab_size: int, max_sentences: int, num_threads: int) -> 
     )
 
 
-def train_tokenizer(texts: Sequence[str], options: dict, seed: int) -> bytes:
-    """Trains SentencePiece from memory on multi-line chunks of `texts`; returns the model bytes."""
+# Pieces every model has besides learned ones: <unk>, <s>, </s>, 256 byte pieces and the '\n' symbol.
+_RESERVED_PIECES = 3 + 256 + 1
+MIN_VOCAB_SIZE = _RESERVED_PIECES + 16
+
+
+def _rare_characters(texts: Sequence[str], vocab_size: int, coverage: float) -> str:
+    """Characters to hide from tokenizer training because a small vocabulary cannot hold them ("" if none).
+
+    SentencePiece refuses to train when the characters needed for `character_coverage` (which it keeps
+    >= 0.98) plus the reserved pieces exceed vocab_size. With byte fallback, rare characters can live as
+    bytes, so for a small vocabulary train on the most frequent characters only, leaving about half the
+    learnable slots for merges.
+    """
+    counts = np.zeros(0x110000, dtype=np.int64)
+    for text in texts:
+        codepoints = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+        found = np.bincount(codepoints)
+        counts[: found.size] += found
+    counts[ord("\n")] = 0  # '\n' is a reserved piece already
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0]  # characters present, most frequent first
+    covered = np.cumsum(counts[order]) / max(counts.sum(), 1)
+    needed = int(np.searchsorted(covered, coverage)) + 1
+    slots = vocab_size - _RESERVED_PIECES
+    if needed <= slots - 16:
+        return ""
+    keep = max(1, slots // 2)
+    return "".join(chr(c) for c in order[keep:])
+
+
+def _hide(text: str, table: dict[int, str] | None) -> str:
+    # Rare characters become '\n', an atomic piece, so no merge is learned across the gap they leave.
+    return text.translate(table) if table else text
+
+
+def train_tokenizer(texts: Sequence[str], options: dict, seed: int, hidden_chars: str = "") -> bytes:
+    """Trains SentencePiece from memory on multi-line chunks of `texts`; returns the model bytes.
+
+    `hidden_chars` are replaced by newlines in the training text only (see `_rare_characters`).
+    """
+    table = {ord(c): "\n" for c in hidden_chars} or None
     sentences = [
-        chunk for text in texts for chunk in _line_chunks(text, _TRAIN_CHUNK_CHARS, split_long_lines=True)
+        _hide(chunk, table)
+        for text in texts
+        for chunk in _line_chunks(text, _TRAIN_CHUNK_CHARS, split_long_lines=True)
     ]
     if not sentences:
         raise ValueError("empty corpus: the train split has no text to train a tokenizer on")
@@ -387,8 +428,11 @@ def prepare(
     """
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} ({_RESERVED_PIECES} pieces are reserved for "
+            f"special tokens, bytes and newline), got {vocab_size}"
+        )
     if max_tokenizer_sentences < 1:
         raise ValueError(f"max_tokenizer_sentences must be positive, got {max_tokenizer_sentences}")
     started = time.perf_counter()
@@ -397,7 +441,9 @@ def prepare(
     kind, docs, corpus = _read_corpus(source)
     settings = _settings(kind, vocab_size, eval_fraction, seed, max_tokenizer_sentences)
     if _reusable(cache_dir, settings, corpus["corpus_hash"]):
-        log.info("reusing token cache %s (corpus %s, vocab %d)", cache_dir, corpus["corpus_hash"][:12], vocab_size)
+        log.info(
+            "reusing token cache %s (corpus %s, vocab %d)", cache_dir, corpus["corpus_hash"][:12], vocab_size
+        )
         return cache_dir
     log.info(
         "preparing token cache %s from %s corpus: %d files, %.1f MB, vocab %d",
@@ -417,7 +463,10 @@ def prepare(
     try:
         t0 = time.perf_counter()
         options = tokenizer_options(vocab_size, max_tokenizer_sentences, os.cpu_count() or 1)
-        model = train_tokenizer(train_texts, options, seed)
+        hidden = _rare_characters(train_texts, vocab_size, options["character_coverage"])
+        if hidden:
+            log.info("vocab %d is small: %d rare characters left to byte fallback", vocab_size, len(hidden))
+        model = train_tokenizer(train_texts, options, seed, hidden)
         (tmp / "tokenizer.model").write_bytes(model)
         sp = spm.SentencePieceProcessor(model_proto=model)
         actual_vocab = sp.get_piece_size()
@@ -439,6 +488,7 @@ def prepare(
         )
         t_enc = time.perf_counter() - t0
         options = {k: v for k, v in options.items() if k != "minloglevel"}
+        options["hidden_training_chars"] = len(hidden)  # ours, not SentencePiece's
 
         meta = {
             **settings,
@@ -488,7 +538,10 @@ class TokenCache:
         self.path = pathlib.Path(cache_dir).expanduser()
         missing = [name for name in _CACHE_FILES if not (self.path / name).is_file()]
         if missing:
-            what = "does not exist" if not self.path.exists() else f"is incomplete (missing {', '.join(missing)})"
+            if self.path.exists():
+                what = f"is incomplete (missing {', '.join(missing)})"
+            else:
+                what = "does not exist"
             raise FileNotFoundError(
                 f"token cache {self.path} {what}; run `relu-sparsity prepare` to build it"
             )
@@ -553,10 +606,10 @@ class TokenCache:
         count = num_batches * batch_size
         last = tokens.shape[0] - window  # last valid start
         starts = (np.arange(count, dtype=np.int64) * last) // max(count - 1, 1)  # [count]
-        offsets = np.arange(window)
-        for b in range(num_batches):
-            index = starts[b * batch_size : (b + 1) * batch_size, None] + offsets  # [batch_size, window]
-            yield np.asarray(tokens[index], dtype=np.int32)
+        # [num_batches, batch_size, window]
+        index = starts.reshape(num_batches, batch_size, 1) + np.arange(window)
+        # Checked above, not on the first next(): a bad seq_len fails where eval_batches is called.
+        return (np.asarray(tokens[i], dtype=np.int32) for i in index)
 
     def tokenizer(self) -> spm.SentencePieceProcessor:
         return spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model"))

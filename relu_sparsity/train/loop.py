@@ -253,9 +253,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
         restored = folder.load_checkpoint(ckpts[-1], template)
         state = restored["train_state"]
         unit_states = [UnitStates.from_state_dict(w, s)
-                       for w, s in zip(widths, restored["unit_states"].values()
-                                       if isinstance(restored["unit_states"], dict)
-                                       else restored["unit_states"])]
+                       for w, s in zip(widths, restored["unit_states"])]
         dropped = folder.drop_after(ckpts[-1])
         log.info("resumed from step %d (dropped %d log lines written after it)", ckpts[-1],
                  dropped)
