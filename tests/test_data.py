@@ -12,12 +12,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-# Let `pytest tests/...` work from a plain checkout (the package need not be installed).
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from relu_sparsity.train import data  # noqa: E402
+from relu_sparsity.train import data
 
 VOCAB = 512
 

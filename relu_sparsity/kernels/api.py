@@ -137,8 +137,11 @@ def _fused_bwd(seq_len, live, with_stats, with_token_mask, backend, residuals, c
     # relu'(0) = 0: a unit that is exactly zero passes no gradient.
     dpre = jnp.where(h > 0, dh, jnp.zeros_like(dh))
     w1_live = w1 if live is None else w1[:, jnp.asarray(live)]
-    dx = jnp.dot(dpre, w1_live.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw1 = jnp.dot(x.T, dpre, preferred_element_type=jnp.float32).astype(w1.dtype)
+    # HIGHEST keeps f32 GEMMs in f32 on GPUs (not TF32); bf16 GEMMs are unaffected.
+    dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
+    dx = dot(dpre, w1_live.T).astype(x.dtype)
+    dw1 = dot(x.T, dpre).astype(w1.dtype)
     db1 = jnp.sum(dpre, axis=0, dtype=jnp.float32).astype(w1.dtype)
     if live is not None:
         idx = jnp.asarray(live)
