@@ -3,7 +3,11 @@ DESIGN.md lists, resume is exact, config changes are refused, and the CLI works.
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +153,34 @@ def test_cli_prepare(tmp_path, capsys):
     assert cli.main(["prepare", str(corpus), "--out", str(tmp_path / "c"), "--vocab-size",
                      "512"]) == 0
     assert data.TokenCache(tmp_path / "c").vocab_size == 512
+
+
+def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    overrides = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=48",
+                 "model.seq_len=32", "train.batch_size=4", "train.steps=100000",
+                 "train.log_every=5", "train.eval_every=100000", "train.eval_batches=1",
+                 "train.checkpoint_every=100000", "data.vocab_size=512"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relu_sparsity.cli", "train", "--run-dir", str(run), "--cache",
+         str(cache_dir), "--no-progress", "--no-report", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "resume" in output
+    folder = RunFolder(run)
+    stopped = folder.checkpoint_steps()[-1]
+    assert 10 < stopped < 100000
+    assert max(r["step"] for r in folder.read_metrics()) < stopped
+    config = preset("tiny", [f"data.cache={json.dumps(str(cache_dir))}", *overrides])
+    train(config, run, progress=False, max_steps=7)
+    assert folder.checkpoint_steps()[-1] == stopped + 7
+    steps = [r["step"] for r in folder.read_metrics()]
+    assert steps == sorted(set(steps)) and steps == list(range(0, steps[-1] + 1, 5))
