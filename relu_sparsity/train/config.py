@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU default: prepare, train and report in a few minutes on two cores.
     "tiny": {
         "model": dict(num_layers=6, d_model=128, num_heads=4, d_ff=1024, seq_len=128),
-        "train": dict(steps=500, batch_size=16, peak_lr=3e-3, warmup_steps=50, log_every=10,
+        "train": dict(steps=600, batch_size=16, peak_lr=3e-3, warmup_steps=60, log_every=10,
                       eval_every=100, eval_batches=4, checkpoint_every=100),
         "data": dict(vocab_size=2048),
     },
