@@ -69,7 +69,8 @@ def run(shapes, *, seq_len: int, dtype: str, repeats: int) -> list[dict]:
         w1 = (jax.random.normal(kw, (d, f), dtype) / d ** 0.5).astype(dtype)
         b1 = (0.1 * jax.random.normal(kb, (f,), dtype)).astype(dtype)
         flops = 2.0 * t * d * f
-        launches = max(1, min(50, int(2e11 / flops)))
+        # 50 back-to-back launches a round on accelerators (GPU.md's method); fewer on a CPU.
+        launches = 50 if jax.default_backend() != "cpu" else max(1, min(20, int(2e10 / flops)))
         base = None
         for name, fn in variants(seq_len).items():
             ms = time_fn(fn, (x, w1, b1), repeats=repeats, launches=launches)
