@@ -5,6 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
+from relu_sparsity.kernels import BackendUnavailableError
 from relu_sparsity.train.config import PRESETS
 
 EPILOG_TRAIN = """\
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"prepare": cmd_prepare, "train": cmd_train, "report": cmd_report,
          "bench": cmd_bench}[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -145,6 +145,13 @@ def test_cli_end_to_end(cache_dir, tmp_path, capsys):
     assert cli.main(["train", "--cache", str(tmp_path / "missing"), "--run-dir",
                      str(tmp_path / "r2")]) == 2
     assert "prepare" in capsys.readouterr().err
+    # No fused kernel exists for a CPU: a clear error, never a silent fallback.
+    assert cli.main(["train", "--cache", str(cache_dir), "--run-dir", str(tmp_path / "r3"),
+                     "--instrument", "fused"]) == 2
+    assert "--instrument xla" in capsys.readouterr().err
+    assert cli.main(["train", "--cache", str(cache_dir), "--run-dir", str(tmp_path / "r4"),
+                     "--instrument", "fused", "--kernel", "triton"]) == 2
+    assert "not available" in capsys.readouterr().err
 
 
 def test_cli_prepare(tmp_path, capsys):
@@ -184,3 +191,15 @@ def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path):
     assert folder.checkpoint_steps()[-1] == stopped + 7
     steps = [r["step"] for r in folder.read_metrics()]
     assert steps == sorted(set(steps)) and steps == list(range(0, steps[-1] + 1, 5))
+
+
+def test_loss_falls_on_the_tiny_config(cache_dir, tmp_path):
+    # The default job's model and optimizer (6 layers, d_ff 1024, peak LR 3e-3), a short run.
+    config = preset("tiny", [f"data.cache={json.dumps(str(cache_dir))}", "data.vocab_size=512",
+                             "train.steps=40", "train.warmup_steps=10", "train.eval_every=39",
+                             "train.eval_batches=1"])
+    assert config.model.num_layers == 6 and config.model.d_ff == 1024
+    train(config, tmp_path / "run", progress=False)
+    records = RunFolder(tmp_path / "run").read_metrics()
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0] - 1.0

@@ -311,6 +311,9 @@ def _summary_line(config: dict, records: list[dict], run_dir: str | Path | None)
         parts.append(text)
     else:
         parts.append("no eval logged")
+    entropy = _number(_config_get(config, "corpus.unigram_entropy_nats"))
+    if entropy is not None:  # the loss a model that ignores context would reach
+        parts.append(f"unigram entropy {entropy:.3f}")
     # Median, so the first step (which includes compilation) does not drag the figure down.
     speeds = [s for s in (_number(r.get("tokens_per_s")) for r in records) if s and s > 0]
     if speeds:
