@@ -274,6 +274,11 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     eval_step = make_eval_step(Transformer(model_config(config, cache.vocab_size,
                                                         instrument="off")))
 
+    end = t.steps if max_steps is None else min(t.steps, start + max_steps)
+    if start >= end:
+        log.info("the run is complete (%d steps)", start)
+        writer.close()
+        return folder.path
     t0 = time.perf_counter()
     first = jnp.asarray(cache.batch("train", start, t.batch_size, m.seq_len, seed=t.seed))
     step_fn = make_train_step(model, optimizer).lower(state, first).compile()
@@ -284,7 +289,6 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                                       "unit_states": [u.state_dict() for u in unit_states]},
                                keep=t.keep_checkpoints)
 
-    end = t.steps if max_steps is None else min(t.steps, start + max_steps)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start
