@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "an accelerator, float32 on a CPU)")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--out", help="also write the table as JSON here")
+    bench.add_argument("--train-step", metavar="CONFIG", help="time the train step of this "
+                       "preset (e.g. paper) instead of the kernels, each instrument mode in its "
+                       "own process, with its peak device memory")
+    bench.add_argument("--instruments", nargs="+", default=["off", "xla", "fused"],
+                       help="modes for --train-step (default: off xla fused)")
+    bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="config overrides for --train-step")
     return parser
 
 
@@ -113,6 +120,18 @@ def cmd_report(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.train_step:
+        import json
+
+        from relu_sparsity.bench import train_step
+
+        rows = train_step.run_isolated(args.train_step, args.instruments, args.set,
+                                       rounds=args.repeats)
+        print(train_step.format_table(rows))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     from relu_sparsity.bench.kernels import main as bench_main
 
     bench_main(shapes=args.shapes, seq_len=args.seq_len, dtype=args.dtype,

@@ -24,3 +24,24 @@ def test_bad_shape(shape):
 def test_seq_len_must_divide_tokens():
     with pytest.raises(ValueError, match="seq_len"):
         bench.run(["100x8x8"], seq_len=64, dtype="float32", repeats=1)
+
+
+TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+        "model.seq_len=16", "train.batch_size=2", "data.vocab_size=300"]
+
+
+def test_train_step_bench_in_process():
+    from relu_sparsity.bench import train_step
+
+    row = train_step.time_train_step("tiny", "xla", TINY, rounds=1, steps_per_round=2)
+    assert row["ms"] > 0 and row["instrument"] == "xla" and row["kernel"] == "reference"
+
+
+def test_train_step_bench_isolated_reports_ratios_and_failures():
+    from relu_sparsity.bench import train_step
+
+    rows = train_step.run_isolated("tiny", ["off", "fused"], TINY, rounds=1, steps_per_round=1)
+    assert rows[0]["instrument"] == "off" and rows[0]["ratio"] == 1.0
+    # No fused kernel on a CPU: the row says it failed, it does not time something else.
+    assert "error" in rows[1] and "ms" not in rows[1]
+    assert "failed" in train_step.format_table(rows)

@@ -77,6 +77,10 @@ def test_fused_without_gpu_backend_is_a_clear_error():
                                      "backend": "reference"})
     with pytest.raises(ValueError, match="fused"):
         init(fused_ref, tokens)
+    # auto on a CPU resolves to the reference: still an error, not a silent fallback.
+    fused_auto = TransformerConfig(**{**CONFIG.__dict__, "instrument": "fused", "backend": "auto"})
+    with pytest.raises(ValueError, match="instrument xla"):
+        init(fused_auto, tokens)
 
 
 def test_live_units_zero_the_dead_ones():

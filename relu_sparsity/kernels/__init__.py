@@ -6,6 +6,7 @@ from relu_sparsity.kernels.api import (
     fused_mlp_up,
     preferred_backend,
     resolve_backend,
+    resolve_fused_backend,
 )
 from relu_sparsity.kernels.reference import SparsityStats
 
@@ -16,4 +17,5 @@ __all__ = [
     "fused_mlp_up",
     "preferred_backend",
     "resolve_backend",
+    "resolve_fused_backend",
 ]

@@ -62,6 +62,18 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def resolve_fused_backend(backend: str) -> str:
+    """The fused backend that `instrument="fused"` will run; an error where there is none, since
+    the reference statistics are what `instrument="xla"` asks for."""
+    name = resolve_backend(backend)
+    if name == "reference":
+        device = jax.devices()[0].device_kind
+        raise ValueError(f"instrument 'fused' needs a fused kernel backend (triton, mosaic_gpu or "
+                         f"pallas_tpu), and kernel={backend!r} gives none on this device "
+                         f"({device}); use --instrument xla for the reference statistics")
+    return name
+
+
 def _check_live(live, num_units: int) -> tuple[int, ...] | None:
     if live is None:
         return None

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from relu_sparsity.kernels import fused_mlp_up
+from relu_sparsity.kernels import fused_mlp_up, resolve_fused_backend
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
 
@@ -43,10 +43,8 @@ class ReluMLP(nn.Module):
         wo = self.param("wo", init, (self.d_ff, d_model), self.param_dtype)
         bo = self.param("bo", nn.initializers.zeros, (d_model,), self.param_dtype)
 
-        backend = self.backend if self.instrument == "fused" else "reference"
-        if self.instrument == "fused" and backend == "reference":
-            raise ValueError("instrument='fused' needs a fused kernel backend, not 'reference' "
-                             "(use instrument='xla' for the reference statistics)")
+        backend = resolve_fused_backend(self.backend) if self.instrument == "fused" \
+            else "reference"
         h, stats = fused_mlp_up(
             x.reshape(batch * seq_len, d_model).astype(self.dtype),
             wi.astype(self.dtype), bi.astype(self.dtype),

@@ -24,7 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 import relu_sparsity
-from relu_sparsity.kernels import resolve_backend
+from relu_sparsity.kernels import resolve_fused_backend
 from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
 from relu_sparsity.train import data
 from relu_sparsity.train.config import Config, to_dict, validate
@@ -234,12 +234,8 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     folder.create()
 
     cache = open_cache(config)
-    backend = resolve_backend(config.kernel) if config.instrument == "fused" else "reference"
-    if config.instrument == "fused" and backend == "reference":
-        raise ValueError(f"--instrument fused needs a fused kernel backend (triton, mosaic_gpu "
-                         f"or pallas_tpu), and none is built for this device "
-                         f"({jax.devices()[0].device_kind}); use --instrument xla for the "
-                         "reference statistics")
+    backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
+        else "reference"
     folder.write_config(run_metadata(config, cache, backend))
     log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
              folder.path, config.instrument, backend, compute_dtype(config))
