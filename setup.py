@@ -20,7 +20,10 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # The GPU kernels' tests lower them for CUDA on a CPU machine: that needs jax-triton,
+        # Triton and jax's CUDA plugin (not a GPU).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "jax-triton>=0.3.1", "triton>=3.6.0",
+                 "jax-cuda13-plugin"],
         "gpu": ["jax-triton==0.3.1", "triton==3.6.0"],
         "seqio": ["seqio", "tensorflow-datasets"],
     },

@@ -5,6 +5,7 @@ Each backend supplies only a forward `(x, w1, b1, *, seq_len, live, with_stats, 
 """
 
 import functools
+import importlib
 import logging
 from collections.abc import Callable
 
@@ -18,48 +19,80 @@ log = logging.getLogger(__name__)
 
 Forward = Callable[..., tuple[jax.Array, SparsityStats | None]]
 
-# Backends that exist in this build. The fused GPU/TPU kernels register here as they land.
-BACKENDS: dict[str, Forward] = {"reference": reference_forward}
 KNOWN_BACKENDS = ("reference", "triton", "mosaic_gpu", "pallas_tpu")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+# Fused backends: the platform each runs on and the module that provides its forward. They are
+# imported on first use (Triton and jax-triton are optional and slow to import).
+FUSED_BACKENDS = {"triton": ("gpu", "relu_sparsity.kernels.triton.ops", "triton_forward")}
+# Loaded forwards by name; the reference is always there.
+BACKENDS: dict[str, Forward] = {"reference": reference_forward}
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that this build or this machine cannot run."""
 
 
-def preferred_backend(platform: str | None = None, device_kind: str | None = None) -> str:
-    """DESIGN.md's fixed preference per platform (whether or not that backend is built yet)."""
+def preferred_backends(platform: str | None = None, device_kind: str | None = None
+                       ) -> tuple[str, ...]:
+    """DESIGN.md's fixed preference per platform, best first (built or not)."""
     if platform is None or device_kind is None:
         device = jax.devices()[0]
         platform, device_kind = device.platform, device.device_kind
     if platform in ("gpu", "cuda"):
         hopper = any(name in device_kind for name in ("H100", "H200", "H800", "GH200"))
-        return "mosaic_gpu" if hopper else "triton"
+        return ("mosaic_gpu", "triton") if hopper else ("triton",)
     if platform == "tpu":
-        return "pallas_tpu"
-    return "reference"
+        return ("pallas_tpu",)
+    return ("reference",)
+
+
+def preferred_backend(platform: str | None = None, device_kind: str | None = None) -> str:
+    return preferred_backends(platform, device_kind)[0]
+
+
+def load_backend(name: str, *, platform: str | None = None) -> Forward:
+    """The forward of backend `name`, imported on first use. BackendUnavailableError says why a
+    backend cannot run here (not built, missing package, wrong platform)."""
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name not in FUSED_BACKENDS:
+        raise BackendUnavailableError(f"backend {name!r} is not built yet; available: "
+                                      f"{sorted(['reference', *FUSED_BACKENDS])}")
+    needs, module_name, attr = FUSED_BACKENDS[name]
+    platform = platform or jax.devices()[0].platform
+    if platform != needs:
+        raise BackendUnavailableError(f"backend {name!r} runs on {needs.upper()}s; this device "
+                                      f"is {platform}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {err} (install the "
+                                      "`gpu` extra: pip install 'relu-sparsity[gpu]')") from err
+    BACKENDS[name] = getattr(module, attr)
+    return BACKENDS[name]
 
 
 @functools.cache
 def resolve_backend(backend: str) -> str:
     """Name of the backend that will run; logs the choice once. No silent fallback: `auto` on an
-    accelerator whose fused backend is not built says so as a warning."""
+    accelerator whose preferred fused backend cannot run says so as a warning."""
     if backend not in KNOWN_BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + KNOWN_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        wanted = preferred_backend()
-        if wanted in BACKENDS:
-            log.info("fused_mlp_up: backend auto -> %s", wanted)
-            return wanted
-        log.warning("fused_mlp_up: backend auto prefers %s on this device, but it is not built "
-                    "yet; running the reference backend (XLA) instead", wanted)
-        return "reference"
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(
-            f"backend {backend!r} is not available in this build; available: {sorted(BACKENDS)}")
-    log.info("fused_mlp_up: backend %s", backend)
-    return backend
+    if backend != "auto":
+        load_backend(backend)
+        log.info("fused_mlp_up: backend %s", backend)
+        return backend
+    for wanted in preferred_backends():
+        try:
+            load_backend(wanted)
+        except BackendUnavailableError as err:
+            log.warning("fused_mlp_up: backend auto skips %s: %s", wanted, err)
+            continue
+        log.info("fused_mlp_up: backend auto -> %s", wanted)
+        return wanted
+    log.warning("fused_mlp_up: no fused backend can run on this device; backend auto runs the "
+                "reference (XLA)")
+    return "reference"
 
 
 def resolve_fused_backend(backend: str) -> str:
@@ -133,6 +166,7 @@ def fused_mlp_up(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _fused(x, w1, b1, seq_len, live, with_stats, with_token_mask, backend):
+    # Loaded by resolve_backend (or, to lower for a GPU on a CPU, by load_backend(platform=...)).
     return BACKENDS[backend](x, w1, b1, seq_len=seq_len, live=live, with_stats=with_stats,
                              with_token_mask=with_token_mask)
 

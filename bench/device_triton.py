@@ -1,0 +1,126 @@
+"""On the GPU: check the Triton backend against the reference at full size, time every tile
+configuration with and without statistics next to XLA, and write the best configuration per shape
+as `triton.json` (committed as relu_sparsity/kernels/configs/triton.json).
+
+    python3 bench/device_triton.py --out $OUT
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from relu_sparsity.kernels import api, fused_mlp_up
+from relu_sparsity.kernels.reference import stats_from_h
+from relu_sparsity.kernels.triton import kernel, ops
+
+SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
+SEQ_LEN = 512
+CANDIDATES = [
+    kernel.TileConfig(128, 128, 64, 8, 8, 3),
+    kernel.TileConfig(128, 128, 64, 8, 4, 4),
+    kernel.TileConfig(128, 256, 64, 8, 8, 3),
+    kernel.TileConfig(128, 256, 64, 8, 8, 4),
+    kernel.TileConfig(256, 128, 64, 8, 8, 3),
+    kernel.TileConfig(64, 256, 64, 8, 4, 4),
+    kernel.TileConfig(128, 256, 64, 8, 8, 3, seq_programs=True),
+    kernel.TileConfig(128, 128, 64, 8, 8, 3, seq_programs=True),
+]
+
+
+def time_ms(fn, args, rounds=5, launches=50):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(launches):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / launches * 1e3)
+    return statistics.median(times)
+
+
+def check(x, w1, b1, config):
+    """h against the reference (tolerance) and the integer outputs by the own-h rule (exact)."""
+    h, stats = jax.jit(lambda x, w, b: ops.triton_forward(
+        x, w, b, seq_len=SEQ_LEN, live=None, with_stats=True, with_token_mask=True,
+        config=config))(x, w1, b1)
+    h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=SEQ_LEN, with_stats=False, backend="reference")
+    err = float(jnp.max(jnp.abs(h.astype(jnp.float32) - h_ref.astype(jnp.float32))))
+    own = stats_from_h(h, seq_len=SEQ_LEN, num_units=w1.shape[1], live=None, with_token_mask=True)
+    exact = all(bool(jnp.array_equal(getattr(stats, k), getattr(own, k)))
+                for k in ("token_count", "seq_count", "seq_mask", "token_mask"))
+    return err, exact
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    out = Path(args.out)
+    api.load_backend("triton")
+    device = jax.devices()[0].device_kind
+    rows, best = [], {}
+    for t, d, f in SHAPES:
+        kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(kx, (t, d), jnp.bfloat16)
+        w1 = (jax.random.normal(kw, (d, f), jnp.float32) / d ** 0.5).astype(jnp.bfloat16)
+        b1 = (0.1 * jax.random.normal(kb, (f,), jnp.float32)).astype(jnp.bfloat16)
+        flops = 2.0 * t * d * f
+        base = time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), (x, w1, b1))
+        xla_stats = time_ms(jax.jit(lambda x, w, b: fused_mlp_up(
+            x, w, b, seq_len=SEQ_LEN, backend="reference")), (x, w1, b1))
+        shape = f"{t}x{d}x{f}"
+        rows.append(dict(shape=shape, variant="xla dot+bias+relu", ms=base))
+        rows.append(dict(shape=shape, variant="xla relu+stats (reference)", ms=xla_stats))
+        for cfg in CANDIDATES:
+            name = (f"triton {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "
+                    f"s{cfg.num_stages}" + (" seqprog" if cfg.seq_programs else ""))
+            try:
+                err, exact = check(x, w1, b1, cfg)
+                times = {}
+                for with_stats in (False, True):
+                    fn = jax.jit(lambda x, w, b, s=with_stats, c=cfg: ops.triton_forward(
+                        x, w, b, seq_len=SEQ_LEN, live=None, with_stats=s,
+                        with_token_mask=False, config=c))
+                    times[with_stats] = time_ms(fn, (x, w1, b1))
+            except Exception as e:  # a config that does not fit: record it, go on
+                rows.append(dict(shape=shape, variant=name, error=str(e).splitlines()[0][:120]))
+                continue
+            rows.append(dict(shape=shape, variant=name, ms=times[False], ms_stats=times[True],
+                             max_err=err, exact=exact))
+            if exact and (shape not in best or times[True] < best[shape][1]):
+                best[shape] = (cfg, times[True])
+        for r in rows:
+            if r["shape"] == shape:
+                r["tflops"] = flops / r["ms"] / 1e9 if "ms" in r else None
+                r["vs_xla"] = r["ms"] / base if "ms" in r else None
+                if "ms_stats" in r:
+                    r["stats_vs_nostats"] = r["ms_stats"] / r["ms"]
+                    r["stats_vs_xla_stats"] = r["ms_stats"] / xla_stats
+                    r["stats_vs_xla"] = r["ms_stats"] / base
+        print(f"done {shape}", flush=True)
+    configs = {device: {f"{s}:bfloat16": dataclasses.asdict(c) for s, (c, _) in best.items()}}
+    (out / "triton.json").write_text(json.dumps(configs, indent=2) + "\n")
+    (out / "triton_rows.json").write_text(json.dumps(rows, indent=2))
+    print(f"device {device}; bf16; seq_len {SEQ_LEN}; median of 5 x 50 launches")
+    print("| shape | variant | ms | TF/s | /xla | +stats ms | stats/nostats | stats/xla-stats "
+          "| stats/xla | max err | exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['variant']} | failed: {r['error']} |")
+            continue
+        f = lambda k, p=3: f"{r[k]:.{p}f}" if r.get(k) is not None else ""  # noqa: E731
+        print(f"| {r['shape']} | {r['variant']} | {f('ms')} | {f('tflops', 0)} | {f('vs_xla', 2)} "
+              f"| {f('ms_stats')} | {f('stats_vs_nostats', 3)} | {f('stats_vs_xla_stats', 3)} "
+              f"| {f('stats_vs_xla', 3)} | {f('max_err', 4)} | {r.get('exact', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Triton kernel: h = relu(x @ w1 + b1) with the sparsity statistics reduced in the GEMM epilogue.
+
+This module imports only `triton`: Triton's interpreter runs it in a side environment without JAX,
+and it must load standalone by file path. `fused_mlp_up_kernel` is left undecorated because
+`TRITON_INTERPRET` is read when `triton.jit` decorates and jax-triton refuses an interpreted
+function: callers build the compiled or the interpreted kernel from it themselves,
+
+    kernel = triton.jit(fused_mlp_up_kernel)
+
+and launch it with the arguments `launch_plan` lists. All arrays are row-major and contiguous:
+x [T, D], w1 [D, F], b1 [F], h [T, F] (strides are D, F and F; no stride arguments).
+
+Statistics (the kernel contract of DESIGN.md), all from `used = h > 0` on h as stored (x.dtype):
+  token_count [T] int32, seq_count [n_seq, F] int32, seq_mask [n_seq, W] uint32,
+  token_mask [T, W] uint32, W = ceil(F / 32), unit j = bit j % 32 of word j // 32.
+
+Three epilogue paths, picked by constexprs:
+  SEQ_ALIGNED and not SEQ_PROGRAMS: one program per output tile; the tile lies in one sequence,
+    so its column counts go to one seq_count row with one vector atomic_add and its mask words
+    with one vector atomic_or.
+  not SEQ_ALIGNED: the general case; the tile may span several sequences and loops over them.
+  SEQ_PROGRAMS (needs SEQ_ALIGNED): one program per (sequence, column tile) walks the sequence's
+    row tiles, keeps its column counts in registers and writes seq_count / seq_mask once with
+    plain stores (no atomics, no zero-initialisation for them).
+token_count is always an atomic_add (several column tiles add to each token); token_mask words
+are plain stores (BLOCK_N % 32 == 0, so each word belongs to exactly one column tile).
+"""
+
+import dataclasses
+
+import triton
+import triton.language as tl
+
+BITS_PER_WORD = 32
+
+
+def fused_mlp_up_kernel(
+    # inputs
+    x_ptr, w_ptr, b_ptr,
+    # scalars
+    T, D, F, seq_len,
+    # outputs
+    h_ptr, token_count_ptr, seq_count_ptr, seq_mask_ptr, token_mask_ptr,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WITH_STATS: tl.constexpr, WITH_TOKEN_MASK: tl.constexpr, SEQ_ALIGNED: tl.constexpr,
+    SEQ_PROGRAMS: tl.constexpr = False, F32_DOT_PRECISION: tl.constexpr = "ieee",
+):
+    WORDS_N: tl.constexpr = BLOCK_N // 32  # mask words per column tile
+    num_words = tl.cdiv(F, 32)
+
+    # Grouped ordering (Triton tutorial 03): GROUP_M row blocks sweep the column tiles together,
+    # so their x rows and w columns stay in L2. A "row block" is one tile of BLOCK_M rows, or,
+    # with SEQ_PROGRAMS, one whole sequence (seq_len // BLOCK_M tiles walked by one program).
+    pid = tl.program_id(axis=0)
+    if SEQ_PROGRAMS:
+        num_pid_m = T // seq_len
+        tiles_per_program = seq_len // BLOCK_M
+    else:
+        num_pid_m = tl.cdiv(T, BLOCK_M)
+        tiles_per_program = 1
+    num_pid_n = tl.cdiv(F, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < F
+    # Wrapped column indices for the loads keep them in bounds without masks; the wrapped
+    # columns are masked out of every store and statistic.
+    offs_bn = offs_n % F
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = pid_n * WORDS_N + tl.arange(0, WORDS_N)  # this column tile's mask words
+    mask_w = offs_w < num_words
+    shifts = tl.arange(0, 32).to(tl.uint32)
+    bias = tl.load(b_ptr + offs_bn).to(tl.float32)
+    seq_counts = tl.zeros([BLOCK_N], dtype=tl.int32)  # SEQ_PROGRAMS: this sequence's counts
+
+    for tile in range(tiles_per_program):
+        row0 = (pid_m * tiles_per_program + tile) * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < T
+        offs_am = (offs_m % T).to(tl.int64)
+        a_ptrs = x_ptr + offs_am[:, None] * D + offs_k[None, :]
+        b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * F + offs_bn[None, :]
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            k_left = D - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if x_ptr.dtype.element_ty == tl.float32:
+                # f32 inputs: tl.dot would default to tf32; the contract is an f32 product.
+                acc = tl.dot(a, b, acc, input_precision=F32_DOT_PRECISION)
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * F
+
+        h = tl.maximum(acc + bias[None, :], 0.0).to(h_ptr.dtype.element_ty)
+        in_bounds = mask_m[:, None] & mask_n[None, :]
+        tl.store(h_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :], h, mask=in_bounds)
+
+        if WITH_STATS:
+            # Counted on h as stored (exactness rule), never on the f32 accumulator. The compare
+            # is in f32 (exact for bf16): Triton's interpreter compares bf16 as raw uint16 bits.
+            used = (h.to(tl.float32) > 0) & in_bounds
+            used_i = used.to(tl.int32)
+            tl.atomic_add(token_count_ptr + offs_m, tl.sum(used_i, axis=1), mask=mask_m,
+                          sem="relaxed")
+            if WITH_TOKEN_MASK:
+                # Distinct bits: their sum is their OR. Out-of-range columns are unused, so the
+                # padding bits past F come out zero.
+                tm_bits = tl.reshape(used.to(tl.uint32), [BLOCK_M, WORDS_N, 32]) << shifts[None, None, :]
+                tl.store(token_mask_ptr + offs_m[:, None].to(tl.int64) * num_words + offs_w[None, :],
+                         tl.sum(tm_bits, axis=2), mask=mask_m[:, None] & mask_w[None, :])
+
+            if SEQ_PROGRAMS:
+                seq_counts += tl.sum(used_i, axis=0)
+            elif SEQ_ALIGNED:
+                # seq_len % BLOCK_M == 0: the whole tile lies in sequence s.
+                s = (row0 // seq_len).to(tl.int64)
+                counts = tl.sum(used_i, axis=0)
+                tl.atomic_add(seq_count_ptr + s * F + offs_n, counts, mask=mask_n, sem="relaxed")
+                bits = tl.reshape((counts > 0).to(tl.uint32), [WORDS_N, 32]) << shifts[None, :]
+                words = tl.sum(bits, axis=1)
+                # Zero words change nothing: skip their atomics.
+                tl.atomic_or(seq_mask_ptr + s * num_words + offs_w, words,
+                             mask=mask_w & (words != 0), sem="relaxed")
+            else:
+                # General case: the tile's rows may belong to several sequences.
+                row_seq = offs_m // seq_len
+                s_first = row0 // seq_len
+                s_last = (min(row0 + BLOCK_M, T) - 1) // seq_len
+                for s in range(s_first, s_last + 1):
+                    # (Fresh names: Triton types a name reassigned in a loop as loop-carried.)
+                    s_counts = tl.sum((used & (row_seq == s)[:, None]).to(tl.int32), axis=0)
+                    s64 = tl.cast(s, tl.int64)  # the interpreter's loop index is a Python int
+                    tl.atomic_add(seq_count_ptr + s64 * F + offs_n, s_counts,
+                                  mask=mask_n & (s_counts != 0), sem="relaxed")
+                    s_bits = tl.reshape((s_counts > 0).to(tl.uint32), [WORDS_N, 32]) << shifts[None, :]
+                    s_words = tl.sum(s_bits, axis=1)
+                    tl.atomic_or(seq_mask_ptr + s64 * num_words + offs_w, s_words,
+                                 mask=mask_w & (s_words != 0), sem="relaxed")
+
+    if WITH_STATS:
+        if SEQ_PROGRAMS:
+            # This program owns sequence pid_m for its column tile: plain stores.
+            s = pid_m.to(tl.int64)
+            tl.store(seq_count_ptr + s * F + offs_n, seq_counts, mask=mask_n)
+            bits = tl.reshape((seq_counts > 0).to(tl.uint32), [WORDS_N, 32]) << shifts[None, :]
+            tl.store(seq_mask_ptr + s * num_words + offs_w, tl.sum(bits, axis=1), mask=mask_w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plan: pure Python, shared by the JAX wrapper (jax_triton.triton_call) and the tests.
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int  # a multiple of 32 (token_mask words are owned by one column tile)
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    seq_programs: bool = False  # one program per (sequence, column tile); needs seq_len % block_m == 0
+
+
+# 128x128 tiles with 3 stages use 96 KiB of shared memory in bf16, so two programs fit on an
+# H100/H200 SM and one program's epilogue overlaps the other's main loop.
+DEFAULT_CONFIG = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8,
+                            num_stages=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "same-as-x", "int32" or "uint32"
+    zeroed: bool  # must be zero-initialised before launch (atomically accumulated)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    grid: tuple[int, ...]
+    scalars: tuple[int, ...]  # (T, D, F, seq_len), after the three input arrays
+    outputs: tuple[OutputSpec, ...]  # kernel order: h, token_count, seq_count, seq_mask, token_mask
+    constexprs: dict  # keyword meta-parameters
+    num_warps: int
+    num_stages: int
+    # Post-processing the caller must do: none. token_count is complete (atomics), and outputs
+    # not asked for (all stats without with_stats, token_mask without with_token_mask) are
+    # 1-element dummies the kernel never touches: drop them.
+    post: str = "none; drop the dummy outputs (shape (1,)) that were not asked for"
+
+    @property
+    def zeroed_outputs(self) -> tuple[int, ...]:
+        """Indices into `outputs` to zero before launch (jax_triton's `zeroed_outputs`)."""
+        return tuple(i for i, o in enumerate(self.outputs) if o.zeroed)
+
+
+def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAULT_CONFIG,
+                with_stats: bool = True, with_token_mask: bool = False) -> LaunchPlan:
+    """Grid, arguments and outputs for one launch of `fused_mlp_up_kernel`."""
+    for name, v in (("T", T), ("D", D), ("F", F), ("seq_len", seq_len)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if T % seq_len:
+        raise ValueError(f"T={T} is not a multiple of seq_len={seq_len}")
+    c = config
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(c, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+    if c.block_n % BITS_PER_WORD:
+        raise ValueError(f"config.block_n must be a multiple of 32, got {c.block_n}")
+    seq_aligned = seq_len % c.block_m == 0
+    # Without stats there is nothing per sequence to keep: use the plain tile grid.
+    seq_programs = c.seq_programs and with_stats
+    if seq_programs and not seq_aligned:
+        raise ValueError(f"config.seq_programs needs seq_len % block_m == 0, got seq_len={seq_len}"
+                         f", block_m={c.block_m}")
+
+    n_seq = T // seq_len
+    W = (F + BITS_PER_WORD - 1) // BITS_PER_WORD
+    num_pid_n = triton.cdiv(F, c.block_n)
+    num_pid_m = n_seq if seq_programs else triton.cdiv(T, c.block_m)
+
+    def out(name, shape, dtype, zeroed, wanted):
+        return OutputSpec(name, shape, dtype, zeroed) if wanted else OutputSpec(name, (1,), dtype, False)
+
+    outputs = (
+        OutputSpec("h", (T, F), "same-as-x", False),
+        out("token_count", (T,), "int32", True, with_stats),
+        out("seq_count", (n_seq, F), "int32", not seq_programs, with_stats),
+        out("seq_mask", (n_seq, W), "uint32", not seq_programs, with_stats),
+        out("token_mask", (T, W), "uint32", False, with_stats and with_token_mask),
+    )
+    constexprs = dict(
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        WITH_STATS=with_stats, WITH_TOKEN_MASK=with_stats and with_token_mask,
+        SEQ_ALIGNED=seq_aligned, SEQ_PROGRAMS=seq_programs, F32_DOT_PRECISION="ieee",
+    )
+    return LaunchPlan(grid=(num_pid_m * num_pid_n,), scalars=(T, D, F, seq_len), outputs=outputs,
+                      constexprs=constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
