@@ -23,12 +23,9 @@ SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
 SEQ_LEN = 512
 CANDIDATES = [
     kernel.TileConfig(128, 128, 64, 8, 8, 3),
-    kernel.TileConfig(128, 128, 64, 8, 4, 4),
     kernel.TileConfig(128, 256, 64, 8, 8, 3),
     kernel.TileConfig(128, 256, 64, 8, 8, 4),
-    kernel.TileConfig(256, 128, 64, 8, 8, 3),
-    kernel.TileConfig(64, 256, 64, 8, 4, 4),
-    kernel.TileConfig(128, 256, 64, 8, 8, 3, seq_programs=True),
+    kernel.TileConfig(128, 128, 64, 8, 4, 4),
     kernel.TileConfig(128, 128, 64, 8, 8, 3, seq_programs=True),
 ]
 
