@@ -8,7 +8,8 @@ function: callers build the compiled or the interpreted kernel from it themselve
     kernel = triton.jit(fused_mlp_up_kernel)
 
 and launch it with the arguments `launch_plan` lists. All arrays are row-major and contiguous:
-x [T, D], w1 [D, F], b1 [F], h [T, F] (strides are D, F and F; no stride arguments).
+x [T, D], w1 [D, F], b1 [F], h [T, F] (strides are D, F and F; no stride arguments). The sizes
+are constexprs, so every shape compiles its own kernel.
 
 Statistics (the kernel contract of DESIGN.md), all from `used = h > 0` on h as stored (x.dtype):
   token_count [T] int32, seq_count [n_seq, F] int32, seq_mask [n_seq, W] uint32,
@@ -16,8 +17,8 @@ Statistics (the kernel contract of DESIGN.md), all from `used = h > 0` on h as s
 
 Three epilogue paths, picked by constexprs:
   SEQ_ALIGNED and not SEQ_PROGRAMS: one program per output tile; the tile lies in one sequence,
-    so its column counts go to one seq_count row with one vector atomic_add and its mask words
-    with one vector atomic_or.
+    so its column counts go to one seq_count row with vector atomic_adds (even and odd columns)
+    and its mask words with one vector atomic_or.
   not SEQ_ALIGNED: the general case; the tile may span several sequences and loops over them.
   SEQ_PROGRAMS (needs SEQ_ALIGNED): one program per (sequence, column tile) walks the sequence's
     row tiles, keeps its column counts in registers and writes seq_count / seq_mask once with
@@ -115,8 +116,8 @@ def fused_mlp_up_kernel(
         if WITH_STATS:
             # "Used" is h > 0 on h as stored (exactness rule), never on the f32 accumulator. h is
             # relu'd, so as a signed integer of its own width it is > 0 exactly when h > 0 (-0.0
-            # is negative): one integer compare, also right where Triton's interpreter compares
-            # bf16 as raw uint16 bits.
+            # is negative; on the GPU relu never returns NaN): one integer compare, also right
+            # where Triton's interpreter compares bf16 as raw uint16 bits.
             if h_ptr.dtype.element_ty.primitive_bitwidth == 16:
                 used = h.to(tl.int16, bitcast=True) > 0
             else:
@@ -204,9 +205,10 @@ class TileConfig:
     seq_programs: bool = False  # one program per (sequence, column tile); needs seq_len % block_m == 0
 
 
-# 128x128 tiles with 3 stages use 96 KiB of shared memory in bf16, so two programs fit on an
-# H100/H200 SM and one program's epilogue overlaps the other's main loop.
-DEFAULT_CONFIG = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8,
+# Measured on an H200 (bf16, 8192 x {1024, 2048, 512} x {32768, 16384, 8192}): 128x256 tiles
+# (144 KiB of shared memory at 3 stages, one program per SM) run the GEMM 15-25% faster than
+# 128x128 tiles (two programs per SM), with or without statistics.
+DEFAULT_CONFIG = TileConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8,
                             num_stages=3)
 
 
