@@ -8,29 +8,59 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 
-works() { "$1" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; }
+# works PYTHON MINOR: true when PYTHON runs and is 3.MINOR.
+works() { "$1" -c "import sys; assert sys.version_info[:2] == (3, $2)" >/dev/null 2>&1; }
 
-python=""
-for candidate in "${PYTHON:-}" python3.12 python3; do
-  [ -n "$candidate" ] || continue
-  path=$(command -v "$candidate" 2>/dev/null) || continue
-  if works "$path"; then python=$path; break; fi
-done
-if [ -z "$python" ] && command -v pyenv >/dev/null 2>&1; then
-  for path in "$(pyenv root)"/versions/3.12*/bin/python3.12; do
-    if [ -x "$path" ] && works "$path"; then python=$path; fi  # the newest 3.12 wins
+# find_python MINOR [OVERRIDE]: PATH first, then pyenv's versions (the newest wins).
+find_python() {
+  local minor=$1 candidate path found=""
+  for candidate in "${2:-}" "python3.$minor" python3; do
+    [ -n "$candidate" ] || continue
+    path=$(command -v "$candidate" 2>/dev/null) || continue
+    if works "$path" "$minor"; then echo "$path"; return 0; fi
   done
-fi
+  if command -v pyenv >/dev/null 2>&1; then
+    for path in "$(pyenv root)"/versions/3."$minor"*/bin/python3."$minor"; do
+      if [ -x "$path" ] && works "$path" "$minor"; then found=$path; fi
+    done
+  fi
+  [ -n "$found" ] && echo "$found"
+}
+
+python=$(find_python 12 "${PYTHON:-}") || true
 if [ -z "$python" ]; then
   echo "install.sh: no Python 3.12 found (tried \$PYTHON, python3.12 and python3 on PATH, then" \
        "pyenv's versions). Install Python 3.12 or set PYTHON=/path/to/python3.12." >&2
   exit 1
 fi
 
-if [ ! -x .venv/bin/python ] || ! works .venv/bin/python; then
+if [ ! -x .venv/bin/python ] || ! works .venv/bin/python 12; then
   rm -rf .venv
   "$python" -m venv .venv
 fi
 echo "install.sh: $(.venv/bin/python --version) in .venv (from $python)"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".$extras"
+
+# The tests run the Triton kernel under Triton's interpreter, which needs torch tensors. A CPU
+# build of torch exists for Python 3.11 (not 3.12), so it gets a side environment of its own:
+# Python 3.11, torch (CPU), the GPU image's Triton, numpy and pytest; the kernel module imports
+# no JAX.
+if [ "${1:-}" = "test" ]; then
+  python311=$(find_python 11 "${PYTHON311:-}") || true
+  if [ -z "$python311" ]; then
+    echo "install.sh: the Triton interpreter tests need Python 3.11 (for a CPU build of torch);" \
+         "none found on PATH or under pyenv. Install it or set PYTHON311=/path/to/python3.11." >&2
+    exit 1
+  fi
+  if [ ! -x .venv-triton/bin/python ] || ! works .venv-triton/bin/python 11; then
+    rm -rf .venv-triton
+    "$python311" -m venv .venv-triton
+  fi
+  echo "install.sh: $(.venv-triton/bin/python --version) in .venv-triton (from $python311)"
+  .venv-triton/bin/python -m pip install -q --upgrade pip
+  # Where a CPU wheel of torch 2.13.0 is provided locally pip takes it; elsewhere PyPI's build
+  # (large, CUDA-enabled) works as well for the interpreter.
+  .venv-triton/bin/python -m pip install -q "torch==2.13.0"
+  .venv-triton/bin/python -m pip install -q -c constraints.txt triton numpy pytest
+fi
