@@ -60,7 +60,8 @@ if [ "${1:-}" = "test" ]; then
   echo "install.sh: $(.venv-triton/bin/python --version) in .venv-triton (from $python311)"
   .venv-triton/bin/python -m pip install -q --upgrade pip
   # Where a CPU wheel of torch 2.13.0 is provided locally pip takes it; elsewhere PyPI's build
-  # (large, CUDA-enabled) works as well for the interpreter.
+  # (large, CUDA-enabled) works as well for the interpreter. numpy 2.4 breaks Triton 3.6's
+  # interpreter ("only 0-dimensional arrays can be converted to Python scalars").
   .venv-triton/bin/python -m pip install -q "torch==2.13.0"
-  .venv-triton/bin/python -m pip install -q -c constraints.txt triton numpy pytest
+  .venv-triton/bin/python -m pip install -q -c constraints.txt triton "numpy<2.4" pytest
 fi

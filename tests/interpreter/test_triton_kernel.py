@@ -40,7 +40,8 @@ def _create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
 _builder_cls.create_dot = _create_dot_bf16
 # Triton's interpreter converts 1-element arrays to ints (deprecated in NumPy 1.25, an error
 # from NumPy 2.4 on: the side environment pins numpy<2.4).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 # Small tiles keep the interpreter fast; block_n must be a multiple of 32.
 SMALL = K.TileConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
@@ -48,6 +49,7 @@ SEQ_PROGRAMS = K.TileConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_w
                             num_stages=1, seq_programs=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SENTINEL = 0x5A5A5A5A  # fills outputs that the kernel must overwrite (or must leave alone)
+GUARD = 64  # sentinel elements behind every output buffer
 
 
 def run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask):
@@ -55,16 +57,26 @@ def run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask):
     T, D = x.shape
     F = w.shape[1]
     plan = K.launch_plan(T, D, F, seq_len, config, with_stats, with_token_mask)
-    outs = []
+    outs, guards = [], []
     for o in plan.outputs:
+        # Each output is the front of a buffer with GUARD sentinel elements behind it, which
+        # the kernel must not write.
+        size = int(np.prod(o.shape))
         if o.dtype == "same-as-x":
-            outs.append(torch.full(o.shape, float("nan"), dtype=x.dtype))
+            buf = torch.full((size + GUARD,), float("nan"), dtype=x.dtype)
+            buf[size:] = SENTINEL
         else:
             dtype = {"int32": torch.int32, "uint32": torch.uint32}[o.dtype]
-            fill = 0 if o.zeroed else SENTINEL
-            outs.append(torch.full(o.shape, fill, dtype=torch.int64).to(dtype))
+            buf = torch.full((size + GUARD,), SENTINEL, dtype=torch.int64)
+            if o.zeroed:
+                buf[:size] = 0
+            buf = buf.to(dtype)
+        outs.append(buf[:size].view(o.shape))
+        guards.append((buf[size:], buf[size:].clone()))
     KERNEL[plan.grid](x, w, b, *plan.scalars, *outs, num_warps=plan.num_warps,
                       num_stages=plan.num_stages, **plan.constexprs)
+    for o, (guard, before) in zip(plan.outputs, guards):
+        assert torch.equal(guard.view(torch.int8), before.view(torch.int8)), f"{o.name}: overrun"
     return plan, {o.name: t for o, t in zip(plan.outputs, outs)}
 
 
@@ -108,7 +120,7 @@ def check(x, w, b, seq_len, config, with_stats=True, with_token_mask=True):
     h = to_np(out["h"])
     ref = np.maximum(x.double().numpy() @ w.double().numpy() + b.double().numpy(), 0.0)
     tol = 1e-5 if x.dtype == torch.float32 else 2e-2
-    np.testing.assert_allclose(h, ref, rtol=tol, atol=tol)  # NaN = an element never written
+    np.testing.assert_allclose(h, ref, rtol=tol, atol=tol)  # NaN: an element never written
     if not with_stats:
         for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
             assert out[name].shape == (1,) and to_np(out[name])[0] == SENTINEL, name
@@ -212,11 +224,28 @@ def test_launch_plan():
     assert (plan.num_warps, plan.num_stages) == (8, 3)
 
 
+def test_default_config_plan():
+    # The paper's shape with the default: one program per (sequence, column tile), so only
+    # token_count is accumulated atomically and needs zeroing.
+    plan = K.launch_plan(8192, 1024, 32768, 512, K.DEFAULT_CONFIG, True, False)
+    assert plan.constexprs["SEQ_PROGRAMS"] and plan.zeroed_outputs == (1,)
+    assert plan.grid == (16 * triton.cdiv(32768, K.DEFAULT_CONFIG.block_n),)
+    assert plan.outputs[4].shape == (1,)  # token_mask not asked for: a dummy
+
+
+@pytest.mark.parametrize("seq_len", [8, 24])
+def test_seq_programs_falls_back_when_unaligned(seq_len):
+    # seq_len % block_m != 0: the tile grid and the general path, still exact.
+    x, w, b = make_inputs(48, 16, 40, "bfloat16", seed=5)
+    plan, _ = check(x, w, b, seq_len, SEQ_PROGRAMS, with_token_mask=True)
+    assert not plan.constexprs["SEQ_PROGRAMS"] and not plan.constexprs["SEQ_ALIGNED"]
+    assert plan.zeroed_outputs == (1, 2, 3)
+
+
 @pytest.mark.parametrize("args,match", [
     ((100, 8, 8, 7, SMALL), "seq_len"),
     ((64, 8, 8, 16, K.TileConfig(16, 48, 16, 1, 4, 1)), "block_n"),
     ((64, 0, 8, 16, SMALL), "D"),
-    ((64, 8, 8, 8, SEQ_PROGRAMS), "seq_programs"),
 ])
 def test_launch_plan_rejects(args, match):
     with pytest.raises(ValueError, match=match):

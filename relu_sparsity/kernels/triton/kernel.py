@@ -137,8 +137,9 @@ def fused_mlp_up_kernel(
                 # bits come out zero.
                 two_bits = ((pairs & 1) | ((pairs >> 15) & 2)).to(tl.uint32)
                 tm_bits = tl.reshape(two_bits << pair_shift[None, :], [BLOCK_M, WORDS_N, 16])
-                tl.store(token_mask_ptr + offs_m[:, None].to(tl.int64) * num_words + offs_w[None, :],
-                         tl.sum(tm_bits, axis=2), mask=mask_m[:, None] & mask_w[None, :])
+                tm_row = token_mask_ptr + offs_m.to(tl.int64) * num_words
+                tm_ptrs = tm_row[:, None] + offs_w[None, :]
+                tl.store(tm_ptrs, tl.sum(tm_bits, axis=2), mask=mask_m[:, None] & mask_w[None, :])
 
             if SEQ_PROGRAMS:
                 seq_pairs += tl.sum(pairs, axis=0)
@@ -153,7 +154,8 @@ def fused_mlp_up_kernel(
                 row_ptr = seq_count_ptr + s * F
                 tl.atomic_add(row_ptr + offs_p, c_lo, mask=offs_p < F, sem="relaxed")
                 tl.atomic_add(row_ptr + offs_p + 1, c_hi, mask=offs_p + 1 < F, sem="relaxed")
-                two_bits = ((c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)) << pair_shift
+                two_bits = (c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)
+                two_bits = two_bits << pair_shift
                 words = tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1)
                 # Zero words change nothing: skip their atomics.
                 tl.atomic_or(seq_mask_ptr + s * num_words + offs_w, words,
@@ -172,7 +174,8 @@ def fused_mlp_up_kernel(
                     s_ptr = seq_count_ptr + tl.cast(s, tl.int64) * F  # (interpreter: s is an int)
                     tl.atomic_add(s_ptr + offs_p, s_lo, mask=offs_p < F, sem="relaxed")
                     tl.atomic_add(s_ptr + offs_p + 1, s_hi, mask=offs_p + 1 < F, sem="relaxed")
-                    s_bits = ((s_lo != 0).to(tl.uint32) | ((s_hi != 0).to(tl.uint32) << 1)) << pair_shift
+                    s_bits = (s_lo != 0).to(tl.uint32) | ((s_hi != 0).to(tl.uint32) << 1)
+                    s_bits = s_bits << pair_shift
                     s_words = tl.sum(tl.reshape(s_bits, [WORDS_N, 16]), axis=1)
                     tl.atomic_or(seq_mask_ptr + tl.cast(s, tl.int64) * num_words + offs_w, s_words,
                                  mask=mask_w & (s_words != 0), sem="relaxed")
@@ -185,7 +188,8 @@ def fused_mlp_up_kernel(
             c_hi = seq_pairs >> 16
             tl.store(seq_count_ptr + s * F + offs_p, c_lo, mask=offs_p < F)
             tl.store(seq_count_ptr + s * F + offs_p + 1, c_hi, mask=offs_p + 1 < F)
-            two_bits = ((c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)) << pair_shift
+            two_bits = (c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)
+            two_bits = two_bits << pair_shift
             tl.store(seq_mask_ptr + s * num_words + offs_w,
                      tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1), mask=mask_w)
 
@@ -202,14 +206,20 @@ class TileConfig:
     group_m: int
     num_warps: int
     num_stages: int
-    seq_programs: bool = False  # one program per (sequence, column tile); needs seq_len % block_m == 0
+    # One program per (sequence, column tile), when seq_len % block_m == 0 and with stats;
+    # otherwise launch_plan falls back to one program per tile.
+    seq_programs: bool = False
 
 
-# Measured on an H200 (bf16, 8192 x {1024, 2048, 512} x {32768, 16384, 8192}): 128x256 tiles
-# (144 KiB of shared memory at 3 stages, one program per SM) run the GEMM 15-25% faster than
-# 128x128 tiles (two programs per SM), with or without statistics.
+# Measured on an H200 (bf16, T = 8192, seq_len 512; ms per launch, zeroing included):
+#   T x D x F            128x128 tiles   128x256 tiles   128x256 + seq_programs   plain 128x256
+#   8192 x 1024 x 32768      1.257           1.19            1.170                   1.030
+#   8192 x 2048 x 16384      1.132           1.04            1.024                   0.934
+#   8192 x 512 x 8192        0.198           0.21            0.188                   0.145
+# 128x256 tiles (144 KiB of shared memory at 3 stages, one program per SM) run the GEMM faster,
+# and seq_programs saves the atomics and two of the three zeroing memsets.
 DEFAULT_CONFIG = TileConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8,
-                            num_stages=3)
+                            num_stages=3, seq_programs=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,11 +265,10 @@ def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAU
     if c.block_n % BITS_PER_WORD:
         raise ValueError(f"config.block_n must be a multiple of 32, got {c.block_n}")
     seq_aligned = seq_len % c.block_m == 0
-    # Without stats there is nothing per sequence to keep: use the plain tile grid.
-    seq_programs = c.seq_programs and with_stats
-    if seq_programs and not seq_aligned:
-        raise ValueError(f"config.seq_programs needs seq_len % block_m == 0, got seq_len={seq_len}"
-                         f", block_m={c.block_m}")
+    # Without stats there is nothing per sequence to keep, and a sequence that is not a whole
+    # number of row tiles cannot be one program's: use the tile grid then. (A program's packed
+    # per-column counts hold up to 2^16 - 1 tokens.)
+    seq_programs = c.seq_programs and with_stats and seq_aligned and seq_len < 2 ** 16
 
     n_seq = T // seq_len
     W = (F + BITS_PER_WORD - 1) // BITS_PER_WORD
@@ -267,7 +276,9 @@ def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAU
     num_pid_m = n_seq if seq_programs else triton.cdiv(T, c.block_m)
 
     def out(name, shape, dtype, zeroed, wanted):
-        return OutputSpec(name, shape, dtype, zeroed) if wanted else OutputSpec(name, (1,), dtype, False)
+        if not wanted:
+            return OutputSpec(name, (1,), dtype, False)
+        return OutputSpec(name, shape, dtype, zeroed)
 
     outputs = (
         OutputSpec("h", (T, F), "same-as-x", False),
