@@ -16,8 +16,10 @@ def test_triton_kernel_under_the_interpreter():
         f"no Triton side environment at {SIDE_PYTHON}: run `bash scripts/install.sh test` "
         "(or point RELU_SPARSITY_TRITON_PYTHON at a Python with torch, triton, numpy, pytest)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # --confcutdir: tests/conftest.py belongs to the JAX suite, not to the side environment.
+    folder = ROOT / "tests" / "interpreter"
     done = subprocess.run([str(SIDE_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "interpreter")],
+                           "--confcutdir", str(folder), str(folder)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]

@@ -61,5 +61,10 @@ def test_gradient_lowers():
 def test_launch_plan_rejects_bad_configs():
     with pytest.raises(ValueError, match="multiple of 32"):
         kernel.launch_plan(64, 16, 64, 32, kernel.TileConfig(64, 16, 16, 8, 4, 2))
-    with pytest.raises(ValueError, match="seq_programs"):
-        kernel.launch_plan(96, 16, 64, 48, kernel.TileConfig(32, 32, 16, 8, 4, 2, True))
+    with pytest.raises(ValueError, match="multiple of seq_len"):
+        kernel.launch_plan(100, 16, 64, 48)
+    # seq_programs needs whole row tiles per sequence; otherwise the tile grid is used.
+    unaligned = kernel.launch_plan(96, 16, 64, 48, kernel.TileConfig(32, 32, 16, 8, 4, 2, True))
+    assert not unaligned.constexprs["SEQ_PROGRAMS"] and unaligned.grid == (3 * 2,)
+    aligned = kernel.launch_plan(96, 16, 64, 32, kernel.TileConfig(32, 32, 16, 8, 4, 2, True))
+    assert aligned.constexprs["SEQ_PROGRAMS"] and aligned.grid == (3 * 2,)

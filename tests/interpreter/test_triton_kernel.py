@@ -5,6 +5,7 @@ Runs in the Triton side environment (Python 3.11, torch CPU, triton 3.6, numpy, 
 kernel.py is loaded by file path so that the package's JAX-importing __init__ never runs.
 """
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -224,12 +225,13 @@ def test_launch_plan():
     assert (plan.num_warps, plan.num_stages) == (8, 3)
 
 
-def test_default_config_plan():
-    # The paper's shape with the default: one program per (sequence, column tile), so only
+def test_seq_programs_plan():
+    # The paper's shape with seq_programs: one program per (sequence, column tile), so only
     # token_count is accumulated atomically and needs zeroing.
-    plan = K.launch_plan(8192, 1024, 32768, 512, K.DEFAULT_CONFIG, True, False)
+    config = dataclasses.replace(K.DEFAULT_CONFIG, seq_programs=True)
+    plan = K.launch_plan(8192, 1024, 32768, 512, config, True, False)
     assert plan.constexprs["SEQ_PROGRAMS"] and plan.zeroed_outputs == (1,)
-    assert plan.grid == (16 * triton.cdiv(32768, K.DEFAULT_CONFIG.block_n),)
+    assert plan.grid == (16 * triton.cdiv(32768, config.block_n),)
     assert plan.outputs[4].shape == (1,)  # token_mask not asked for: a dummy
 
 
