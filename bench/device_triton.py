@@ -8,13 +8,12 @@ as `triton.json` (committed as relu_sparsity/kernels/configs/triton.json).
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from relu_sparsity.bench.kernels import time_fn
 from relu_sparsity.kernels import api, fused_mlp_up
 from relu_sparsity.kernels.reference import stats_from_h
 from relu_sparsity.kernels.triton import kernel, ops
@@ -30,16 +29,8 @@ CANDIDATES = [
 ]
 
 
-def time_ms(fn, args, rounds=5, launches=50):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(launches):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / launches * 1e3)
-    return statistics.median(times)
+def time_ms(fn, args):
+    return time_fn(fn, args, repeats=5, launches=50)
 
 
 def check(x, w1, b1, config):
