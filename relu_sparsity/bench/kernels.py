@@ -13,7 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from relu_sparsity.kernels import BACKENDS, fused_mlp_up
+from relu_sparsity.kernels import BACKENDS, BackendUnavailableError, fused_mlp_up
+from relu_sparsity.kernels.api import FUSED_BACKENDS, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def variants(seq_len: int) -> dict[str, Callable]:
         return jax.nn.relu(x @ w1 + b1)
 
     out = {"xla dot+bias+relu": jax.jit(xla_dot_bias_relu)}
+    for name in FUSED_BACKENDS:  # every fused backend that can run here takes part
+        try:
+            load_backend(name)
+        except BackendUnavailableError as err:
+            log.info("bench: %s not measured: %s", name, err)
     for name in sorted(BACKENDS):
         for with_stats in (False, True):
             label = f"{name} {'+stats' if with_stats else 'no stats'}"
