@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the sparsity statistics come from (default: xla)")
     train.add_argument("--kernel", help="kernel backend for --instrument fused: auto, "
                        "triton, mosaic_gpu, pallas_tpu")
+    train.add_argument("--prune", choices=("mask", "compact", "random"),
+                       help="after --prune-at's batch, drop the units it did not use: mask "
+                       "(zero them, same shapes), compact (remove them from weights and optimizer "
+                       "state), random (the control: as many units, chosen at random)")
+    train.add_argument("--prune-at", type=int, help="the step whose batch mask decides")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume a run folder although its config differs")
     train.add_argument("--no-report", action="store_true", help="skip tables and plots")
@@ -93,6 +98,10 @@ def cmd_train(args) -> None:
         overrides.append(f"kernel={args.kernel}")
     if args.cache:
         overrides.append(f"data.cache={args.cache}")
+    if args.prune:
+        overrides.append(f"train.prune={args.prune}")
+    if args.prune_at is not None:
+        overrides.append(f"train.prune_at={args.prune_at}")
     config = config_lib.preset(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / args.config)
     train(config, run_dir, allow_config_change=args.allow_config_change,

@@ -34,6 +34,8 @@ class TrainSettings:
     eval_batches: int = 8
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    prune: str = "none"  # none | mask | compact | random (section 4.1 of the paper)
+    prune_at: int = 0  # the step whose batch mask decides; pruned from the next step on
 
 
 @dataclasses.dataclass
@@ -156,5 +158,12 @@ def validate(config: Config) -> None:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.warmup_steps < 0 or t.peak_lr <= 0:
         raise ValueError("train.warmup_steps must be >= 0 and train.peak_lr > 0")
+    if t.prune not in ("none", "mask", "compact", "random"):
+        raise ValueError(f"train.prune must be none, mask, compact or random, got {t.prune!r}")
+    if t.prune != "none":
+        if not 0 <= t.prune_at < t.steps - 1:
+            raise ValueError(f"train.prune_at must lie in [0, {t.steps - 1}), got {t.prune_at}")
+        if config.instrument == "off":
+            raise ValueError("train.prune needs the batch mask: use --instrument xla or fused")
     if m.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {m.dtype!r}")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from tqdm.auto import tqdm
 
 import relu_sparsity
@@ -29,6 +30,7 @@ from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
 from relu_sparsity.train import data
 from relu_sparsity.train.config import Config, to_dict, validate
 from relu_sparsity.train.metrics import UnitStates, batch_mask, sparsity_metrics
+from relu_sparsity.train.pruning import Pruning, choose_units, compact_tree, to_original_ids
 from relu_sparsity.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,18 @@ def compute_dtype(config: Config) -> str:
     return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "tpu") else "float32"
 
 
-def model_config(config: Config, vocab_size: int, *, instrument: str | None = None
-                 ) -> TransformerConfig:
+def model_config(config: Config, vocab_size: int, *, instrument: str | None = None,
+                 pruning: Pruning | None = None) -> TransformerConfig:
     m = config.model
+    d_ff, live = (m.d_ff if isinstance(m.d_ff, int) else tuple(m.d_ff)), None
+    if pruning is not None and pruning.mode == "compact":
+        d_ff = pruning.widths
+    elif pruning is not None:  # mask, random: same shapes, only the kept units computed
+        live = tuple(tuple(int(i) for i in k) for k in pruning.keep)
     return TransformerConfig(
         vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
-        num_heads=m.num_heads, d_ff=m.d_ff if isinstance(m.d_ff, int) else tuple(m.d_ff),
-        max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
-        instrument=instrument or config.instrument, backend=config.kernel,
+        num_heads=m.num_heads, d_ff=d_ff, max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
+        instrument=instrument or config.instrument, backend=config.kernel, live=live,
         dtype=compute_dtype(config))
 
 
@@ -202,14 +208,24 @@ def stop_requests():
 
 
 # The loop --------------------------------------------------------------------------------------
-def layer_records(stats, widths: tuple[int, ...], unit_states: list[UnitStates]
+def layer_records(stats, unit_states: list[UnitStates], pruning: Pruning | None
                   ) -> tuple[list[dict], list[np.ndarray]]:
+    """Per layer: the metrics at the current width, unit states and the batch mask, both in
+    original unit ids."""
     records, masks = [], []
-    for layer_stat, width, states in zip(stats, widths, unit_states):
+    for layer, (layer_stat, states) in enumerate(zip(stats, unit_states)):
         mask = batch_mask(layer_stat)
+        if pruning is None:
+            width, metrics = states.num_units, sparsity_metrics(layer_stat, states.num_units)
+        elif pruning.mode == "compact":
+            width = len(pruning.keep[layer])
+            metrics = sparsity_metrics(layer_stat, num_units=width)
+            mask = to_original_ids(mask, pruning.keep[layer], states.num_units)
+        else:  # the stats index the original units, the dead ones zero
+            width = len(pruning.keep[layer])
+            metrics = sparsity_metrics(layer_stat, num_units=width, units=pruning.keep[layer])
         masks.append(mask[None])  # [n_devices = 1, W]
-        records.append({"d_ff": width, **sparsity_metrics(layer_stat, num_units=width),
-                        **states.update(mask)})
+        records.append({"d_ff": width, **metrics, **states.update(mask)})
     return records, masks
 
 
@@ -240,26 +256,30 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
              folder.path, config.instrument, backend, compute_dtype(config))
 
-    mcfg = model_config(config, cache.vocab_size)
-    widths = mcfg.layer_widths()
-    model = Transformer(mcfg)
+    widths = model_config(config, cache.vocab_size).layer_widths()  # the original widths
     optimizer = make_optimizer(config)
-    state = init_state(model, optimizer, config)
     unit_states = [UnitStates(w) for w in widths]
+    pruning = None
 
     ckpts = folder.checkpoint_steps()
     if ckpts:
-        template = {"train_state": state,
-                    "unit_states": [u.state_dict() for u in unit_states]}
-        restored = folder.load_checkpoint(ckpts[-1], template)
-        state = restored["train_state"]
-        unit_states = [UnitStates.from_state_dict(w, s)
-                       for w, s in zip(widths, restored["unit_states"])]
+        raw = folder.load_checkpoint(ckpts[-1])
+        if raw.get("pruning"):  # the shapes to restore into are the pruned ones
+            pruning = Pruning.from_state_dict(raw["pruning"])
+        model = Transformer(model_config(config, cache.vocab_size, pruning=pruning))
+        template = init_state(model, optimizer, config)
+        if pruning is not None and pruning.mode == "compact":
+            template = compact_tree(template, pruning.keep)
+        state = serialization.from_state_dict(template, raw["train_state"])
+        unit_states = [UnitStates.from_state_dict(w, raw["unit_states"][str(i)])
+                       for i, w in enumerate(widths)]
         dropped = folder.drop_after(ckpts[-1])
         log.info("resumed from step %d (dropped %d log lines written after it)", ckpts[-1],
                  dropped)
     else:
         folder.drop_after(0)  # a folder without checkpoints starts from scratch
+        model = Transformer(model_config(config, cache.vocab_size))
+        state = init_state(model, optimizer, config)
     start = int(state.step)
 
     from tensorboardX import SummaryWriter  # imported late: it is slow to import
@@ -268,7 +288,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     t, m = config.train, config.model
     tokens_per_step = t.batch_size * m.seq_len
     eval_step = make_eval_step(Transformer(model_config(config, cache.vocab_size,
-                                                        instrument="off")))
+                                                        instrument="off", pruning=pruning)))
 
     end = t.steps if max_steps is None else min(t.steps, start + max_steps)
     if start >= end:
@@ -281,9 +301,10 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
 
     def save(step: int) -> None:
-        folder.save_checkpoint(step, {"train_state": state,
-                                      "unit_states": [u.state_dict() for u in unit_states]},
-                               keep=t.keep_checkpoints)
+        folder.save_checkpoint(step, {
+            "train_state": state, "unit_states": {str(i): u.state_dict()
+                                                  for i, u in enumerate(unit_states)},
+            "pruning": pruning.state_dict() if pruning else {}}, keep=t.keep_checkpoints)
 
     bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True)
@@ -291,7 +312,8 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     with stop_requests() as stop:
         for step in range(start, end):
             tokens = cache.batch("train", step, t.batch_size, m.seq_len, seed=t.seed)
-            logged = step % t.log_every == 0 or step == t.steps - 1
+            prune_now = t.prune != "none" and step == t.prune_at and pruning is None
+            logged = step % t.log_every == 0 or step == t.steps - 1 or prune_now
             evaluated = step % t.eval_every == 0 or step == t.steps - 1
             record: dict[str, Any] = {"step": step}
             if evaluated:
@@ -308,8 +330,21 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                               tokens_per_s=(step + 1 - last_step) * tokens_per_step
                               / (now - last_time))
                 if stats:
-                    record["layers"], masks = layer_records(stats, widths, unit_states)
+                    record["layers"], masks = layer_records(stats, unit_states, pruning)
                     folder.write_masks(step, masks)
+                if prune_now:  # from step N + 1 on, only the units of step N's batch remain
+                    pruning = choose_units(t.prune, [m_[0] for m_ in masks], widths, step,
+                                           t.seed)
+                    record["pruned"] = {"mode": pruning.mode, "kept": list(pruning.widths)}
+                    if pruning.mode == "compact":
+                        state = compact_tree(state, pruning.keep)
+                    model = Transformer(model_config(config, cache.vocab_size, pruning=pruning))
+                    eval_step = make_eval_step(Transformer(model_config(
+                        config, cache.vocab_size, instrument="off", pruning=pruning)))
+                    step_fn = make_train_step(model, optimizer).lower(
+                        state, jnp.asarray(tokens)).compile()
+                    log.info("pruned (%s) after step %d: units per layer %s of %s",
+                             pruning.mode, step, list(pruning.widths), list(widths))
                 folder.append_metrics(record)
                 write_scalars(writer, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}",

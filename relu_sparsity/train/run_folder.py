@@ -103,6 +103,8 @@ class RunFolder:
             (self.checkpoints / f"ckpt_{old:08d}.msgpack").unlink()
         return path
 
-    def load_checkpoint(self, step: int, template: Any) -> Any:
+    def load_checkpoint(self, step: int) -> dict:
+        """The checkpoint's state dict (nested dicts of arrays); the caller restores it into
+        its own structures, whose shapes may depend on what the checkpoint says (pruning)."""
         data = (self.checkpoints / f"ckpt_{step:08d}.msgpack").read_bytes()
-        return serialization.from_bytes(template, data)
+        return serialization.msgpack_restore(data)
