@@ -45,11 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "(zero them, same shapes), compact (remove them from weights and optimizer "
                        "state), random (the control: as many units, chosen at random)")
     train.add_argument("--prune-at", type=int, help="the step whose batch mask decides")
+    train.add_argument("--widths-from", metavar="RUN", help="per-layer MLP widths = the units "
+                       "RUN used per batch at its end (the paper's Round 2)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume a run folder although its config differs")
     train.add_argument("--no-report", action="store_true", help="skip tables and plots")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+    exp = sub.add_parser("experiment", help="the paper's pruning experiments",
+                         epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
+    exp.add_argument("which", choices=("masking", "capacity"),
+                     help="masking: baseline / mask / compact / random after --prune-at; "
+                     "capacity: round 1, then round 2 at round 1's used widths (Table 4)")
+    exp.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    exp.add_argument("--out", required=True, help="folder for the runs and the comparison")
+    exp.add_argument("--prune-at", type=int, help="masking: the step whose batch mask decides "
+                     "(default: a third of the steps)")
+    exp.add_argument("--cache", help="token cache folder from `prepare`")
+    exp.add_argument("--instrument", choices=("fused", "xla"))
+    exp.add_argument("--kernel")
+    exp.add_argument("--no-progress", action="store_true")
+    exp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
     report = sub.add_parser("report", help="the paper's tables and figures from runs")
     report.add_argument("runs", nargs="+", help="run folders")
@@ -86,10 +103,9 @@ def cmd_prepare(args) -> None:
     print(f"token cache ready: {path}")
 
 
-def cmd_train(args) -> None:
-    from relu_sparsity.train import config as config_lib
-    from relu_sparsity.train.loop import train
-    from relu_sparsity.train.report import write_report
+def common_overrides(args) -> list[str]:
+    """The flags that are shorthands for config fields, as overrides."""
+    import json
 
     overrides = list(args.overrides)
     if args.instrument:
@@ -97,11 +113,28 @@ def cmd_train(args) -> None:
     if args.kernel:
         overrides.append(f"kernel={args.kernel}")
     if args.cache:
-        overrides.append(f"data.cache={args.cache}")
+        overrides.append(f"data.cache={json.dumps(args.cache)}")
+    return overrides
+
+
+def cmd_train(args) -> None:
+    import json
+
+    from relu_sparsity.train import config as config_lib
+    from relu_sparsity.train.loop import train
+    from relu_sparsity.train.report import load_metrics, used_units, write_report
+
+    overrides = common_overrides(args)
     if args.prune:
         overrides.append(f"train.prune={args.prune}")
     if args.prune_at is not None:
         overrides.append(f"train.prune_at={args.prune_at}")
+    if args.widths_from:
+        last_k = config_lib.preset(args.config).train.mean_last
+        used = [max(1, round(u)) for u in used_units(load_metrics(args.widths_from), last_k)]
+        if not used:
+            raise ValueError(f"{args.widths_from} logged no per-layer metrics")
+        overrides.append(f"model.d_ff={json.dumps(used)}")
     config = config_lib.preset(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / args.config)
     train(config, run_dir, allow_config_change=args.allow_config_change,
@@ -110,6 +143,21 @@ def cmd_train(args) -> None:
         tables = write_report([run_dir], last_k=config.train.mean_last)
         print(f"\nrun folder: {run_dir}\ntables: {tables}\nplots: {run_dir / 'plots'}\n")
         print(Path(tables).read_text())
+
+
+def cmd_experiment(args) -> None:
+    from relu_sparsity.train import config as config_lib
+    from relu_sparsity.train import experiments
+
+    config = config_lib.preset(args.config, common_overrides(args))
+    if args.which == "masking":
+        prune_at = args.prune_at if args.prune_at is not None else config.train.steps // 3
+        table = experiments.masking_experiment(config, args.out, prune_at,
+                                               progress=not args.no_progress)
+    else:
+        table = experiments.capacity_experiment(config, args.out, progress=not args.no_progress)
+    print(Path(table).read_text())
+    print(f"comparison: {table}; tables and plots: {Path(args.out) / 'tables.md'}")
 
 
 def cmd_report(args) -> None:
@@ -148,14 +196,22 @@ def cmd_bench(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`experiment masking --out d model.d_ff=64`), which argparse
+    # leaves unparsed after a first positional: collect them here.
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     try:
-        {"prepare": cmd_prepare, "train": cmd_train, "report": cmd_report,
-         "bench": cmd_bench}[args.command](args)
+        {"prepare": cmd_prepare, "train": cmd_train, "experiment": cmd_experiment,
+         "report": cmd_report, "bench": cmd_bench}[args.command](args)
     except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -160,3 +160,45 @@ def test_bad_prune_config(cache_dir):
         config(cache_dir, "train.prune=mask", "train.prune_at=2", "instrument=off")
     with pytest.raises(ValueError, match="train.prune"):
         config(cache_dir, "train.prune=half")
+
+
+SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=[96,70]",
+         "model.seq_len=16", "train.batch_size=4", "train.steps=12", "train.warmup_steps=2",
+         "train.log_every=2", "train.eval_every=6", "train.eval_batches=1",
+         "train.checkpoint_every=6", "data.vocab_size=512"]
+
+
+def test_masking_experiment_cli(cache_dir, tmp_path, capsys):
+    from relu_sparsity import cli
+
+    out = tmp_path / "masking"
+    assert cli.main(["experiment", "masking", "--out", str(out), "--cache", str(cache_dir),
+                     "--prune-at", "4", "--no-progress", *SMALL]) == 0
+    table = (out / "masking.md").read_text()
+    for name in ("baseline", "mask", "compact", "random"):
+        assert f"| {name} |" in table
+        assert (out / name / "metrics.jsonl").exists()
+    assert "Batch Use (%)" in (out / "tables.md").read_text()  # the comparison of the 4 runs
+    assert (out / "plots" / "loss.png").stat().st_size > 5000
+    # The masked runs keep the same count; the baseline keeps all.
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| all |" in rows["baseline"]
+    assert rows["mask"].split("|")[2] == rows["compact"].split("|")[2] == rows["random"].split("|")[2]
+
+
+def test_capacity_experiment_and_widths_from(cache_dir, tmp_path):
+    from relu_sparsity import cli
+    from relu_sparsity.train.report import load_metrics, used_units
+
+    out = tmp_path / "capacity"
+    assert cli.main(["experiment", "capacity", "--out", str(out), "--cache", str(cache_dir),
+                     "--no-progress", *SMALL]) == 0
+    used1 = [max(1, round(u)) for u in used_units(load_metrics(out / "round1"), 5)]
+    round2 = load_metrics(out / "round2")
+    assert [layer["d_ff"] for layer in round2[0]["layers"]] == used1
+    assert "Table 4" in (out / "capacity.md").read_text()
+    # The same widths by hand: train --widths-from.
+    run = tmp_path / "r2"
+    assert cli.main(["train", "--run-dir", str(run), "--cache", str(cache_dir), "--no-progress",
+                     "--no-report", "--widths-from", str(out / "round1"), *SMALL]) == 0
+    assert [layer["d_ff"] for layer in load_metrics(run)[0]["layers"]] == used1
