@@ -35,7 +35,7 @@ def time_ms(fn, args):
 
 def check(x, w1, b1, config):
     """h against the reference (tolerance) and the integer outputs by the own-h rule (exact)."""
-    h, stats = jax.jit(lambda x, w, b: ops.triton_forward(
+    h, stats = jax.jit(lambda x, w, b: ops.triton_dense_forward(
         x, w, b, seq_len=SEQ_LEN, live=None, with_stats=True, with_token_mask=True,
         config=config))(x, w1, b1)
     h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=SEQ_LEN, with_stats=False, backend="reference")
@@ -73,7 +73,7 @@ def main():
                 err, exact = check(x, w1, b1, cfg)
                 times = {}
                 for with_stats in (False, True):
-                    fn = jax.jit(lambda x, w, b, s=with_stats, c=cfg: ops.triton_forward(
+                    fn = jax.jit(lambda x, w, b, s=with_stats, c=cfg: ops.triton_dense_forward(
                         x, w, b, seq_len=SEQ_LEN, live=None, with_stats=s,
                         with_token_mask=False, config=c))
                     times[with_stats] = time_ms(fn, (x, w1, b1))

@@ -187,3 +187,25 @@ def test_unbuilt_backend_is_an_error_not_a_fallback():
     x, w1, b1 = jnp.zeros((4, 3)), jnp.zeros((3, 8)), jnp.zeros((8,))
     with pytest.raises(BackendUnavailableError, match="triton"):
         fused_mlp_up(x, w1, b1, seq_len=2, backend="triton")
+
+
+@pytest.mark.parametrize("with_token_mask", [False, True])
+def test_live_columns_wrapper_matches_reference_live(with_token_mask):
+    # Backends that compute dense columns get `live` from this wrapper; the reference's own
+    # live path is the oracle.
+    from relu_sparsity.kernels.live import with_live_columns
+    from relu_sparsity.kernels.reference import reference_forward
+
+    x, w1, b1 = random_inputs(11, 12, 8, 70, jnp.float32)
+    live = (0, 5, 31, 32, 33, 69)
+    dense = lambda *a, **k: reference_forward(*a, **k)  # noqa: E731
+    h, stats = with_live_columns(dense)(x, w1, b1, seq_len=4, live=live, with_stats=True,
+                                        with_token_mask=with_token_mask)
+    h_ref, ref = fused_mlp_up(x, w1, b1, seq_len=4, live=np.array(live),
+                              with_token_mask=with_token_mask)
+    np.testing.assert_array_equal(h, h_ref)
+    for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
+        a, b = getattr(stats, name), getattr(ref, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=name)

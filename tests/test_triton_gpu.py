@@ -44,6 +44,20 @@ def test_triton_matches_reference(shape, dtype):
     np.testing.assert_array_equal(np.asarray(h2, np.float32), np.asarray(h, np.float32))
 
 
+def test_triton_live_columns():
+    x, w1, b1 = inputs(5, 1024, 128, 700, jnp.bfloat16)
+    live = np.arange(3, 700, 4)
+    h, stats = fused_mlp_up(x, w1, b1, seq_len=256, live=live, backend="triton")
+    h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=256, live=live, backend="reference")
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_ref, np.float32),
+                               atol=2e-2, rtol=2e-2)
+    own = stats_from_h(h, seq_len=256, num_units=700, live=tuple(live.tolist()),
+                       with_token_mask=False)
+    for name in ("token_count", "seq_count", "seq_mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(stats, name)),
+                                      np.asarray(getattr(own, name)), err_msg=name)
+
+
 def test_triton_gradients_match_reference():
     x, w1, b1 = inputs(3, 1024, 256, 1000, jnp.float32)
 

@@ -47,6 +47,18 @@ def test_ragged_and_token_mask_lower(seq_len, f):
         assert text.count("triton_kernel_call") >= 1
 
 
+def test_live_columns_lower():
+    live = tuple(range(0, 2000, 3))
+
+    def fn(x, w1, b1):
+        return api._fused(x, w1, b1, 512, live, True, False, "triton")
+
+    bf16 = jnp.bfloat16
+    text = lower(jax.grad(lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32)), argnums=(0, 1, 2)),
+                 ((1024, 256), bf16), ((256, 2000), bf16), ((2000,), bf16))
+    assert "triton_kernel_call" in text
+
+
 def test_gradient_lowers():
     def loss(x, w1, b1):
         h, stats = api._fused(x, w1, b1, 512, None, True, False, "triton")

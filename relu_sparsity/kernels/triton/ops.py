@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import jax_triton
 import triton
 
+from relu_sparsity.kernels.live import with_live_columns
 from relu_sparsity.kernels.reference import SparsityStats
 from relu_sparsity.kernels.triton import kernel as triton_kernel
 
@@ -43,11 +44,10 @@ def _device_kind() -> str:
     return device.device_kind if device.platform == "gpu" else "NVIDIA H200"
 
 
-def triton_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mask,
-                   config: triton_kernel.TileConfig | None = None):
-    """The backend forward of the kernel contract (see api.fused_mlp_up)."""
-    if live is not None:
-        raise NotImplementedError("backend 'triton' does not compute live columns yet")
+def triton_dense_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mask,
+                         config: triton_kernel.TileConfig | None = None):
+    """Every column of w1; `live` is handled by `triton_forward`."""
+    assert live is None
     T, D = x.shape
     F = w1.shape[1]
     if config is None:
@@ -64,3 +64,8 @@ def triton_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mask,
         return h, None
     return h, SparsityStats(token_count, seq_count, seq_mask,
                             token_mask if with_token_mask else None)
+
+
+# The backend forward of the kernel contract (see api.fused_mlp_up): with `live`, the live columns
+# are gathered and the kernel runs at their width.
+triton_forward = with_live_columns(triton_dense_forward)
