@@ -163,6 +163,7 @@ def test_bit_helpers_round_trip():
     (dict(seq_len=3), "seq_len"),
     (dict(seq_len=0), "seq_len"),
     (dict(live=np.array([3, 1])), "live"),
+    (dict(live=np.array([3, 1], np.uint32)), "live"),  # unsigned: a wrapped difference
     (dict(live=np.array([1, 1, 2])), "live"),
     (dict(live=np.array([0, 8])), "live"),
     (dict(live=np.array([-1, 2])), "live"),
@@ -197,12 +198,12 @@ def test_live_columns_wrapper_matches_reference_live(with_token_mask):
     from relu_sparsity.kernels.reference import reference_forward
 
     x, w1, b1 = random_inputs(11, 12, 8, 70, jnp.float32)
-    live = (0, 5, 31, 32, 33, 69)
-    dense = lambda *a, **k: reference_forward(*a, **k)  # noqa: E731
-    h, stats = with_live_columns(dense)(x, w1, b1, seq_len=4, live=live, with_stats=True,
-                                        with_token_mask=with_token_mask)
-    h_ref, ref = fused_mlp_up(x, w1, b1, seq_len=4, live=np.array(live),
-                              with_token_mask=with_token_mask)
+    live = (0, 5, 31, 32, 33, 40, 63, 64, 69)  # words 0, 1 and 2, with gaps
+    h, stats = with_live_columns(reference_forward)(x, w1, b1, seq_len=4, live=live,
+                                                    with_stats=True,
+                                                    with_token_mask=with_token_mask)
+    h_ref, ref = reference_forward(x, w1, b1, seq_len=4, live=live, with_stats=True,
+                                   with_token_mask=with_token_mask)
     np.testing.assert_array_equal(h, h_ref)
     for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
         a, b = getattr(stats, name), getattr(ref, name)

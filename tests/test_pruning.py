@@ -114,7 +114,8 @@ def test_loop_mask_compact_random(cache_dir, tmp_path):
     # Identical up to the prune step; mask and compact agree after it too.
     assert [r["loss"] for r in base if r["step"] <= 6] == \
         [r["loss"] for r in masked if r["step"] <= 6]
-    for a, b in zip(masked, compact):
+    assert len(masked) == len(compact)
+    for a, b in zip(masked, compact, strict=True):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert [layer["d_ff"] for layer in a["layers"]] == [layer["d_ff"] for layer in b["layers"]]
@@ -126,25 +127,41 @@ def test_loop_mask_compact_random(cache_dir, tmp_path):
     assert [layer["d_ff"] for layer in compact[0]["layers"]] == [96, 70]
     # The prune step's batch mask decided: kept = its batch use.
     assert kept == [round(layer["batch_use"] * w) for layer, w in zip(pruned["layers"], (96, 70))]
-    # Masks stay in original ids: the original width's words, and no pruned unit ever on again.
-    folder = RunFolder(runs["compact"])
-    decided = [np_unpack_bits(m[0], w) for m, w in zip(folder.read_masks(6), (96, 70))]
-    for step in folder.mask_steps():
-        for layer, (words, w) in enumerate(zip(folder.read_masks(step), (96, 70))):
-            assert words.shape == (1, (w + 31) // 32)
-            if step > 6:
-                assert not (np_unpack_bits(words[0], w) & ~decided[layer]).any()
+    # Masks stay in original ids: the original width's words, and no pruned unit ever on again,
+    # in every mode.
+    for mode in ("mask", "compact", "random"):
+        folder = RunFolder(runs[mode])
+        kept_ids = [np.isin(np.arange(w), ids) for ids, w in zip(
+            pruned_units(folder, mode), (96, 70), strict=True)]
+        for step in folder.mask_steps():
+            for layer, (words, w) in enumerate(zip(folder.read_masks(step), (96, 70),
+                                                   strict=True)):
+                assert words.shape == (1, (w + 31) // 32)
+                if step > 6:
+                    assert not (np_unpack_bits(words[0], w) & ~kept_ids[layer]).any(), mode
     # The random control keeps as many units per layer, but others.
     rand = next(r for r in RunFolder(runs["random"]).read_metrics() if "pruned" in r)
     assert rand["pruned"]["kept"] == kept
 
 
-def test_resume_after_compaction(cache_dir, tmp_path):
+def pruned_units(folder: RunFolder, mode: str) -> list[np.ndarray]:
+    """The kept unit ids per layer, as the last checkpoint recorded them."""
+    from relu_sparsity.train.pruning import Pruning
+
+    raw = folder.load_checkpoint(folder.checkpoint_steps()[-1])
+    pruning = Pruning.from_state_dict(raw["pruning"])
+    assert pruning.mode == mode
+    return [np.asarray(k) for k in pruning.keep]
+
+
+@pytest.mark.parametrize("mode,stop_at", [("compact", 8), ("mask", 8), ("compact", 3)])
+def test_resume_after_pruning(cache_dir, tmp_path, mode, stop_at):
+    # Stopped after the prune step (the checkpoint holds pruned state) or before it.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    overrides = ["train.prune=compact", "train.prune_at=4"]
+    overrides = [f"train.prune={mode}", "train.prune_at=4"]
     train(config(cache_dir, *overrides), straight, progress=False)
-    train(config(cache_dir, *overrides), resumed, progress=False, max_steps=8)
-    assert RunFolder(resumed).checkpoint_steps()[-1] == 8  # taken after compaction
+    train(config(cache_dir, *overrides), resumed, progress=False, max_steps=stop_at)
+    assert RunFolder(resumed).checkpoint_steps()[-1] == stop_at
     train(config(cache_dir, *overrides), resumed, progress=False)
 
     def strip(records):

@@ -101,8 +101,30 @@ def test_resume_gives_identical_metrics(cache_dir, tmp_path):
         RunFolder(straight).read_metrics())
     assert RunFolder(resumed).mask_steps() == RunFolder(straight).mask_steps()
     for step in RunFolder(straight).mask_steps():
-        for a, b in zip(RunFolder(straight).read_masks(step), folder.read_masks(step)):
+        for a, b in zip(RunFolder(straight).read_masks(step), folder.read_masks(step),
+                        strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_evaluations_off_the_log_grid_are_logged(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(cache_dir, "train.eval_every=10", "train.steps=16"), run, progress=False)
+    records = RunFolder(run).read_metrics()
+    assert [r["step"] for r in records] == [0, 4, 8, 10, 12, 15]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 10, 15]
+    assert all("layers" in r for r in records)
+
+
+def test_resume_skips_a_corrupted_checkpoint(cache_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(small_config(cache_dir), straight, progress=False)
+    train(small_config(cache_dir), resumed, progress=False, max_steps=16)
+    folder = RunFolder(resumed)
+    assert folder.checkpoint_steps() == [8, 16]
+    newest = folder.checkpoints / "ckpt_00000016.msgpack"
+    newest.write_bytes(newest.read_bytes()[:100])  # torn by a crash
+    train(small_config(cache_dir), resumed, progress=False)  # resumes from step 8
+    assert strip_timing(folder.read_metrics()) == strip_timing(RunFolder(straight).read_metrics())
 
 
 def test_config_change_is_refused_unless_allowed(cache_dir, tmp_path):

@@ -14,6 +14,7 @@ BENCH_SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
 @pytest.fixture(autouse=True)
 def hopper_target(monkeypatch):
     monkeypatch.setattr(ops, "COMPUTE_CAPABILITY", 90)
+    monkeypatch.setattr(api, "BACKENDS", dict(api.BACKENDS))  # loaded for CUDA here only
     api.load_backend("triton", platform="gpu")
 
 

@@ -8,11 +8,13 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relu_sparsity.kernels.live import with_live_columns
 from relu_sparsity.kernels.reference import SparsityStats, reference_forward
 
 log = logging.getLogger(__name__)
@@ -21,11 +23,27 @@ Forward = Callable[..., tuple[jax.Array, SparsityStats | None]]
 
 KNOWN_BACKENDS = ("reference", "triton", "mosaic_gpu", "pallas_tpu")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-# Fused backends: the platform each runs on and the module that provides its forward. They are
-# imported on first use (Triton and jax-triton are optional and slow to import).
-FUSED_BACKENDS = {"triton": ("gpu", "relu_sparsity.kernels.triton.ops", "triton_forward")}
-# Loaded forwards by name; the reference is always there.
-BACKENDS: dict[str, Forward] = {"reference": reference_forward}
+
+
+class FusedBackend(NamedTuple):
+    platform: str  # where it compiles: "gpu" or "tpu"
+    module: str  # provides the forward; imported on first use (Triton is optional and slow)
+    forward: str
+    interpretable: bool  # elsewhere it runs in an interpreter (slow, with a warning)
+    install_hint: str  # what to install when the import fails
+
+
+FUSED_BACKENDS = {
+    "triton": FusedBackend("gpu", "relu_sparsity.kernels.triton.ops", "triton_forward", False,
+                           "install the `gpu` extra: pip install 'relu-sparsity[gpu]'"),
+    "pallas_tpu": FusedBackend("tpu", "relu_sparsity.kernels.pallas_tpu.ops",
+                               "pallas_tpu_forward", True,
+                               "it needs only jax, so this jax install is incomplete"),
+}
+# Loaded forwards by name; the reference is always there. Its `live` also goes through the
+# gather-then-scatter wrapper, which keeps [T, F] temporaries out of masked training;
+# `reference_forward(live=...)` stays the plain oracle.
+BACKENDS: dict[str, Forward] = {"reference": with_live_columns(reference_forward)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -58,18 +76,34 @@ def load_backend(name: str, *, platform: str | None = None) -> Forward:
     if name not in FUSED_BACKENDS:
         raise BackendUnavailableError(f"backend {name!r} is not built yet; available: "
                                       f"{sorted(['reference', *FUSED_BACKENDS])}")
-    needs, module_name, attr = FUSED_BACKENDS[name]
+    spec = FUSED_BACKENDS[name]
     platform = platform or jax.devices()[0].platform
-    if platform != needs:
-        raise BackendUnavailableError(f"backend {name!r} runs on {needs.upper()}s; this device "
-                                      f"is {platform}")
+    if platform != spec.platform and not spec.interpretable:
+        raise BackendUnavailableError(f"backend {name!r} runs on {spec.platform.upper()}s; this "
+                                      f"device is {platform}")
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(spec.module)
     except ImportError as err:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {err} (install the "
-                                      "`gpu` extra: pip install 'relu-sparsity[gpu]')") from err
-    BACKENDS[name] = getattr(module, attr)
+        raise BackendUnavailableError(f"backend {name!r} is not available: {err} "
+                                      f"({spec.install_hint})") from err
+    BACKENDS[name] = getattr(module, spec.forward)
     return BACKENDS[name]
+
+
+def compiled_backends(platform: str | None = None) -> list[str]:
+    """The fused backends that compile for this platform (not interpreted) and can be loaded."""
+    platform = platform or jax.devices()[0].platform
+    names = []
+    for name, spec in FUSED_BACKENDS.items():
+        if spec.platform != platform:
+            continue
+        try:
+            load_backend(name, platform=platform)
+        except BackendUnavailableError as err:
+            log.warning("backend %s cannot run here: %s", name, err)
+            continue
+        names.append(name)
+    return names
 
 
 @functools.cache
@@ -117,7 +151,7 @@ def _check_live(live, num_units: int) -> tuple[int, ...] | None:
     if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"live must be a non-empty 1-D integer array, got shape {arr.shape} "
                          f"dtype {arr.dtype}")
-    if np.any(np.diff(arr) <= 0):
+    if np.any(np.diff(arr.astype(np.int64)) <= 0):  # int64: unsigned differences wrap
         raise ValueError("live must be strictly increasing (sorted, no repeats)")
     if arr[0] < 0 or arr[-1] >= num_units:
         raise ValueError(f"live must lie in [0, {num_units}), got [{arr[0]}, {arr[-1]}]")

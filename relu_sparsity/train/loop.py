@@ -65,11 +65,17 @@ def model_config(config: Config, vocab_size: int, *, instrument: str | None = No
         dtype=compute_dtype(config))
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def make_schedule(config: Config) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak, then cosine decay to peak * end_lr_ratio at the end."""
     t = config.train
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.peak_lr, warmup_steps=t.warmup_steps,
         decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.peak_lr * t.end_lr_ratio)
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    t = config.train
+    schedule = make_schedule(config)
     # Decay only matrices: biases, LayerNorm scales and positions keep their values.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
@@ -79,17 +85,26 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 
 
 def learning_rate(config: Config, step: int) -> float:
-    t = config.train
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.peak_lr, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
-        t.peak_lr * t.end_lr_ratio)
-    return float(schedule(step))
+    return float(make_schedule(config)(step))
 
 
 def init_state(model: Transformer, optimizer, config: Config) -> TrainState:
     tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
     params = model.init(jax.random.key(config.train.seed), tokens)["params"]
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def restore_state(template: TrainState, saved: dict) -> TrainState:
+    """`saved` (a checkpoint's state dict) into `template`'s structure; every array must have
+    the template's shape (a checkpoint of another width is an error, not a silent reshape)."""
+    state = serialization.from_state_dict(template, saved)
+    mismatched = [(jax.tree_util.keystr(path), a.shape, b.shape) for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(state), strict=True)
+        if np.shape(a) != np.shape(b)]
+    if mismatched:
+        raise ValueError(f"the checkpoint does not fit this model: {mismatched[:3]} "
+                         "(name, model shape, checkpoint shape)")
+    return jax.tree.map(jnp.asarray, state)
 
 
 def make_train_step(model: Transformer, optimizer):
@@ -123,12 +138,13 @@ def make_eval_step(model: Transformer):
 
 def evaluate(eval_step, params, cache: data.TokenCache, config: Config) -> dict[str, float]:
     t, m = config.train, config.model
-    loss_sum, correct, count = 0.0, 0, 0
+    sums, count = [], 0
     for tokens in cache.eval_batches(t.eval_batches, t.batch_size, m.seq_len):
-        loss, hits = eval_step(params, jnp.asarray(tokens))
-        loss_sum += float(loss)
-        correct += int(hits)
+        sums.append(eval_step(params, jnp.asarray(tokens)))  # queued; fetched once below
         count += tokens.shape[0] * (tokens.shape[1] - 1)
+    sums = jax.device_get(sums)
+    loss_sum = sum(float(loss) for loss, _ in sums)
+    correct = sum(int(hits) for _, hits in sums)
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
 
@@ -213,7 +229,7 @@ def layer_records(stats, unit_states: list[UnitStates], pruning: Pruning | None
     """Per layer: the metrics at the current width, unit states and the batch mask, both in
     original unit ids."""
     records, masks = [], []
-    for layer, (layer_stat, states) in enumerate(zip(stats, unit_states)):
+    for layer, (layer_stat, states) in enumerate(zip(stats, unit_states, strict=True)):
         mask = batch_mask(layer_stat)
         if pruning is None:
             width, metrics = states.num_units, sparsity_metrics(layer_stat, states.num_units)
@@ -249,6 +265,9 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                              "with this one, or choose another --run-dir")
     folder.create()
 
+    if jax.device_count() > 1:
+        log.warning("%d devices found; training runs on one (data parallelism across devices "
+                    "is not implemented yet), the others stay idle", jax.device_count())
     cache = open_cache(config)
     backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
         else "reference"
@@ -261,20 +280,18 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     unit_states = [UnitStates(w) for w in widths]
     pruning = None
 
-    ckpts = folder.checkpoint_steps()
-    if ckpts:
-        raw = folder.load_checkpoint(ckpts[-1])
+    latest = folder.load_latest_checkpoint()
+    if latest is not None:
+        ckpt_step, raw = latest
         if raw.get("pruning"):  # the shapes to restore into are the pruned ones
             pruning = Pruning.from_state_dict(raw["pruning"])
         model = Transformer(model_config(config, cache.vocab_size, pruning=pruning))
-        template = init_state(model, optimizer, config)
-        if pruning is not None and pruning.mode == "compact":
-            template = compact_tree(template, pruning.keep)
-        state = serialization.from_state_dict(template, raw["train_state"])
+        template = init_state(model, optimizer, config)  # already at the compacted widths
+        state = restore_state(template, raw["train_state"])
         unit_states = [UnitStates.from_state_dict(w, raw["unit_states"][str(i)])
                        for i, w in enumerate(widths)]
-        dropped = folder.drop_after(ckpts[-1])
-        log.info("resumed from step %d (dropped %d log lines written after it)", ckpts[-1],
+        dropped = folder.drop_after(ckpt_step)
+        log.info("resumed from step %d (dropped %d log lines written after it)", ckpt_step,
                  dropped)
     else:
         folder.drop_after(0)  # a folder without checkpoints starts from scratch
@@ -313,11 +330,14 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
         for step in range(start, end):
             tokens = cache.batch("train", step, t.batch_size, m.seq_len, seed=t.seed)
             prune_now = t.prune != "none" and step == t.prune_at and pruning is None
-            logged = step % t.log_every == 0 or step == t.steps - 1 or prune_now
             evaluated = step % t.eval_every == 0 or step == t.steps - 1
+            # An evaluated step is also logged, so that no evaluation is lost.
+            logged = step % t.log_every == 0 or step == t.steps - 1 or prune_now or evaluated
             record: dict[str, Any] = {"step": step}
             if evaluated:
-                # The parameters this step's forward pass sees (before its update).
+                # The parameters this step's forward pass sees (before its update). The steps
+                # still queued finish first, so that the pause leaves out only evaluation.
+                jax.block_until_ready(state)
                 eval_start = time.perf_counter()
                 record.update(evaluate(eval_step, state.params, cache, config))
                 last_time += time.perf_counter() - eval_start  # not training throughput
@@ -353,7 +373,10 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
             bar.update(1)
             done = step + 1
             if done % t.checkpoint_every == 0 or done == end or stop["stop"]:
+                jax.block_until_ready(state)
+                save_start = time.perf_counter()
                 save(done)
+                last_time += time.perf_counter() - save_start  # not training throughput
             if stop["stop"]:
                 log.warning("stopped at step %d; run again with the same --run-dir to resume",
                             done)

@@ -21,10 +21,22 @@ CHECKPOINT_RE = re.compile(r"ckpt_(\d{8})\.msgpack$")
 MASK_RE = re.compile(r"step_(\d{8})\.npz$")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write through a temporary file and rename. `durable` also fsyncs the file and its folder,
+    so that after a power loss the name points at complete data (checkpoints)."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    with tmp.open("wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class RunFolder:
@@ -98,7 +110,7 @@ class RunFolder:
 
     def save_checkpoint(self, step: int, state: Any, keep: int) -> Path:
         path = self.checkpoints / f"ckpt_{step:08d}.msgpack"
-        _atomic_write(path, serialization.to_bytes(state))
+        _atomic_write(path, serialization.to_bytes(state), durable=True)
         for old in self.checkpoint_steps()[:-keep]:
             (self.checkpoints / f"ckpt_{old:08d}.msgpack").unlink()
         return path
@@ -108,3 +120,14 @@ class RunFolder:
         its own structures, whose shapes may depend on what the checkpoint says (pruning)."""
         data = (self.checkpoints / f"ckpt_{step:08d}.msgpack").read_bytes()
         return serialization.msgpack_restore(data)
+
+    def load_latest_checkpoint(self) -> tuple[int, dict] | None:
+        """The newest checkpoint that reads back, as (step, state dict); an unreadable one (a
+        torn or corrupted file) is reported and the one before it is taken."""
+        for step in reversed(self.checkpoint_steps()):
+            try:
+                return step, self.load_checkpoint(step)
+            except Exception as err:  # msgpack raises several types on corrupted data
+                log.warning("checkpoint %d cannot be read (%s: %s); trying the one before",
+                            step, type(err).__name__, err)
+        return None

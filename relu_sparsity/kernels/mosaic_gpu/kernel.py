@@ -1,0 +1,448 @@
+"""Pallas Mosaic-GPU (Hopper) kernel: h = relu(x @ w1 + b1) with the sparsity statistics reduced
+in the GEMM epilogue.
+
+Structure (one CTA per SM, persistent; `plgpu.kernel` with three warpgroups):
+  * warpgroup 2 is the memory thread of `plgpu.emit_pipeline_warp_specialized`: it streams
+    x [cta_m, tile_k] and w1 [tile_k, cta_n] blocks by TMA into a `stages`-deep SMEM ring;
+  * warpgroups 0 and 1 compute: each owns a [tile_m, tile_n] f32 wgmma accumulator (the CTA tile
+    is split between them along M, `wg_dim="m"`, or N, `wg_dim="n"`), and runs the epilogue on
+    it while the memory thread already prefetches the next output tile's blocks.
+Output tiles are visited by `plgpu.nd_loop` over a planar snake (L2 reuse), as in JAX's example
+Hopper matmul (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py), which this follows.
+
+Epilogue of one compute warpgroup (registers in the WGMMA layout):
+  h = max(acc + b1, 0) rounded to the output dtype; written through a double-buffered SMEM slot
+  per [64, epi_tile_n] piece and TMA (`copy_smem_to_gmem`). With statistics, `used = h > 0` on
+  the *rounded* value (the exactness rule), then:
+  token_count  row sums of `used` (a reduction across the lanes of a quad: no SMEM) -> one
+               partial [tile_m] per column tile: tc_part [Fp / tile_n, Tp] int32, stored from
+               registers. JAX adds the Fp / tile_n partials (a [n, T] sum).
+  seq_count    column sums of `used` over the rows of each sequence segment that meets the row
+               tile -> sc_part [Tp / tile_m, n_seg, Fp] int32. The rows of a tile are spread over
+               the four warps, so this reduction crosses warps through SMEM; Pallas's own
+               `jnp.sum(axis=0)` uses one scratch area shared by every warpgroup, which the two
+               compute warpgroups would race on, so the compiled kernel calls
+               `FragmentedArray.reduce` through `plgpu.inline_mgpu` with a scratch area of its
+               own per warpgroup (`_col_sum`; the interpreter, which cannot run inline Mosaic GPU,
+               takes `jnp.sum`). JAX adds the partials of each sequence: with seq_len a multiple
+               of tile_m (the benchmarks: 512 / 64) a [n_seq, seq_len / tile_m, F] sum, i.e.
+               4 / tile_m bytes per element of h read once (3% of a bf16 h's bytes at
+               tile_m = 64, 1.6% at 128).
+               Sequences need not align with tiles: a tile meets at most `n_seg` sequences
+               (static), and segment s of a tile counts the rows of sequence
+               floor(row0 / seq_len) + s, masked by a row iota (padding rows belong to no
+               sequence, so they never count).
+  token_mask   packed by one extra wgmma: used (bf16 0/1, in registers as the A operand) times a
+               constant P [tile_n, 16] (bf16, SMEM) with P[c, w] = 2^(c % 16) for the low half-word
+               (w = c // 32, bits 0..15) and P[c, 8 + w] for the high half-word (bits 16..31):
+               each output is an integer < 2^16, exact in f32. word = low | high << 16, int32
+               [tile_m, 8] stored from registers into tm_part [Tp, (Fp / tile_n) * 8]. Cost: a
+               [tile_m, tile_n] x [tile_n, 16] wgmma per tile, 16 / D of the GEMM's flops (1.6% at
+               D = 1024). With tile_n < 256 a tile has fewer than 8 words and the rest of its 8
+               are zero: JAX compacts them (committed configs use tile_n = 256: no compaction).
+  seq_mask     left to JAX: pack_bits(seq_count > 0) on the [n_seq, F] counts (tiny).
+Nothing is atomic; every partial is written exactly once, so the results are deterministic.
+
+Padding (done by the caller, ops.py): Tp, Fp, Dp are multiples of the CTA tile and tile_k. Zero
+columns of w1 and b1 give h = 0 (never used); zero rows of x give h = relu(b1), which may be > 0,
+but those rows lie outside every sequence segment and their token counts / mask words are sliced
+off. f32 inputs are not fed to wgmma (which would round them to TF32): ops.py splits them into
+bf16 pieces (see there), and the kernel writes h in the output dtype it is given.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BITS_PER_WORD = 32
+PACK_N = 16  # columns of the pack matrix: 8 low half-words, 8 high half-words
+WORDS_PER_TILE = 8  # mask words each column tile writes (tile_n <= 256 = 8 * 32)
+# Hopper: 227 KiB of dynamic shared memory per block (sm_90 opt-in maximum; Mosaic GPU's limit).
+SMEM_LIMIT_BYTES = 232448
+# Per-warpgroup scratch of the cross-warp column reduction (the size Pallas reserves for its own).
+REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
+MEMORY_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    tile_m: int = 64  # rows per compute warpgroup (multiple of 64)
+    tile_n: int = 256  # columns per compute warpgroup (multiple of 64, <= 256)
+    tile_k: int = 64  # D per pipeline step (64 bf16 = one 128-byte swizzle row)
+    stages: int = 4  # SMEM ring depth (max_concurrent_steps)
+    wg_dim: str = "m"  # the two compute warpgroups split the CTA tile along "m" or "n"
+    epi_tile_n: int = 32  # width of one h store through SMEM
+    grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
+    grid_tile_width: int = 8  # planar snake: tile width along the minor dimension
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_dim == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+    def validate(self) -> None:
+        problems = []
+        if self.tile_m % 64 or self.tile_m <= 0:
+            problems.append(f"tile_m={self.tile_m} must be a positive multiple of 64")
+        if self.tile_n % 64 or not 0 < self.tile_n <= 256:
+            problems.append(f"tile_n={self.tile_n} must be a multiple of 64 in [64, 256]")
+        if self.tile_k % 64 or self.tile_k <= 0:
+            problems.append(f"tile_k={self.tile_k} must be a positive multiple of 64")
+        if self.stages < 2:
+            problems.append(f"stages={self.stages} must be >= 2")
+        if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
+            problems.append("wg_dim and grid_minor must be 'm' or 'n'")
+        if self.epi_tile_n % 32 or self.tile_n % self.epi_tile_n:
+            problems.append(f"epi_tile_n={self.epi_tile_n} must divide tile_n and be a "
+                            "multiple of 32")
+        if self.tile_m * self.tile_n > 64 * 256:
+            problems.append(f"tile {self.tile_m}x{self.tile_n} needs more than 128 accumulator "
+                            "registers per thread (at most 64x256 or 128x128)")
+        if problems:
+            raise ValueError(f"invalid mosaic_gpu TileConfig {self}: " + "; ".join(problems))
+
+
+DEFAULT_CONFIG = TileConfig()
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static shapes of one call."""
+    T: int
+    D: int
+    F: int
+    seq_len: int
+    config: TileConfig
+    n_seg: int  # sequence segments a row tile can meet (static upper bound, >= 1)
+
+    @property
+    def n_seq(self) -> int:
+        return self.T // self.seq_len
+
+    @property
+    def Tp(self) -> int:
+        return _round_up(self.T, self.config.cta_m)
+
+    @property
+    def Fp(self) -> int:
+        return _round_up(self.F, self.config.cta_n)
+
+    @property
+    def Dp(self) -> int:
+        return _round_up(self.D, self.config.tile_k)
+
+    @property
+    def row_tiles(self) -> int:  # per compute warpgroup
+        return self.Tp // self.config.tile_m
+
+    @property
+    def col_tiles(self) -> int:  # per compute warpgroup
+        return self.Fp // self.config.tile_n
+
+    @property
+    def aligned(self) -> bool:
+        """Every row tile lies inside one sequence and holds no padding rows."""
+        return self.seq_len % self.config.tile_m == 0 and self.Tp == self.T
+
+    def segment_ids(self) -> np.ndarray:
+        """[row_tiles, n_seg] sequence id of each segment partial; n_seq where it is empty."""
+        tm, L = self.config.tile_m, self.seq_len
+        ids = np.full((self.row_tiles, self.n_seg), self.n_seq, np.int64)
+        for i in range(self.row_tiles):
+            r0 = i * tm
+            for s in range(self.n_seg):
+                n = r0 // L + s
+                if n < self.n_seq and n * L < r0 + tm:
+                    ids[i, s] = n
+        return ids
+
+
+def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig) -> Plan:
+    config.validate()
+    if T % seq_len:
+        raise ValueError(f"seq_len={seq_len} must divide T={T}")
+    tm = config.tile_m
+    # Sequences a row tile [r0, r0 + tm) meets: the most over all tiles (computed, not bounded,
+    # so that aligned layouts get exactly one segment).
+    n_seg = 1
+    for r0 in range(0, min(T, math.lcm(tm, seq_len)), tm):
+        last = min(r0 + tm, T) - 1
+        n_seg = max(n_seg, last // seq_len - r0 // seq_len + 1)
+    return Plan(T=T, D=D, F=F, seq_len=seq_len, config=config, n_seg=n_seg)
+
+
+def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_stats: bool,
+               with_token_mask: bool) -> int:
+    """Shared memory the kernel allocates (pipeline ring, h staging, pack matrix, reduction
+    scratch, barriers), an estimate within a few hundred bytes of Mosaic's own count."""
+    ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
+    out = 2 * 2 * 64 * config.epi_tile_n * out_itemsize
+    extra = 0
+    if with_stats:
+        extra += 2 * REDUCTION_SCRATCH_BYTES
+        if with_token_mask:
+            extra += config.tile_n * PACK_N * 2
+    barriers = 8 * (4 * config.stages + 4)
+    return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
+
+
+def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
+               with_token_mask: bool) -> None:
+    need = smem_bytes(config, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize,
+                      with_stats, with_token_mask)
+    if need > SMEM_LIMIT_BYTES:
+        raise ValueError(
+            f"mosaic_gpu TileConfig {config} needs about {need / 1024:.1f} KiB of shared memory "
+            f"({config.stages} stages of [{config.cta_m} + {config.cta_n}] x {config.tile_k} "
+            f"operand blocks plus the epilogue's buffers), more than the "
+            f"{SMEM_LIMIT_BYTES // 1024} KiB a Hopper block can have: use fewer stages or "
+            "smaller tiles")
+
+
+def pack_matrix(tile_n: int) -> np.ndarray:
+    """P [tile_n, 16] (exact in bf16): column c of a tile is bit c % 32 of its word c // 32;
+    bits 0..15 are summed in output column w = c // 32, bits 16..31 in column 8 + w."""
+    p = np.zeros((tile_n, PACK_N), np.float32)
+    for c in range(tile_n):
+        word, bit = divmod(c, BITS_PER_WORD)
+        p[c, word + (WORDS_PER_TILE if bit >= 16 else 0)] = float(1 << (bit % 16))
+    return p
+
+
+def _col_sum(values: jax.Array, scratch, interpret: bool) -> jax.Array:
+    """int32 [tile_m, tile_n] (WGMMA layout) -> [tile_n] column sums, reduced across the four
+    warps through this warpgroup's own SMEM `scratch` (see the module docstring)."""
+    if interpret:
+        return jnp.sum(values, axis=0)
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((values.shape[1],), jnp.int32,
+                                           layout=plgpu.Layout.WGMMA.reduce(0)),
+    )
+    def reduce(ctx, arr, scratch_ref):
+        del ctx
+        return arr.reduce("add", 0, scratch=scratch_ref)
+
+    return reduce(values, scratch)
+
+
+def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
+               num_sms: int, interpret=None):
+    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32[, P]) -> outputs.
+
+    Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
+    [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, col_tiles * 8] (int32).
+    `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter."""
+    cfg = plan.config
+    cfg.validate()
+    check_smem(cfg, in_dtype, out_dtype, with_stats, with_token_mask)
+    in_dtype, out_dtype = jnp.dtype(in_dtype), jnp.dtype(out_dtype)
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    cta_m, cta_n = cfg.cta_m, cfg.cta_n
+    m_iters, n_iters, k_iters = plan.Tp // cta_m, plan.Fp // cta_n, plan.Dp // tk
+    epi_m, epi_n = 64, cfg.epi_tile_n
+    n_epi = (tm // epi_m) * (tn // epi_n)
+    L, T, n_seg, aligned = plan.seq_len, plan.T, plan.n_seg, plan.aligned
+    is_interpret = interpret is not None
+
+    swizzle = plgpu.find_swizzle(tk * in_dtype.itemsize * 8)
+    in_transforms = (plgpu.TilingTransform((8, swizzle // in_dtype.itemsize)),
+                     plgpu.SwizzleTransform(swizzle))
+    out_swizzle = plgpu.find_swizzle(epi_n * out_dtype.itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_dtype.itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
+    p_swizzle = plgpu.find_swizzle(PACK_N * 2 * 8)
+    p_transforms = (plgpu.TilingTransform((8, p_swizzle // 2)), plgpu.SwizzleTransform(p_swizzle))
+    minor = 0 if cfg.grid_minor == "m" else 1
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    def body(x_gmem, w_gmem, b_gmem, *refs):
+        refs = list(refs)
+        p_gmem = refs.pop(0) if with_token_mask else None
+        h_gmem = refs.pop(0)
+        tc_gmem = sc_gmem = tm_gmem = None
+        if with_stats:
+            tc_gmem, sc_gmem = refs.pop(0), refs.pop(0)
+            if with_token_mask:
+                tm_gmem = refs.pop(0)
+
+        def get_pipeline(step, compute_context):
+            return plgpu.emit_pipeline_warp_specialized(
+                step,
+                grid=(k_iters,),
+                memory_registers=MEMORY_REGISTERS,
+                in_specs=[
+                    plgpu.BlockSpec((cta_m, tk), lambda k: (0, k), transforms=in_transforms,
+                                    memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((tk, cta_n), lambda k: (k, 0), transforms=in_transforms,
+                                    memory_space=plgpu.SMEM),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=cfg.stages,
+                compute_context=compute_context,
+            )
+
+        ignore = lambda *_, **__: None  # noqa: E731
+        scoped = dict(
+            pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        )
+        if with_stats:
+            scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
+        if with_token_mask:
+            scoped["p_smem"] = plgpu.SMEM((tn, PACK_N), jnp.bfloat16, transforms=p_transforms)
+            scoped["p_barrier"] = plgpu.Barrier(num_barriers=1)
+
+        @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
+        def _scope(pipeline_allocs, out_smem, red_smem=None, p_smem=None, p_barrier=None):
+            wg = lax.axis_index("wg")
+            if with_token_mask:
+                @pl.when(wg == 0)
+                def _():
+                    plgpu.copy_gmem_to_smem(p_gmem, p_smem, p_barrier.at[0])
+
+                @pl.when(wg < 2)
+                def _():
+                    plgpu.barrier_wait(p_barrier.at[0])
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tile_loop(loop_info):
+                (lin,) = loop_info.index
+                m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), minor,
+                                                  cfg.grid_tile_width)
+                cta_rows = pl.ds(m_idx * cta_m, cta_m)
+                cta_cols = pl.ds(n_idx * cta_n, cta_n)
+                if cfg.wg_dim == "m":
+                    wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
+                    row_tile = m_idx * 2 + wg
+                    col_tile = n_idx
+                else:
+                    wg_rows, wg_cols = slice(None), pl.ds(wg * tn, tn)
+                    row_tile = m_idx
+                    col_tile = n_idx * 2 + wg
+                row0, col0 = row_tile * tm, col_tile * tn
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped,
+                                       acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                    def _acc_scope(acc_ref):
+                        eval_pipeline(acc_ref)
+                        epilogue(acc_ref[...])
+
+                def epilogue(acc):
+                    bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
+                                      layout=wgmma_layout.reduce(0), optimized=False)
+                    pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
+                    h = jnp.maximum(pre, 0.0).astype(out_dtype)
+                    # h: SMEM slot -> TMA, two slots per warpgroup in flight.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for e in range(n_epi):
+                        ei, ej = divmod(e, tn // epi_n)
+                        rows = slice(ei * epi_m, (ei + 1) * epi_m)
+                        cols = slice(ej * epi_n, (ej + 1) * epi_n)
+                        slot = e % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        out_smem[wg, slot] = h[rows, cols]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
+                    if with_stats:
+                        statistics(h)
+
+                def statistics(h):
+                    # The exactness rule: "used" is h > 0 on the value as stored.
+                    used = h.astype(jnp.float32) > 0.0
+                    ones = jnp.where(used, 1, 0).astype(jnp.int32)
+                    tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
+                    if aligned:
+                        segments = [None]
+                    else:
+                        local = plgpu.broadcasted_iota(jnp.int32, (tm, tn), 0,
+                                                       layout=wgmma_layout)
+                        first = lax.div(row0, L)
+                        segments = []
+                        for s in range(n_seg):
+                            start = (first + s) * L - row0
+                            stop = jnp.minimum(start + L, T - row0)
+                            segments.append((start, stop))
+                    scratch = red_smem.at[wg]
+                    for s, seg in enumerate(segments):
+                        vals = ones
+                        if seg is not None:
+                            start, stop = seg
+                            vals = jnp.where((local >= start) & (local < stop), ones, 0)
+                        sc_gmem.at[row_tile, s, pl.ds(col0, tn)][...] = _col_sum(
+                            vals, scratch, is_interpret)
+                    if with_token_mask:
+                        pack_token_mask(used)
+
+                def pack_token_mask(used):
+                    a = jnp.where(used, 1.0, 0.0).astype(jnp.bfloat16)
+
+                    def store(halves):
+                        halves = halves.astype(jnp.int32)
+                        words = halves[:, :WORDS_PER_TILE] | lax.shift_left(
+                            halves[:, WORDS_PER_TILE:], 16)
+                        tm_gmem.at[pl.ds(row0, tm),
+                                   pl.ds(col_tile * WORDS_PER_TILE, WORDS_PER_TILE)][...] = words
+
+                    if is_interpret:
+                        # The interpreter has no wgmma with its A operand in registers: the same
+                        # product as a plain f32 dot (exact: 0/1 times powers of two < 2^16).
+                        store(jnp.dot(a.astype(jnp.float32), p_smem[...].astype(jnp.float32)))
+                        return
+
+                    @functools.partial(pl.run_scoped,
+                                       pack_ref=plgpu.ACC((tm, PACK_N), jnp.float32))
+                    def _pack_scope(pack_ref):
+                        plgpu.wgmma(pack_ref, a, p_smem)
+                        plgpu.wgmma_wait(0)
+                        store(pack_ref[...])
+
+                def mma_step(idxs, x_smem, w_smem, acc_ref):
+                    del idxs
+                    plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                get_pipeline(mma_step, compute_context)(
+                    x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols], allocations=pipeline_allocs)
+
+        # Every TMA store has landed before the kernel exits.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    out_type = [jax.ShapeDtypeStruct((plan.Tp, plan.Fp), out_dtype)]
+    if with_stats:
+        out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
+                     jax.ShapeDtypeStruct((plan.row_tiles, n_seg, plan.Fp), jnp.int32)]
+        if with_token_mask:
+            out_type.append(jax.ShapeDtypeStruct(
+                (plan.Tp, plan.col_tiles * WORDS_PER_TILE), jnp.int32))
+    return plgpu.kernel(
+        body,
+        out_type=tuple(out_type),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret,
+    )

@@ -1,0 +1,173 @@
+"""The `mosaic_gpu` backend: `kernel.build_call` with padding, dtype policy, the small reductions
+of the kernel's per-tile partial statistics, and `live`.
+
+On a GPU the kernel is compiled by Mosaic GPU (Hopper: TMA, wgmma, warp specialization);
+anywhere else it runs in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), with a warning,
+so that CPUs can check it. `interpret=False` compiles regardless of the platform (to lower for
+CUDA from a CPU). Tile configurations are data (`kernels/configs/mosaic_gpu.json`, per device
+kind and shape); shapes not listed there use `kernel.DEFAULT_CONFIG`.
+
+Dtypes. bf16 inputs go to wgmma as they are (f32 accumulation), h is written in bf16.
+f32 inputs: wgmma would round f32 operands to TF32 (10-bit mantissa), far from the reference's
+f32 product, so they are split into bf16 pieces, a = a_hi + a_lo with a_hi = bf16(a) and
+a_lo = bf16(a - a_hi), and the kernel runs the bf16 GEMM [x_hi | x_lo | x_hi] @ [w_hi; w_hi; w_lo]
+(K = 3 D) = x_hi w_hi + x_lo w_hi + x_hi w_lo with f32 accumulation, writing h in f32. The dropped
+x_lo w_lo term and the rounding of the lo pieces leave a relative error of about 2^-16 per
+product (`bf16x3`), f32 tolerance for our purposes, at three times the bf16 GEMM's work plus the
+splitting pass. The statistics follow the exactness rule on that returned f32 h as always.
+
+What is left to plain JAX (all small next to h): the sum of the per-column-tile token counts
+([F / tile_n, T]), the sum of the per-row-tile sequence counts ([T / tile_m, n_seg, F] ->
+[n_seq, F]), `seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding or
+tile_n < 256 call for it, slicing h / the mask words.
+"""
+
+import functools
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from relu_sparsity.kernels.bits import BITS_PER_WORD, num_words, pack_bits
+from relu_sparsity.kernels.live import with_live_columns
+from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
+from relu_sparsity.kernels.reference import SparsityStats
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "mosaic_gpu.json"
+DEFAULT_DEVICE_KIND = "NVIDIA H200"  # the config key used when lowering on a machine without one
+H200_NUM_SMS = 132
+INTERPRET_NUM_SMS = 2  # CTAs the interpreter simulates (each runs three warpgroup threads)
+
+
+@functools.cache
+def _tuned_configs() -> dict:
+    if not CONFIG_FILE.exists():
+        return {}
+    return json.loads(CONFIG_FILE.read_text())
+
+
+def tile_config(device_kind: str, T: int, D: int, F: int, dtype: str) -> mgpu_kernel.TileConfig:
+    """The committed configuration for this device and shape, else the default."""
+    entry = _tuned_configs().get(device_kind, {}).get(f"{T}x{D}x{F}:{dtype}")
+    return mgpu_kernel.TileConfig(**entry) if entry else mgpu_kernel.DEFAULT_CONFIG
+
+
+def _gpu_device():
+    device = jax.devices()[0]
+    return device if device.platform == "gpu" else None
+
+
+def default_interpret():
+    """None (compile) on a GPU; elsewhere the interpreter's parameters, with a warning."""
+    if _gpu_device() is not None:
+        return None
+    warnings.warn("mosaic_gpu: no GPU here; interpreting the Mosaic GPU kernel on the "
+                  f"{jax.default_backend()} (plgpu.InterpretGPUParams), which is slow",
+                  stacklevel=3)
+    return plgpu.InterpretGPUParams()
+
+
+def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    hi = a.astype(jnp.bfloat16)
+    lo = (a - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    return hi, lo
+
+
+def _pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
+    if a.shape == (rows, cols):
+        return a
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
+
+
+def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_token_mask,
+                             config: mgpu_kernel.TileConfig | None = None, interpret=None,
+                             num_sms: int | None = None):
+    """Every column of w1 (`live` is handled by `mosaic_gpu_forward`).
+
+    interpret: None picks by platform (compile on a GPU, interpret elsewhere); False compiles
+    (also to lower for CUDA from a CPU); an InterpretGPUParams interprets."""
+    assert live is None
+    T, D = x.shape
+    F = w1.shape[1]
+    out_dtype = jnp.dtype(x.dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"mosaic_gpu: x must be bfloat16 or float32, got {x.dtype}")
+    device = _gpu_device()
+    if config is None:
+        kind = device.device_kind if device is not None else DEFAULT_DEVICE_KIND
+        config = tile_config(kind, T, D, F, out_dtype.name)
+    if interpret is None:
+        interpret = default_interpret()
+    elif interpret is False:
+        interpret = None
+    if num_sms is None:
+        if interpret is not None:
+            num_sms = INTERPRET_NUM_SMS
+        else:
+            num_sms = getattr(device, "core_count", None) or H200_NUM_SMS
+
+    if out_dtype == jnp.float32:
+        x_hi, x_lo = _split_bf16(x)
+        w_hi, w_lo = _split_bf16(w1)
+        xk = jnp.concatenate([x_hi, x_lo, x_hi], axis=1)
+        wk = jnp.concatenate([w_hi, w_hi, w_lo], axis=0)
+    else:
+        xk, wk = x, w1
+    plan = mgpu_kernel.make_plan(T, xk.shape[1], F, seq_len, config)
+    xp = _pad2(xk, plan.Tp, plan.Dp)
+    wp = _pad2(wk, plan.Dp, plan.Fp)
+    bp = jnp.pad(b1.astype(jnp.float32), (0, plan.Fp - F))
+    args = [xp, wp, bp]
+    with_token_mask = with_stats and with_token_mask
+    if with_token_mask:
+        args.append(jnp.asarray(mgpu_kernel.pack_matrix(config.tile_n), jnp.bfloat16))
+    call = mgpu_kernel.build_call(plan, jnp.bfloat16, out_dtype, with_stats=with_stats,
+                                  with_token_mask=with_token_mask, num_sms=num_sms,
+                                  interpret=interpret)
+    outs = call(*args)
+    h = outs[0]
+    if h.shape != (T, F):
+        h = h[:T, :F]
+    if not with_stats:
+        return h, None
+    tc_part, sc_part = outs[1], outs[2]
+    token_count = jnp.sum(tc_part, axis=0, dtype=jnp.int32)[:T]
+    n_seq = T // seq_len
+    if plan.aligned:
+        seq_count = sc_part.reshape(n_seq, seq_len // config.tile_m, plan.Fp).sum(
+            axis=1, dtype=jnp.int32)
+    else:
+        ids = jnp.asarray(plan.segment_ids().reshape(-1))
+        seq_count = jnp.zeros((n_seq + 1, plan.Fp), jnp.int32).at[ids].add(
+            sc_part.reshape(-1, plan.Fp))[:n_seq]
+    seq_count = seq_count[:, :F] if plan.Fp != F else seq_count
+    seq_mask = pack_bits(seq_count > 0)
+    token_mask = None
+    if with_token_mask:
+        words = outs[3]
+        per_tile = config.tile_n // BITS_PER_WORD
+        if per_tile < mgpu_kernel.WORDS_PER_TILE:
+            words = words.reshape(plan.Tp, plan.col_tiles, mgpu_kernel.WORDS_PER_TILE)
+            words = words[:, :, :per_tile].reshape(plan.Tp, plan.col_tiles * per_tile)
+        W = num_words(F)
+        if words.shape != (T, W):
+            words = words[:T, :W]
+        token_mask = jax.lax.bitcast_convert_type(words, jnp.uint32)
+    return h, SparsityStats(token_count, seq_count, seq_mask, token_mask)
+
+
+# The backend forward of the kernel contract (see api.fused_mlp_up): with `live`, the live columns
+# are gathered and the kernel runs at their width (live.with_live_columns).
+def mosaic_gpu_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mask,
+                       config: mgpu_kernel.TileConfig | None = None, interpret=None,
+                       num_sms: int | None = None):
+    dense = functools.partial(mosaic_gpu_dense_forward, config=config, interpret=interpret,
+                              num_sms=num_sms)
+    return with_live_columns(dense)(x, w1, b1, seq_len=seq_len, live=live,
+                                    with_stats=with_stats, with_token_mask=with_token_mask)
