@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="modes for --train-step (default: off xla fused)")
     bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="config overrides for --train-step")
+    bench.add_argument("--prune", nargs="+", default=["none"],
+                       choices=("none", "mask", "compact"),
+                       help="for --train-step: also time the step after pruning, with the units "
+                       "kept as live columns (mask) or removed (compact)")
+    bench.add_argument("--keep-fraction", type=float, default=0.7,
+                       help="for --prune: the fraction of each layer's units that remain, chosen "
+                       "at random (default 0.7: 30%% removed)")
     return parser
 
 
@@ -183,7 +190,8 @@ def cmd_bench(args) -> None:
         from relu_sparsity.bench import train_step
 
         rows = train_step.run_isolated(args.train_step, args.instruments, args.set,
-                                       rounds=args.repeats)
+                                       rounds=args.repeats, prunes=tuple(args.prune),
+                                       keep_fraction=args.keep_fraction)
         print(train_step.format_table(rows))
         if args.out:
             with open(args.out, "w") as f:

@@ -45,3 +45,14 @@ def test_train_step_bench_isolated_reports_ratios_and_failures():
     # No fused kernel on a CPU: the row says it failed, it does not time something else.
     assert "error" in rows[1] and "ms" not in rows[1]
     assert "failed" in train_step.format_table(rows)
+
+
+@pytest.mark.parametrize("prune", ["mask", "compact"])
+def test_train_step_bench_after_pruning(prune):
+    from relu_sparsity.bench import train_step
+
+    row = train_step.time_train_step("tiny", "xla", TINY, rounds=1, steps_per_round=1,
+                                     prune=prune, keep_fraction=0.7)
+    assert row["prune"] == prune and row["d_ff"] == [45, 45] and row["ms"] > 0
+    with pytest.raises(ValueError, match="keep_fraction"):
+        train_step.random_pruning(prune, (64,), 0.0)

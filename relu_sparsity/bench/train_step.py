@@ -1,6 +1,9 @@
 """Train-step benchmark: one model, `--instrument off | xla | fused`, steps that do not log.
 
-Each instrumentation mode runs in its own process, so that the device's peak-memory counter
+With `prune`, the step after pruning is timed: a seeded random `keep_fraction` of each layer's
+units remain, kept as live columns at full shape (`mask`) or physically removed (`compact`).
+
+Each measured variant runs in its own process, so that the device's peak-memory counter
 belongs to that mode alone. Times are medians over rounds of back-to-back steps after warm-up, on
 random tokens (the data pipeline is not what is measured).
 """
@@ -13,17 +16,37 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from relu_sparsity.model import Transformer
 from relu_sparsity.train.config import preset
 from relu_sparsity.train.loop import init_state, make_optimizer, make_train_step, model_config
+from relu_sparsity.train.pruning import Pruning
+
+
+def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, seed: int = 0
+                   ) -> Pruning:
+    """Each layer keeps a seeded random round(keep_fraction * width) of its units."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    rng = np.random.default_rng(seed)
+    keep = tuple(np.sort(rng.choice(w, size=max(1, round(keep_fraction * w)), replace=False))
+                 for w in widths)
+    return Pruning(mode, 0, keep, tuple(widths))
 
 
 def time_train_step(config_name: str, instrument: str, overrides: list[str], *, rounds: int,
-                    steps_per_round: int) -> dict:
+                    steps_per_round: int, prune: str = "none", keep_fraction: float = 1.0
+                    ) -> dict:
     config = preset(config_name, [f"instrument={instrument}", *overrides])
     vocab = config.data.vocab_size
-    model = Transformer(model_config(config, vocab))
+    pruning = None
+    if prune != "none":
+        if prune not in ("mask", "compact"):
+            raise ValueError(f"prune must be none, mask or compact, got {prune!r}")
+        widths = model_config(config, vocab).layer_widths()
+        pruning = random_pruning(prune, widths, keep_fraction)
+    model = Transformer(model_config(config, vocab, pruning=pruning))
     optimizer = make_optimizer(config)
     state = init_state(model, optimizer, config)
     tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size,
@@ -40,25 +63,31 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
         jax.block_until_ready(scalars)
         times.append((time.perf_counter() - start) / steps_per_round * 1e3)
     memory = jax.devices()[0].memory_stats() or {}
-    return {"config": config_name, "instrument": instrument, "ms": statistics.median(times),
+    return {"config": config_name, "instrument": instrument, "prune": prune,
+            "d_ff": list(model.config.layer_widths()) if pruning is None or prune == "compact"
+            else [len(k) for k in pruning.keep], "ms": statistics.median(times),
             "peak_bytes": memory.get("peak_bytes_in_use"), "device": jax.devices()[0].device_kind,
             "dtype": model.config.dtype, "kernel": config.kernel if instrument == "fused"
             else "reference"}
 
 
 def run_isolated(config_name: str, instruments: list[str], overrides: list[str], *,
-                 rounds: int = 5, steps_per_round: int = 10) -> list[dict]:
+                 rounds: int = 5, steps_per_round: int = 10, prunes: tuple[str, ...] = ("none",),
+                 keep_fraction: float = 0.7) -> list[dict]:
+    """Every (prune, instrument) pair in its own process; ratios against (none, off)."""
     rows = []
-    for instrument in instruments:
-        cmd = [sys.executable, "-m", "relu_sparsity.bench.train_step", "--config", config_name,
-               "--instrument", instrument, "--rounds", str(rounds), "--steps", str(steps_per_round),
-               *overrides]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            rows.append({"config": config_name, "instrument": instrument,
-                         "error": done.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for prune in prunes:
+        for instrument in instruments:
+            cmd = [sys.executable, "-m", "relu_sparsity.bench.train_step", "--config",
+                   config_name, "--instrument", instrument, "--rounds", str(rounds), "--steps",
+                   str(steps_per_round), "--prune", prune, "--keep-fraction", str(keep_fraction),
+                   *overrides]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                rows.append({"config": config_name, "instrument": instrument, "prune": prune,
+                             "error": done.stderr.strip().splitlines()[-1:]})
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if r.get("instrument") == "off" and "ms" in r), None)
     for r in rows:
         if base and "ms" in r:
@@ -69,14 +98,18 @@ def run_isolated(config_name: str, instruments: list[str], overrides: list[str],
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| config | instrument | ms / step | / off | peak memory (GiB) | / off |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| config | prune | d_ff | instrument | ms / step | / off | peak memory (GiB) | "
+             "/ off |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        prune = r.get("prune", "none")
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['instrument']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['config']} | {prune} | | {r['instrument']} | failed: "
+                         f"{r['error']} | | | |")
             continue
         gib = r["peak_bytes"] / 2**30 if r.get("peak_bytes") else float("nan")
-        lines.append(f"| {r['config']} | {r['instrument']} | {r['ms']:.2f} | "
+        widths = sorted(set(r.get("d_ff", [])))
+        lines.append(f"| {r['config']} | {prune} | {'/'.join(map(str, widths))} | "
+                     f"{r['instrument']} | {r['ms']:.2f} | "
                      f"{r.get('ratio', float('nan')):.3f} | {gib:.2f} | "
                      f"{r.get('memory_ratio', float('nan')):.3f} |")
     return "\n".join(lines)
@@ -88,10 +121,13 @@ def main() -> None:
     parser.add_argument("--instrument", default="off")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prune", default="none", choices=("none", "mask", "compact"))
+    parser.add_argument("--keep-fraction", type=float, default=1.0)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     print(json.dumps(time_train_step(args.config, args.instrument, args.overrides,
-                                     rounds=args.rounds, steps_per_round=args.steps)))
+                                     rounds=args.rounds, steps_per_round=args.steps,
+                                     prune=args.prune, keep_fraction=args.keep_fraction)))
 
 
 if __name__ == "__main__":

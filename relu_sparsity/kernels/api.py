@@ -36,6 +36,9 @@ class FusedBackend(NamedTuple):
 FUSED_BACKENDS = {
     "triton": FusedBackend("gpu", "relu_sparsity.kernels.triton.ops", "triton_forward", False,
                            "install the `gpu` extra: pip install 'relu-sparsity[gpu]'"),
+    "mosaic_gpu": FusedBackend("gpu", "relu_sparsity.kernels.mosaic_gpu.ops",
+                               "mosaic_gpu_forward", False,
+                               "it needs jax with its CUDA plugin: pip install 'jax[cuda13]'"),
     "pallas_tpu": FusedBackend("tpu", "relu_sparsity.kernels.pallas_tpu.ops",
                                "pallas_tpu_forward", True,
                                "it needs only jax, so this jax install is incomplete"),
