@@ -65,7 +65,9 @@ def test_choose_units_modes():
                                   np.isin(np.arange(70), [1, 69]))
 
 
-def test_compacted_equals_masked_loss_and_next_update(cache_dir):
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_compacted_equals_masked_loss_and_next_update(cache_dir, multiple):
+    # multiple 16: the compacted widths round up, with zero padding units that must stay dead.
     cfg = config(cache_dir)
     optimizer = make_optimizer(cfg)
     full = Transformer(model_config(cfg, 512))
@@ -77,15 +79,20 @@ def test_compacted_equals_masked_loss_and_next_update(cache_dir):
     rng = np.random.default_rng(0)
     masks = [np_pack_bits(rng.random(w) < 0.6) for w in (96, 70)]
     pruning = choose_units("mask", masks, (96, 70), step=3, seed=0)
-    compact_pruning = choose_units("compact", masks, (96, 70), step=3, seed=0)
+    compact_pruning = choose_units("compact", masks, (96, 70), step=3, seed=0,
+                                   multiple=multiple)
+    widths = compact_pruning.padded_widths
+    kept = compact_pruning.widths
+    assert all(w % multiple == 0 and 0 <= w - k < multiple for w, k in zip(widths, kept))
+    assert multiple == 1 or widths != kept  # the padded case really pads
 
     masked = Transformer(model_config(cfg, 512, pruning=pruning))
     compacted = Transformer(model_config(cfg, 512, pruning=compact_pruning))
-    compact_state = compact_tree(state, pruning.keep)
-    assert compact_state.params["block_0"]["mlp"]["wi"].shape == (32, len(pruning.keep[0]))
-    assert compact_state.params["block_1"]["mlp"]["wo"].shape == (len(pruning.keep[1]), 32)
+    compact_state = compact_tree(state, pruning.keep, widths)
+    assert compact_state.params["block_0"]["mlp"]["wi"].shape == (32, widths[0])
+    assert compact_state.params["block_1"]["mlp"]["wo"].shape == (widths[1], 32)
     mu = compact_state.opt_state[1][0].mu  # clip, then adamw's scale_by_adam state
-    assert mu["block_0"]["mlp"]["bi"].shape == (len(pruning.keep[0]),)
+    assert mu["block_0"]["mlp"]["bi"].shape == (widths[0],)
 
     # (The step donates its input, and the compacted state shares leaves with `state`.)
     new_masked, s_masked, _ = make_train_step(masked, optimizer)(
@@ -94,9 +101,15 @@ def test_compacted_equals_masked_loss_and_next_update(cache_dir):
     np.testing.assert_allclose(s_masked["loss"], s_compact["loss"], rtol=1e-6)
     np.testing.assert_allclose(s_masked["grad_norm"], s_compact["grad_norm"], rtol=1e-5)
     # The next update of the kept units is the same; everything else is untouched by pruning.
-    got = compact_tree(new_masked, pruning.keep)
-    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(new_compact.params)):
+    got = compact_tree(new_masked, pruning.keep, widths)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(new_compact.params),
+                    strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The padding units stayed exactly zero (dead) through the update.
+    for layer, k in enumerate(kept):
+        mlp = new_compact.params[f"block_{layer}"]["mlp"]
+        assert not np.any(mlp["wi"][:, k:]) and not np.any(mlp["bi"][k:])
+        assert not np.any(mlp["wo"][k:])
 
 
 def losses(run):
@@ -107,7 +120,8 @@ def test_loop_mask_compact_random(cache_dir, tmp_path):
     runs = {}
     for mode in ("none", "mask", "compact", "random"):
         runs[mode] = tmp_path / mode
-        extra = [] if mode == "none" else [f"train.prune={mode}", "train.prune_at=6"]
+        extra = [] if mode == "none" else [f"train.prune={mode}", "train.prune_at=6",
+                                           "train.prune_multiple=16"]
         train(config(cache_dir, *extra), runs[mode], progress=False)
     base, masked, compact = (RunFolder(runs[m]).read_metrics() for m in ("none", "mask",
                                                                         "compact"))
@@ -122,6 +136,8 @@ def test_loop_mask_compact_random(cache_dir, tmp_path):
     pruned = next(r for r in compact if "pruned" in r)
     assert pruned["step"] == 6 and pruned["pruned"]["mode"] == "compact"
     kept = pruned["pruned"]["kept"]
+    assert pruned["pruned"]["padded"] == [min(w, -(-k // 16) * 16)
+                                          for k, w in zip(kept, (96, 70))]
     after = [r for r in compact if r["step"] > 6]
     assert all([layer["d_ff"] for layer in r["layers"]] == kept for r in after)
     assert [layer["d_ff"] for layer in compact[0]["layers"]] == [96, 70]

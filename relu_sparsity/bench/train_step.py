@@ -24,15 +24,16 @@ from relu_sparsity.train.loop import init_state, make_optimizer, make_train_step
 from relu_sparsity.train.pruning import Pruning
 
 
-def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, seed: int = 0
-                   ) -> Pruning:
-    """Each layer keeps a seeded random round(keep_fraction * width) of its units."""
+def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, seed: int = 0,
+                   multiple: int = 1) -> Pruning:
+    """Each layer keeps a seeded random round(keep_fraction * width) of its units; compact
+    widths round up to `multiple` as in training."""
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     rng = np.random.default_rng(seed)
     keep = tuple(np.sort(rng.choice(w, size=max(1, round(keep_fraction * w)), replace=False))
                  for w in widths)
-    return Pruning(mode, 0, keep, tuple(widths))
+    return Pruning(mode, 0, keep, tuple(widths), multiple)
 
 
 def time_train_step(config_name: str, instrument: str, overrides: list[str], *, rounds: int,
@@ -45,7 +46,8 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
         if prune not in ("mask", "compact"):
             raise ValueError(f"prune must be none, mask or compact, got {prune!r}")
         widths = model_config(config, vocab).layer_widths()
-        pruning = random_pruning(prune, widths, keep_fraction)
+        pruning = random_pruning(prune, widths, keep_fraction,
+                                 multiple=config.train.prune_multiple)
     model = Transformer(model_config(config, vocab, pruning=pruning))
     optimizer = make_optimizer(config)
     state = init_state(model, optimizer, config)
@@ -64,8 +66,9 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
         times.append((time.perf_counter() - start) / steps_per_round * 1e3)
     memory = jax.devices()[0].memory_stats() or {}
     return {"config": config_name, "instrument": instrument, "prune": prune,
-            "d_ff": list(model.config.layer_widths()) if pruning is None or prune == "compact"
-            else [len(k) for k in pruning.keep], "ms": statistics.median(times),
+            "d_ff": list(model.config.layer_widths()) if pruning is None
+            else list(pruning.widths), "param_widths": list(model.config.layer_widths()),
+            "ms": statistics.median(times),
             "peak_bytes": memory.get("peak_bytes_in_use"), "device": jax.devices()[0].device_kind,
             "dtype": model.config.dtype, "kernel": config.kernel if instrument == "fused"
             else "reference"}
@@ -107,8 +110,11 @@ def format_table(rows: list[dict]) -> str:
                          f"{r['error']} | | | |")
             continue
         gib = r["peak_bytes"] / 2**30 if r.get("peak_bytes") else float("nan")
-        widths = sorted(set(r.get("d_ff", [])))
-        lines.append(f"| {r['config']} | {prune} | {'/'.join(map(str, widths))} | "
+        widths = "/".join(map(str, sorted(set(r.get("d_ff", [])))))
+        padded = "/".join(map(str, sorted(set(r.get("param_widths", [])))))
+        if prune == "compact" and padded != widths:
+            widths += f" (padded {padded})"
+        lines.append(f"| {r['config']} | {prune} | {widths} | "
                      f"{r['instrument']} | {r['ms']:.2f} | "
                      f"{r.get('ratio', float('nan')):.3f} | {gib:.2f} | "
                      f"{r.get('memory_ratio', float('nan')):.3f} |")

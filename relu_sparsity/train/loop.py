@@ -55,7 +55,7 @@ def model_config(config: Config, vocab_size: int, *, instrument: str | None = No
     m = config.model
     d_ff, live = (m.d_ff if isinstance(m.d_ff, int) else tuple(m.d_ff)), None
     if pruning is not None and pruning.mode == "compact":
-        d_ff = pruning.widths
+        d_ff = pruning.padded_widths
     elif pruning is not None:  # mask, random: same shapes, only the kept units computed
         live = tuple(tuple(int(i) for i in k) for k in pruning.keep)
     return TransformerConfig(
@@ -233,9 +233,11 @@ def layer_records(stats, unit_states: list[UnitStates], pruning: Pruning | None
         mask = batch_mask(layer_stat)
         if pruning is None:
             width, metrics = states.num_units, sparsity_metrics(layer_stat, states.num_units)
-        elif pruning.mode == "compact":
+        elif pruning.mode == "compact":  # the kept units first, then dead padding
             width = len(pruning.keep[layer])
-            metrics = sparsity_metrics(layer_stat, num_units=width)
+            metrics = sparsity_metrics(layer_stat, num_units=width,
+                                       units=None if width == pruning.padded_widths[layer]
+                                       else np.arange(width))
             mask = to_original_ids(mask, pruning.keep[layer], states.num_units)
         else:  # the stats index the original units, the dead ones zero
             width = len(pruning.keep[layer])
@@ -354,17 +356,20 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                     folder.write_masks(step, masks)
                 if prune_now:  # from step N + 1 on, only the units of step N's batch remain
                     pruning = choose_units(t.prune, [m_[0] for m_ in masks], widths, step,
-                                           t.seed)
+                                           t.seed, multiple=t.prune_multiple)
                     record["pruned"] = {"mode": pruning.mode, "kept": list(pruning.widths)}
                     if pruning.mode == "compact":
-                        state = compact_tree(state, pruning.keep)
+                        record["pruned"]["padded"] = list(pruning.padded_widths)
+                        state = compact_tree(state, pruning.keep, pruning.padded_widths)
                     model = Transformer(model_config(config, cache.vocab_size, pruning=pruning))
                     eval_step = make_eval_step(Transformer(model_config(
                         config, cache.vocab_size, instrument="off", pruning=pruning)))
                     step_fn = make_train_step(model, optimizer).lower(
                         state, jnp.asarray(tokens)).compile()
-                    log.info("pruned (%s) after step %d: units per layer %s of %s",
-                             pruning.mode, step, list(pruning.widths), list(widths))
+                    log.info("pruned (%s) after step %d: units per layer %s of %s%s",
+                             pruning.mode, step, list(pruning.widths), list(widths),
+                             f" (parameters padded to {list(pruning.padded_widths)})"
+                             if pruning.mode == "compact" else "")
                 folder.append_metrics(record)
                 write_scalars(writer, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}",

@@ -26,6 +26,7 @@ class Pruning:
     step: int  # the step whose batch mask decided
     keep: tuple[np.ndarray, ...]  # per layer: sorted original ids of the units that remain
     original_widths: tuple[int, ...]
+    multiple: int = 1  # compact: parameter widths round up to this, padding held dead
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -33,21 +34,31 @@ class Pruning:
         metrics count the live units only, per DESIGN.md)."""
         return tuple(len(k) for k in self.keep)
 
+    @property
+    def padded_widths(self) -> tuple[int, ...]:
+        """compact: the parameters' widths, the kept units first, then zero units that stay
+        dead (zero weights give h = 0, which passes no gradient), up to a multiple of
+        `multiple` but not past the original width."""
+        return tuple(min(w, -(-len(k) // self.multiple) * self.multiple)
+                     for k, w in zip(self.keep, self.original_widths, strict=True))
+
     def state_dict(self) -> dict:
         return {"mode": self.mode, "step": self.step,
                 "keep": {str(i): np.asarray(k, np.int32) for i, k in enumerate(self.keep)},
-                "original_widths": np.asarray(self.original_widths, np.int32)}
+                "original_widths": np.asarray(self.original_widths, np.int32),
+                "multiple": self.multiple}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Pruning":
         keep = state["keep"]
         return cls(str(state["mode"]), int(state["step"]),
                    tuple(np.asarray(keep[str(i)], np.int64) for i in range(len(keep))),
-                   tuple(int(w) for w in np.asarray(state["original_widths"])))
+                   tuple(int(w) for w in np.asarray(state["original_widths"])),
+                   int(state.get("multiple", 1)))
 
 
 def choose_units(mode: str, batch_masks: list[np.ndarray], widths: tuple[int, ...], step: int,
-                 seed: int) -> Pruning:
+                 seed: int, multiple: int = 1) -> Pruning:
     """The units to keep, from each layer's batch mask (uint32 words, original ids; with several
     devices the caller ORs them first: a unit used anywhere is kept)."""
     if mode not in PRUNE_MODES[1:]:
@@ -62,7 +73,7 @@ def choose_units(mode: str, batch_masks: list[np.ndarray], widths: tuple[int, ..
         if mode == "random":
             used = np.sort(rng.choice(width, size=used.size, replace=False))
         keep.append(used.astype(np.int64))
-    return Pruning(mode, step, tuple(keep), tuple(widths))
+    return Pruning(mode, step, tuple(keep), tuple(widths), multiple)
 
 
 def _mlp_leaf(path) -> tuple[int, str] | None:
@@ -74,16 +85,22 @@ def _mlp_leaf(path) -> tuple[int, str] | None:
     return None
 
 
-def compact_tree(tree, keep: tuple[np.ndarray, ...]):
+def compact_tree(tree, keep: tuple[np.ndarray, ...], widths: tuple[int, ...] | None = None):
     """Keep only `keep[i]`'s hidden units in every MLP parameter of layer i found in `tree`: the
     parameters themselves, and the same entries of any optimizer state shaped like them (Adam's
-    moments). Leaves that are not MLP weights pass through."""
+    moments). With `widths`, layer i is then zero-padded to widths[i] units (dead padding).
+    Leaves that are not MLP weights pass through."""
     def cut(path, leaf):
         found = _mlp_leaf(path)
         if found is None or np.ndim(leaf) == 0:
             return leaf
         layer, name = found
-        return jax.numpy.take(leaf, jax.numpy.asarray(keep[layer]), axis=MLP_LEAVES[name])
+        axis = MLP_LEAVES[name]
+        out = jax.numpy.take(leaf, jax.numpy.asarray(keep[layer]), axis=axis)
+        pad = 0 if widths is None else widths[layer] - len(keep[layer])
+        if pad:
+            out = jax.numpy.pad(out, [(0, pad if a == axis else 0) for a in range(out.ndim)])
+        return out
 
     return jax.tree_util.tree_map_with_path(cut, tree)
 
