@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from backend_checks import assert_grads_match_plain_expression
 from relu_sparsity.kernels import api
 from relu_sparsity.kernels.mosaic_gpu import kernel, ops
 from relu_sparsity.kernels.reference import reference_forward, stats_from_h
@@ -131,23 +132,7 @@ def test_gradients_match_plain_expression(monkeypatch, live):
                         functools.partial(ops.mosaic_gpu_forward, config=SMALL,
                                           interpret=INTERPRET))
     x, w1, b1 = inputs(32, 16, 100, jnp.float32)
-    cols = slice(None) if live is None else np.asarray(live)
-    weight = jax.random.normal(jax.random.key(7), (32, 100))[:, cols]
-
-    def fused_loss(x, w1, b1):
-        h, stats = api.fused_mlp_up(x, w1, b1, seq_len=8, live=live, backend="mosaic_gpu")
-        return jnp.sum(h * weight) + 0.0 * jnp.sum(stats.token_count)
-
-    def plain_loss(x, w1, b1):
-        h = jax.nn.relu(jnp.dot(x, w1[:, cols], precision="highest") + b1[cols])
-        return jnp.sum(h * weight)
-
-    got = jax.grad(fused_loss, argnums=(0, 1, 2))(x, w1, b1)
-    want = jax.grad(plain_loss, argnums=(0, 1, 2))(x, w1, b1)
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-3)
-    assert float(jnp.abs(got[1]).sum()) > 0
+    assert_grads_match_plain_expression("mosaic_gpu", x, w1, b1, seq_len=8, live=live, tol=1e-3)
 
 
 def lower_for_cuda(fn, *shapes):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from backend_checks import assert_grads_match_plain_expression
 from relu_sparsity.kernels import api
 from relu_sparsity.kernels.pallas_tpu import kernel, ops
 from relu_sparsity.kernels.reference import reference_forward, stats_from_h
@@ -156,25 +157,10 @@ def test_race_detector_sees_a_planted_race():
 @pytest.mark.parametrize("live", [None, (1, 2, 40, 99)])
 def test_gradients_match_plain_expression(live):
     x, w1, b1 = inputs(24, 16, 100, jnp.float32)
-    cols = slice(None) if live is None else np.asarray(live)
-    weight = jax.random.normal(jax.random.key(7), (24, 100))[:, cols]
-
-    def fused_loss(x, w1, b1):
-        h, stats = api.fused_mlp_up(x, w1, b1, seq_len=8, live=live, backend="pallas_tpu")
-        return jnp.sum(h * weight) + 0.0 * jnp.sum(stats.token_count)
-
-    def plain_loss(x, w1, b1):
-        h = jax.nn.relu(jnp.dot(x, w1[:, cols], precision="highest") + b1[cols])
-        return jnp.sum(h * weight)
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = jax.grad(fused_loss, argnums=(0, 1, 2))(x, w1, b1)
-    want = jax.grad(plain_loss, argnums=(0, 1, 2))(x, w1, b1)
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
-    assert float(jnp.abs(got[1]).sum()) > 0
+        warnings.simplefilter("ignore")  # interpreting: expected here
+        assert_grads_match_plain_expression("pallas_tpu", x, w1, b1, seq_len=8, live=live,
+                                            tol=1e-4)
 
 
 def test_interpreting_warns():
