@@ -225,3 +225,42 @@ def test_loss_falls_on_the_tiny_config(cache_dir, tmp_path):
     records = RunFolder(tmp_path / "run").read_metrics()
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0] - 1.0
+
+
+def test_data_parallel_on_two_devices_matches_one(cache_dir, tmp_path):
+    # Two simulated CPU devices with 2 sequences each see the global batch that one device with
+    # 4 sequences sees: the same losses; metrics per device, masks [2, W], union beside.
+    one, two = tmp_path / "one", tmp_path / "two"
+    overrides = ["train.steps=9", "train.eval_every=8"]
+    train(small_config(cache_dir, "train.batch_size=4", *overrides), one, progress=False)
+    script = (
+        "import json, sys\n"
+        "from relu_sparsity.train.config import preset\n"
+        "from relu_sparsity.train.loop import train\n"
+        "import jax; assert jax.device_count() == 2, jax.devices()\n"
+        "train(preset('tiny', json.loads(sys.argv[2])), sys.argv[1], progress=False)\n")
+    config_overrides = [
+        f"data.cache={json.dumps(str(cache_dir))}", "model.num_layers=2", "model.d_model=32",
+        "model.num_heads=2", "model.d_ff=[64,40]", "model.seq_len=32", "train.batch_size=2",
+        "train.steps=24", "train.warmup_steps=4", "data.vocab_size=512", "train.log_every=4",
+        "train.eval_batches=2", "train.checkpoint_every=8", "train.peak_lr=1e-2", *overrides]
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", script, str(two), json.dumps(config_overrides)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = RunFolder(one).read_metrics(), RunFolder(two).read_metrics()
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+        if "eval_loss" in ra:
+            assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-4)
+        for la, lb in zip(ra["layers"], rb["layers"], strict=True):
+            assert lb["batch_use"] <= lb["batch_use_all_devices"] == pytest.approx(
+                la["batch_use"], abs=1e-9)
+            assert lb["token_use"] == pytest.approx(la["token_use"], rel=1e-4, abs=1e-6)
+    masks = RunFolder(two).read_masks(8)
+    assert [m.shape for m in masks] == [(2, 2), (2, 2)]
+    # The union of the two devices' masks is the one-device batch mask.
+    for m2, m1 in zip(masks, RunFolder(one).read_masks(8), strict=True):
+        np.testing.assert_array_equal(np.bitwise_or.reduce(m2, axis=0), m1[0])

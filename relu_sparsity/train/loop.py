@@ -25,7 +25,8 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 import relu_sparsity
-from relu_sparsity.kernels import resolve_fused_backend
+from relu_sparsity.kernels import SparsityStats, resolve_fused_backend
+from relu_sparsity.kernels.bits import np_or_rows, np_popcount
 from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
 from relu_sparsity.train import data
 from relu_sparsity.train.config import Config, to_dict, validate
@@ -136,11 +137,13 @@ def make_eval_step(model: Transformer):
     return eval_step
 
 
-def evaluate(eval_step, params, cache: data.TokenCache, config: Config) -> dict[str, float]:
+def evaluate(eval_step, params, cache: data.TokenCache, config: Config,
+             place=jnp.asarray) -> dict[str, float]:
     t, m = config.train, config.model
     sums, count = [], 0
-    for tokens in cache.eval_batches(t.eval_batches, t.batch_size, m.seq_len):
-        sums.append(eval_step(params, jnp.asarray(tokens)))  # queued; fetched once below
+    for tokens in cache.eval_batches(t.eval_batches, t.batch_size * jax.device_count(),
+                                     m.seq_len):
+        sums.append(eval_step(params, place(tokens)))  # queued; fetched once below
         count += tokens.shape[0] * (tokens.shape[1] - 1)
     sums = jax.device_get(sums)
     loss_sum = sum(float(loss) for loss, _ in sums)
@@ -203,6 +206,43 @@ def run_metadata(config: Config, cache: data.TokenCache, backend: str) -> dict[s
     }
 
 
+# Several devices ------------------------------------------------------------------------------
+class DataParallel:
+    """Data parallelism over every local device: the state is replicated, each device takes
+    `train.batch_size` consecutive sequences of the global batch, and XLA (GSPMD) partitions the
+    jitted step and all-reduces the gradients. With one device it places arrays as they are."""
+
+    def __init__(self, config: Config):
+        self.num_devices = jax.device_count()
+        if self.num_devices > 1 and config.instrument == "fused":
+            raise ValueError(f"--instrument fused runs on one device so far ({self.num_devices} "
+                             "found): use --instrument xla, or make one device visible (e.g. "
+                             "CUDA_VISIBLE_DEVICES=0)")
+        # Auto axes: XLA propagates the batch sharding through the model (no sharding types).
+        self.mesh = jax.make_mesh((self.num_devices,), ("data",),
+                                  axis_types=(jax.sharding.AxisType.Auto,))
+        self.replicated = jax.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.sharded = jax.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+    def batch(self, tokens: np.ndarray) -> jax.Array:
+        if self.num_devices == 1:
+            return jnp.asarray(tokens)
+        return jax.device_put(tokens, self.sharded)
+
+    def state(self, state: TrainState) -> TrainState:
+        return state if self.num_devices == 1 else jax.device_put(state, self.replicated)
+
+
+def split_devices(stats: SparsityStats, num_devices: int) -> list[SparsityStats]:
+    """One layer's host statistics of the global batch -> one per device (each device holds
+    consecutive sequences)."""
+    if num_devices == 1:
+        return [stats]
+    fields = [None if a is None else np.split(np.asarray(a), num_devices) for a in stats]
+    return [SparsityStats(*(None if f is None else f[d] for f in fields))
+            for d in range(num_devices)]
+
+
 # Interruption ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def stop_requests():
@@ -224,26 +264,35 @@ def stop_requests():
 
 
 # The loop --------------------------------------------------------------------------------------
-def layer_records(stats, unit_states: list[UnitStates], pruning: Pruning | None
-                  ) -> tuple[list[dict], list[np.ndarray]]:
-    """Per layer: the metrics at the current width, unit states and the batch mask, both in
-    original unit ids."""
+def layer_records(stats, unit_states: list[UnitStates], pruning: Pruning | None,
+                  num_devices: int = 1) -> tuple[list[dict], list[np.ndarray]]:
+    """Per layer: the metrics at the current width (each device's batch, averaged over devices;
+    with several, `batch_use_all_devices` beside), unit states of the union of the devices' batch
+    masks, and the batch masks [n_devices, W], in original unit ids."""
     records, masks = [], []
     for layer, (layer_stat, states) in enumerate(zip(stats, unit_states, strict=True)):
-        mask = batch_mask(layer_stat)
+        units, to_original = None, None
         if pruning is None:
-            width, metrics = states.num_units, sparsity_metrics(layer_stat, states.num_units)
+            width = states.num_units
         elif pruning.mode == "compact":  # the kept units first, then dead padding
             width = len(pruning.keep[layer])
-            metrics = sparsity_metrics(layer_stat, num_units=width,
-                                       units=None if width == pruning.padded_widths[layer]
-                                       else np.arange(width))
-            mask = to_original_ids(mask, pruning.keep[layer], states.num_units)
+            units = None if width == pruning.padded_widths[layer] else np.arange(width)
+            to_original = pruning.keep[layer]
         else:  # the stats index the original units, the dead ones zero
             width = len(pruning.keep[layer])
-            metrics = sparsity_metrics(layer_stat, num_units=width, units=pruning.keep[layer])
-        masks.append(mask[None])  # [n_devices = 1, W]
-        records.append({"d_ff": width, **metrics, **states.update(mask)})
+            units = pruning.keep[layer]
+        per_device = split_devices(layer_stat, num_devices)
+        figures = [sparsity_metrics(s, num_units=width, units=units) for s in per_device]
+        metrics = {k: float(np.mean([f[k] for f in figures])) for k in figures[0]}
+        device_masks = np.stack([batch_mask(s) for s in per_device])  # [n_devices, W]
+        if to_original is not None:
+            device_masks = np.stack([to_original_ids(m, to_original, states.num_units)
+                                     for m in device_masks])
+        union = np_or_rows(device_masks)
+        if num_devices > 1:
+            metrics["batch_use_all_devices"] = float(np_popcount(union)) / width
+        masks.append(device_masks)
+        records.append({"d_ff": width, **metrics, **states.update(union)})
     return records, masks
 
 
@@ -267,9 +316,11 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                              "with this one, or choose another --run-dir")
     folder.create()
 
-    if jax.device_count() > 1:
-        log.warning("%d devices found; training runs on one (data parallelism across devices "
-                    "is not implemented yet), the others stay idle", jax.device_count())
+    parallel = DataParallel(config)
+    if parallel.num_devices > 1:
+        log.info("data parallel over %d devices: %d sequences per device, %d per step",
+                 parallel.num_devices, config.train.batch_size,
+                 config.train.batch_size * parallel.num_devices)
     cache = open_cache(config)
     backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
         else "reference"
@@ -299,13 +350,15 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
         folder.drop_after(0)  # a folder without checkpoints starts from scratch
         model = Transformer(model_config(config, cache.vocab_size))
         state = init_state(model, optimizer, config)
+    state = parallel.state(state)
     start = int(state.step)
 
     from tensorboardX import SummaryWriter  # imported late: it is slow to import
 
     writer = SummaryWriter(str(folder.path), purge_step=start if start else None)
     t, m = config.train, config.model
-    tokens_per_step = t.batch_size * m.seq_len
+    batch_size = t.batch_size * parallel.num_devices  # the global batch
+    tokens_per_step = batch_size * m.seq_len
     eval_step = make_eval_step(Transformer(model_config(config, cache.vocab_size,
                                                         instrument="off", pruning=pruning)))
 
@@ -315,7 +368,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
         writer.close()
         return folder.path
     t0 = time.perf_counter()
-    first = jnp.asarray(cache.batch("train", start, t.batch_size, m.seq_len, seed=t.seed))
+    first = parallel.batch(cache.batch("train", start, batch_size, m.seq_len, seed=t.seed))
     step_fn = make_train_step(model, optimizer).lower(state, first).compile()
     log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
 
@@ -330,7 +383,8 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     last_time, last_step = time.perf_counter(), start
     with stop_requests() as stop:
         for step in range(start, end):
-            tokens = cache.batch("train", step, t.batch_size, m.seq_len, seed=t.seed)
+            tokens = parallel.batch(cache.batch("train", step, batch_size, m.seq_len,
+                                                seed=t.seed))
             prune_now = t.prune != "none" and step == t.prune_at and pruning is None
             evaluated = step % t.eval_every == 0 or step == t.steps - 1
             # An evaluated step is also logged, so that no evaluation is lost.
@@ -341,9 +395,10 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                 # still queued finish first, so that the pause leaves out only evaluation.
                 jax.block_until_ready(state)
                 eval_start = time.perf_counter()
-                record.update(evaluate(eval_step, state.params, cache, config))
+                record.update(evaluate(eval_step, state.params, cache, config,
+                                       place=parallel.batch))
                 last_time += time.perf_counter() - eval_start  # not training throughput
-            state, scalars, stats = step_fn(state, jnp.asarray(tokens))
+            state, scalars, stats = step_fn(state, tokens)
             if logged:
                 scalars, stats = jax.device_get((scalars, stats))
                 now = time.perf_counter()
@@ -352,20 +407,22 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                               tokens_per_s=(step + 1 - last_step) * tokens_per_step
                               / (now - last_time))
                 if stats:
-                    record["layers"], masks = layer_records(stats, unit_states, pruning)
+                    record["layers"], masks = layer_records(stats, unit_states, pruning,
+                                                            parallel.num_devices)
                     folder.write_masks(step, masks)
                 if prune_now:  # from step N + 1 on, only the units of step N's batch remain
-                    pruning = choose_units(t.prune, [m_[0] for m_ in masks], widths, step,
-                                           t.seed, multiple=t.prune_multiple)
+                    # A unit used on any device is kept.
+                    pruning = choose_units(t.prune, [np_or_rows(m_) for m_ in masks], widths,
+                                           step, t.seed, multiple=t.prune_multiple)
                     record["pruned"] = {"mode": pruning.mode, "kept": list(pruning.widths)}
                     if pruning.mode == "compact":
                         record["pruned"]["padded"] = list(pruning.padded_widths)
-                        state = compact_tree(state, pruning.keep, pruning.padded_widths)
+                        state = parallel.state(compact_tree(state, pruning.keep,
+                                                            pruning.padded_widths))
                     model = Transformer(model_config(config, cache.vocab_size, pruning=pruning))
                     eval_step = make_eval_step(Transformer(model_config(
                         config, cache.vocab_size, instrument="off", pruning=pruning)))
-                    step_fn = make_train_step(model, optimizer).lower(
-                        state, jnp.asarray(tokens)).compile()
+                    step_fn = make_train_step(model, optimizer).lower(state, tokens).compile()
                     log.info("pruned (%s) after step %d: units per layer %s of %s%s",
                              pruning.mode, step, list(pruning.widths), list(widths),
                              f" (parameters padded to {list(pruning.padded_widths)})"
