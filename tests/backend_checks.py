@@ -29,3 +29,34 @@ def assert_grads_match_plain_expression(backend: str, x, w1, b1, *, seq_len: int
         assert g.dtype == w.dtype
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
     assert float(jnp.abs(got[1]).sum()) > 0
+
+
+def random_inputs(T: int, D: int, F: int, dtype, seed: int = 0):
+    """x [T, D], w1 [D, F] (scaled by 1/sqrt(D)), b1 [F] of dtype: fresh, never zero."""
+    kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (T, D), jnp.float32).astype(dtype)
+    w1 = (jax.random.normal(kw, (D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
+    b1 = (0.1 * jax.random.normal(kb, (F,), jnp.float32)).astype(dtype)
+    return x, w1, b1
+
+
+def assert_matches_reference(h, stats, x, w1, b1, *, seq_len: int, live, with_token_mask: bool,
+                             tol: float) -> None:
+    """`h` close to the reference's; the integer outputs equal, bit for bit, the statistics
+    recomputed from this `h` (DESIGN.md's exactness rule); and not vacuous."""
+    from relu_sparsity.kernels.reference import reference_forward, stats_from_h
+
+    ref_h, _ = reference_forward(x, w1, b1, seq_len=seq_len, live=live, with_stats=False,
+                                 with_token_mask=False)
+    assert h.shape == ref_h.shape and h.dtype == ref_h.dtype
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(ref_h, np.float32),
+                               rtol=tol, atol=tol)
+    own = stats_from_h(h, seq_len=seq_len, num_units=w1.shape[1], live=live,
+                       with_token_mask=with_token_mask)
+    for name, got, want in zip(own._fields, stats, own, strict=True):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    assert 0 < int(jnp.sum(stats.token_count)) < h.size  # some units fire, some do not

@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from backend_checks import assert_grads_match_plain_expression
+from backend_checks import (
+    assert_grads_match_plain_expression,
+    assert_matches_reference,
+    random_inputs,
+)
 from relu_sparsity.kernels import api
 from relu_sparsity.kernels.mosaic_gpu import kernel, ops
 from relu_sparsity.kernels.reference import reference_forward, stats_from_h
@@ -31,12 +35,7 @@ SMALL_N = kernel.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n
                             epi_tile_n=32, grid_minor="n", grid_tile_width=2)
 
 
-def inputs(T, D, F, dtype, seed=0):
-    kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (T, D), jnp.float32).astype(dtype)
-    w1 = (jax.random.normal(kw, (D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
-    b1 = (0.1 * jax.random.normal(kb, (F,), jnp.float32)).astype(dtype)
-    return x, w1, b1
+inputs = random_inputs
 
 
 def run(x, w1, b1, *, seq_len, live=None, with_stats=True, with_token_mask=True, config=SMALL):
@@ -49,21 +48,9 @@ def check_against_reference(x, w1, b1, *, seq_len, live=None, with_token_mask=Tr
                             config=SMALL):
     h, stats = run(x, w1, b1, seq_len=seq_len, live=live, with_token_mask=with_token_mask,
                    config=config)
-    ref_h, _ = reference_forward(x, w1, b1, seq_len=seq_len, live=live, with_stats=False,
-                                 with_token_mask=False)
-    assert h.shape == ref_h.shape and h.dtype == ref_h.dtype
     tol = 2e-2 if x.dtype == jnp.bfloat16 else 1e-4
-    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(ref_h, np.float32),
-                               rtol=tol, atol=tol)
-    own = stats_from_h(h, seq_len=seq_len, num_units=w1.shape[1], live=live,
-                       with_token_mask=with_token_mask)
-    for name, got, want in zip(own._fields, stats, own):
-        if want is None:
-            assert got is None, name
-            continue
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
-    assert 0 < int(jnp.sum(stats.token_count)) < h.size  # not vacuous
+    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=live,
+                             with_token_mask=with_token_mask, tol=tol)
     return h, stats
 
 

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from backend_checks import assert_grads_match_plain_expression
+from backend_checks import (
+    assert_grads_match_plain_expression,
+    assert_matches_reference,
+    random_inputs,
+)
 from relu_sparsity.kernels import api
 from relu_sparsity.kernels.pallas_tpu import kernel, ops
 from relu_sparsity.kernels.reference import reference_forward, stats_from_h
@@ -26,37 +30,16 @@ SMALLEST_PHYSICAL_VMEM = 64 * 1024 * 1024
 INTERPRET = pltpu.InterpretParams()
 
 
-def inputs(T, D, F, dtype, seed=0):
-    kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (T, D), jnp.float32).astype(dtype)
-    w1 = (jax.random.normal(kw, (D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
-    b1 = (0.1 * jax.random.normal(kb, (F,), jnp.float32)).astype(dtype)
-    return x, w1, b1
+inputs = random_inputs
 
 
 def check_against_reference(x, w1, b1, *, seq_len, config, live=None, with_token_mask=True):
-    F = w1.shape[1]
     h, stats = ops.pallas_tpu_forward(x, w1, b1, seq_len=seq_len, live=live, with_stats=True,
                                       with_token_mask=with_token_mask, config=config,
                                       interpret=INTERPRET)
-    h_ref, _ = reference_forward(x, w1, b1, seq_len=seq_len, live=live, with_stats=False,
-                                 with_token_mask=False)
-    assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
     tol = 1e-5 if x.dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_ref, np.float32),
-                               rtol=tol, atol=tol)
-    # Own-h rule: the integer outputs are the statistics of the h this backend returned.
-    own = stats_from_h(h, seq_len=seq_len, num_units=F, live=live,
-                       with_token_mask=with_token_mask)
-    for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
-        got, want = getattr(stats, name), getattr(own, name)
-        if want is None:
-            assert got is None, name
-            continue
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
-    # Not vacuous: some units fire and some do not.
-    assert 0 < int(jnp.sum(stats.token_count)) < h.size
+    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=live,
+                             with_token_mask=with_token_mask, tol=tol)
     return h, stats
 
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.api import compiled_backends
