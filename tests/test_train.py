@@ -227,11 +227,14 @@ def test_loss_falls_on_the_tiny_config(cache_dir, tmp_path):
     assert len(evals) == 2 and evals[-1] < evals[0] - 1.0
 
 
-def test_data_parallel_on_two_devices_matches_one(cache_dir, tmp_path):
+@pytest.mark.parametrize("instrument", ["xla", "fused"])
+def test_data_parallel_on_two_devices_matches_one(cache_dir, tmp_path, instrument):
     # Two simulated CPU devices with 2 sequences each see the global batch that one device with
-    # 4 sequences sees: the same losses; metrics per device, masks [2, W], union beside.
+    # 4 sequences sees: the same losses; metrics per device, masks [2, W], union beside. fused:
+    # the kernel (pallas_tpu, interpreted) runs per device inside shard_map.
     one, two = tmp_path / "one", tmp_path / "two"
-    overrides = ["train.steps=9", "train.eval_every=8"]
+    overrides = ["train.steps=9", "train.eval_every=8", f"instrument={instrument}",
+                 "kernel=" + ("pallas_tpu" if instrument == "fused" else "auto")]
     train(small_config(cache_dir, "train.batch_size=4", *overrides), one, progress=False)
     script = (
         "import json, sys\n"

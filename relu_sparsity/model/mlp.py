@@ -1,10 +1,13 @@
 """The instrumented two-layer ReLU MLP: a Flax module to drop into any Transformer block."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from relu_sparsity.kernels import fused_mlp_up, resolve_fused_backend
+from relu_sparsity.kernels import SparsityStats, fused_mlp_up, resolve_fused_backend
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
 
@@ -57,9 +60,22 @@ class ReluMLP(nn.Module):
         else:
             backend = resolve_fused_backend(self.backend) if self.instrument == "fused" \
                 else "reference"
-            h, stats = fused_mlp_up(tokens, wi.astype(self.dtype), bi.astype(self.dtype),
-                                    seq_len=seq_len, live=self.live, backend=backend)
+            h, stats = self._hidden(tokens, wi.astype(self.dtype), bi.astype(self.dtype),
+                                    seq_len=seq_len, backend=backend)
             self.sow("intermediates", "stats", stats)
         y = jnp.dot(h, wo.astype(self.dtype), preferred_element_type=jnp.float32)
         y = y.astype(self.dtype) + bo.astype(self.dtype)
         return y.reshape(batch, seq_len, d_model)
+
+    def _hidden(self, tokens, wi, bi, *, seq_len: int, backend: str):
+        """fused_mlp_up; under a mesh with a `data` axis of several devices (`jax.set_mesh`), a
+        fused kernel is one device's custom call, so each device runs it on its own sequences
+        inside shard_map (whole sequences per device: the statistics stay per sequence)."""
+        call = functools.partial(fused_mlp_up, seq_len=seq_len, live=self.live, backend=backend)
+        mesh = jax.sharding.get_abstract_mesh()
+        if backend == "reference" or mesh.empty or mesh.shape.get("data", 1) == 1:
+            return call(tokens, wi, bi)
+        data, replicated = PartitionSpec("data"), PartitionSpec()
+        stats_spec = SparsityStats(data, data, data, None)
+        return jax.shard_map(call, mesh=mesh, in_specs=(data, replicated, replicated),
+                             out_specs=(data, stats_spec), check_vma=False)(tokens, wi, bi)

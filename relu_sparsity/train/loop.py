@@ -214,10 +214,6 @@ class DataParallel:
 
     def __init__(self, config: Config):
         self.num_devices = jax.device_count()
-        if self.num_devices > 1 and config.instrument == "fused":
-            raise ValueError(f"--instrument fused runs on one device so far ({self.num_devices} "
-                             "found): use --instrument xla, or make one device visible (e.g. "
-                             "CUDA_VISIBLE_DEVICES=0)")
         # Auto axes: XLA propagates the batch sharding through the model (no sharding types).
         self.mesh = jax.make_mesh((self.num_devices,), ("data",),
                                   axis_types=(jax.sharding.AxisType.Auto,))
@@ -231,6 +227,11 @@ class DataParallel:
 
     def state(self, state: TrainState) -> TrainState:
         return state if self.num_devices == 1 else jax.device_put(state, self.replicated)
+
+    def tracing(self):
+        """The context to trace the step in: the mesh, so that fused kernels run per device
+        inside shard_map (model/mlp.py)."""
+        return jax.set_mesh(self.mesh) if self.num_devices > 1 else contextlib.nullcontext()
 
 
 def split_devices(stats: SparsityStats, num_devices: int) -> list[SparsityStats]:
@@ -369,7 +370,8 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
         return folder.path
     t0 = time.perf_counter()
     first = parallel.batch(cache.batch("train", start, batch_size, m.seq_len, seed=t.seed))
-    step_fn = make_train_step(model, optimizer).lower(state, first).compile()
+    with parallel.tracing():
+        step_fn = make_train_step(model, optimizer).lower(state, first).compile()
     log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
 
     def save(step: int) -> None:
@@ -422,7 +424,9 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                     model = Transformer(model_config(config, cache.vocab_size, pruning=pruning))
                     eval_step = make_eval_step(Transformer(model_config(
                         config, cache.vocab_size, instrument="off", pruning=pruning)))
-                    step_fn = make_train_step(model, optimizer).lower(state, tokens).compile()
+                    with parallel.tracing():
+                        step_fn = make_train_step(model, optimizer).lower(state,
+                                                                          tokens).compile()
                     log.info("pruned (%s) after step %d: units per layer %s of %s%s",
                              pruning.mode, step, list(pruning.widths), list(widths),
                              f" (parameters padded to {list(pruning.padded_widths)})"
