@@ -1,5 +1,7 @@
 """The Flax model: causality, sown statistics, per-layer widths, instrumentation modes."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,3 +108,33 @@ def test_bfloat16_compute():
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
     assert jax.tree.leaves(params)[0].dtype == jnp.float32
     assert layer_stats(state["intermediates"])[0].seq_count.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("with_fused", [False, True])
+def test_live_units_padded_width_changes_nothing(with_fused):
+    # Live units computed at a width padded to 16 (zero units) give the same output, the same
+    # statistics in the layer's unit ids, and the same gradients as at their exact width.
+    x = jax.random.normal(jax.random.key(0), (2, 8, 12))
+    live = (0, 3, 4, 9, 31, 32, 40)
+    kwargs = dict(d_ff=45, live=live, instrument="xla")
+    if with_fused:  # the interpreted TPU kernel stands for a fused backend here
+        kwargs.update(instrument="fused", backend="pallas_tpu")
+    exact, padded = ReluMLP(**kwargs, live_multiple=1), ReluMLP(**kwargs, live_multiple=16)
+    params = exact.init(jax.random.key(1), x)
+
+    def run(module, p):
+        y, state = module.apply(p, x, mutable=["intermediates"])
+        return y, state["intermediates"]["stats"][0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # interpreting
+        (y1, s1), (y2, s2) = run(exact, params), run(padded, params)
+        g1 = jax.grad(lambda p: jnp.sum(run(exact, p)[0] ** 2))(params)
+        g2 = jax.grad(lambda p: jnp.sum(run(padded, p)[0] ** 2))(params)
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(s1, s2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert s1.seq_count.shape == (2, 45)
+    assert not np.any(np.asarray(s1.seq_count)[:, np.setdiff1d(np.arange(45), live)])
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

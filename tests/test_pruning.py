@@ -67,8 +67,9 @@ def test_choose_units_modes():
 
 @pytest.mark.parametrize("multiple", [1, 16])
 def test_compacted_equals_masked_loss_and_next_update(cache_dir, multiple):
-    # multiple 16: the compacted widths round up, with zero padding units that must stay dead.
-    cfg = config(cache_dir)
+    # multiple 16: the compacted widths round up, with zero padding units that must stay dead
+    # (the masked model computes its live units at the same padded width).
+    cfg = config(cache_dir, f"train.prune_multiple={multiple}")
     optimizer = make_optimizer(cfg)
     full = Transformer(model_config(cfg, 512))
     state = init_state(full, optimizer, cfg)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from relu_sparsity.kernels import SparsityStats, fused_mlp_up, resolve_fused_backend
+from relu_sparsity.kernels.live import expand_live_stats
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
 
@@ -26,6 +27,7 @@ class ReluMLP(nn.Module):
         (a fused kernel backend computes them in the GEMM epilogue).
       backend: kernel backend for "fused" ("auto" or a name); "off"/"xla" use the reference.
       live: optional sorted tuple of hidden-unit ids to compute; the others are dead (zero).
+      live_multiple: the live units are computed at a width padded up to this multiple.
       dtype: compute dtype; parameters stay in `param_dtype`.
     """
 
@@ -33,6 +35,7 @@ class ReluMLP(nn.Module):
     instrument: str = "xla"
     backend: str = "auto"
     live: tuple[int, ...] | None = None
+    live_multiple: int = 256
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -49,19 +52,27 @@ class ReluMLP(nn.Module):
 
         tokens = x.reshape(batch * seq_len, d_model).astype(self.dtype)
         if self.live is not None:
+            # Only the live units, gathered and zero-padded to a multiple of `live_multiple`:
+            # GEMMs at a ragged width (rows not 16-byte aligned) run far below peak on GPUs. A
+            # zero padding unit has h = 0, so it passes no gradient and counts nowhere.
             idx = jnp.asarray(self.live)
-            wo = wo[idx]
+            n = len(self.live)
+            pad = min(-(-n // self.live_multiple) * self.live_multiple, max(n, self.d_ff)) - n
+            wi = jnp.pad(wi[:, idx], ((0, 0), (0, pad)))
+            bi = jnp.pad(bi[idx], (0, pad))
+            wo = jnp.pad(wo[idx], ((0, pad), (0, 0)))
         if self.instrument == "off":
             # The plain model, the baseline the instrumented modes are measured against: XLA's
             # own expression, which folds bias and ReLU into the GEMM's epilogue.
-            if self.live is not None:
-                wi, bi = wi[:, idx], bi[idx]
             h = jax.nn.relu(tokens @ wi.astype(self.dtype) + bi.astype(self.dtype))
         else:
             backend = resolve_fused_backend(self.backend) if self.instrument == "fused" \
                 else "reference"
             h, stats = self._hidden(tokens, wi.astype(self.dtype), bi.astype(self.dtype),
                                     seq_len=seq_len, backend=backend)
+            if self.live is not None:  # back to the layer's unit ids, dead units zero
+                stats = expand_live_stats(first_units(stats, len(self.live)), self.live,
+                                          self.d_ff)
             self.sow("intermediates", "stats", stats)
         y = jnp.dot(h, wo.astype(self.dtype), preferred_element_type=jnp.float32)
         y = y.astype(self.dtype) + bo.astype(self.dtype)
@@ -71,7 +82,7 @@ class ReluMLP(nn.Module):
         """fused_mlp_up; under a mesh with a `data` axis of several devices (`jax.set_mesh`), a
         fused kernel is one device's custom call, so each device runs it on its own sequences
         inside shard_map (whole sequences per device: the statistics stay per sequence)."""
-        call = functools.partial(fused_mlp_up, seq_len=seq_len, live=self.live, backend=backend)
+        call = functools.partial(fused_mlp_up, seq_len=seq_len, backend=backend)
         mesh = jax.sharding.get_abstract_mesh()
         if backend == "reference" or mesh.empty or mesh.shape.get("data", 1) == 1:
             return call(tokens, wi, bi)
@@ -79,3 +90,11 @@ class ReluMLP(nn.Module):
         stats_spec = SparsityStats(data, data, data, None)
         return jax.shard_map(call, mesh=mesh, in_specs=(data, replicated, replicated),
                              out_specs=(data, stats_spec), check_vma=False)(tokens, wi, bi)
+
+
+def first_units(stats: SparsityStats, n: int) -> SparsityStats:
+    """The statistics of units 0..n-1 only (drops zero padding units at the end)."""
+    words = -(-n // 32)
+    seq_count = stats.seq_count[:, :n]
+    token_mask = None if stats.token_mask is None else stats.token_mask[:, :words]
+    return SparsityStats(stats.token_count, seq_count, stats.seq_mask[:, :words], token_mask)

@@ -22,6 +22,7 @@ class TransformerConfig:
     instrument: str = "xla"  # off | xla | fused
     backend: str = "auto"  # kernel backend for instrument="fused"
     live: tuple[tuple[int, ...] | None, ...] | None = None  # per-layer live unit ids (mask mode)
+    live_multiple: int = 256  # live units are computed at a width padded to this multiple
     dtype: str = "float32"  # compute dtype; parameters are float32
 
     def layer_widths(self) -> tuple[int, ...]:
@@ -60,7 +61,8 @@ class Block(nn.Module):
         x = x + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
             nn.LayerNorm(dtype=dtype, name="ln_attn")(x))
         return x + ReluMLP(self.d_ff, instrument=cfg.instrument, backend=cfg.backend,
-                           live=self.live, dtype=dtype, name="mlp")(
+                           live=self.live, live_multiple=cfg.live_multiple, dtype=dtype,
+                           name="mlp")(
             nn.LayerNorm(dtype=dtype, name="ln_mlp")(x))
 
 

@@ -63,6 +63,7 @@ def model_config(config: Config, vocab_size: int, *, instrument: str | None = No
         vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
         num_heads=m.num_heads, d_ff=d_ff, max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
         instrument=instrument or config.instrument, backend=config.kernel, live=live,
+        live_multiple=config.train.prune_multiple,
         dtype=compute_dtype(config))
 
 
