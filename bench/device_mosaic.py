@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -29,13 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relu_sparsity.bench.kernels import time_fn
 from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
 from relu_sparsity.kernels.mosaic_gpu import ops as mgpu_ops
 from relu_sparsity.kernels.reference import reference_forward, stats_from_h
 
 SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
 SEQ_LEN = 512
-REPS, LAUNCHES, WARMUP = 5, 50, 3
+REPS, LAUNCHES = 5, 50
 TC = mgpu_kernel.TileConfig
 SWEEP = [
     TC(64, 256, 64, 4, "m", 32, "m", 8),
@@ -61,17 +61,8 @@ def say(*args):
 
 
 def time_ms(fn, *args) -> float:
-    """Median over REPS batches of LAUNCHES launches, ms per launch (wall clock)."""
-    for _ in range(WARMUP):
-        jax.block_until_ready(fn(*args))
-    per = []
-    for _ in range(REPS):
-        t0 = time.perf_counter()
-        for _ in range(LAUNCHES):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per.append((time.perf_counter() - t0) * 1e3 / LAUNCHES)
-    return statistics.median(per)
+    """Median over REPS batches of LAUNCHES launches, ms per launch (the CLI bench's timer)."""
+    return time_fn(fn, args, repeats=REPS, launches=LAUNCHES)
 
 
 def inputs(T, D, F):
@@ -131,7 +122,7 @@ def main():
         f"SMs {getattr(device, 'core_count', '?')}")
     kind = device.device_kind
     results = {"device": kind, "jax": jax.__version__, "seq_len": SEQ_LEN,
-               "timing": f"median of {REPS} x {LAUNCHES} launches after {WARMUP} warm-up",
+               "timing": f"median of {REPS} x {LAUNCHES} launches after a warm-up call",
                "shapes": {}, "best_configs": {kind: {}}}
     table = []
     t_start = time.time()

@@ -22,6 +22,7 @@ from backend_checks import (
     random_inputs,
 )
 from relu_sparsity.kernels import api
+from relu_sparsity.kernels.tile_configs import tuned_entry
 from relu_sparsity.kernels.mosaic_gpu import kernel, ops
 from relu_sparsity.kernels.reference import reference_forward, stats_from_h
 
@@ -131,7 +132,7 @@ def lower_for_cuda(fn, *shapes):
 def test_lowers_for_cuda_at_bench_shapes(shape):
     T, D, F = shape
     bf16 = jnp.bfloat16
-    assert f"{T}x{D}x{F}:bfloat16" in ops._tuned_configs()["NVIDIA H200"]
+    assert tuned_entry("mosaic_gpu", "NVIDIA H200", T, D, F, "bfloat16") is not None
     config = ops.tile_config("NVIDIA H200", T, D, F, "bfloat16")
     for with_stats, with_token_mask in ((False, False), (True, False), (True, True)):
         fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None,

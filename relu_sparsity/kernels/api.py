@@ -43,8 +43,8 @@ FUSED_BACKENDS = {
                                "pallas_tpu_forward", True,
                                "it needs only jax, so this jax install is incomplete"),
 }
-# Loaded forwards by name; the reference is always there. Its `live` also goes through the
-# gather-then-scatter wrapper, which keeps [T, F] temporaries out of masked training;
+# Loaded forwards by name; the reference is always there. Its `live` goes through the same
+# gather-then-scatter wrapper as the fused backends (no [T, F] temporaries);
 # `reference_forward(live=...)` stays the plain oracle.
 BACKENDS: dict[str, Forward] = {"reference": with_live_columns(reference_forward)}
 

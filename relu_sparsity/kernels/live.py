@@ -45,6 +45,12 @@ def scatter_token_mask(words: jax.Array, live: tuple[int, ...], num_units: int) 
     return out
 
 
+def padded_width(num_live: int, multiple: int, limit: int) -> int:
+    """The width live units are computed at: num_live rounded up to `multiple` (zero units after
+    them), but never past `limit` (the layer's full width) unless num_live is already there."""
+    return max(num_live, min(-(-num_live // multiple) * multiple, limit))
+
+
 def with_live_columns(dense_forward: Callable) -> Callable:
     """A backend forward that supports `live`, from one that computes every column."""
     @functools.wraps(dense_forward)

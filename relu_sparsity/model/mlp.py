@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from relu_sparsity.kernels import SparsityStats, fused_mlp_up, resolve_fused_backend
-from relu_sparsity.kernels.live import expand_live_stats
+from relu_sparsity.kernels.bits import num_words
+from relu_sparsity.kernels.live import expand_live_stats, padded_width
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
 
@@ -57,7 +58,7 @@ class ReluMLP(nn.Module):
             # zero padding unit has h = 0, so it passes no gradient and counts nowhere.
             idx = jnp.asarray(self.live)
             n = len(self.live)
-            pad = min(-(-n // self.live_multiple) * self.live_multiple, max(n, self.d_ff)) - n
+            pad = padded_width(n, self.live_multiple, self.d_ff) - n
             wi = jnp.pad(wi[:, idx], ((0, 0), (0, pad)))
             bi = jnp.pad(bi[idx], (0, pad))
             wo = jnp.pad(wo[idx], ((0, pad), (0, 0)))
@@ -94,7 +95,7 @@ class ReluMLP(nn.Module):
 
 def first_units(stats: SparsityStats, n: int) -> SparsityStats:
     """The statistics of units 0..n-1 only (drops zero padding units at the end)."""
-    words = -(-n // 32)
+    words = num_words(n)
     seq_count = stats.seq_count[:, :n]
     token_mask = None if stats.token_mask is None else stats.token_mask[:, :words]
     return SparsityStats(stats.token_count, seq_count, stats.seq_mask[:, :words], token_mask)

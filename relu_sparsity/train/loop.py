@@ -213,7 +213,7 @@ class DataParallel:
     `train.batch_size` consecutive sequences of the global batch, and XLA (GSPMD) partitions the
     jitted step and all-reduces the gradients. With one device it places arrays as they are."""
 
-    def __init__(self, config: Config):
+    def __init__(self):
         self.num_devices = jax.device_count()
         # Auto axes: XLA propagates the batch sharding through the model (no sharding types).
         self.mesh = jax.make_mesh((self.num_devices,), ("data",),
@@ -318,7 +318,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                              "with this one, or choose another --run-dir")
     folder.create()
 
-    parallel = DataParallel(config)
+    parallel = DataParallel()
     if parallel.num_devices > 1:
         log.info("data parallel over %d devices: %d sequences per device, %d per step",
                  parallel.num_devices, config.train.batch_size,

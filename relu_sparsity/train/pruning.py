@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from relu_sparsity.kernels.bits import np_pack_bits, np_unpack_bits
+from relu_sparsity.kernels.live import padded_width
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Pruning:
         """compact: the parameters' widths, the kept units first, then zero units that stay
         dead (zero weights give h = 0, which passes no gradient), up to a multiple of
         `multiple` but not past the original width."""
-        return tuple(min(w, -(-len(k) // self.multiple) * self.multiple)
+        return tuple(padded_width(len(k), self.multiple, w)
                      for k, w in zip(self.keep, self.original_widths, strict=True))
 
     def state_dict(self) -> dict:

@@ -23,10 +23,8 @@ tile_n < 256 call for it, slicing h / the mask words.
 """
 
 import functools
-import json
 import logging
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,25 +34,18 @@ from relu_sparsity.kernels.bits import BITS_PER_WORD, num_words, pack_bits
 from relu_sparsity.kernels.live import with_live_columns
 from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
 from relu_sparsity.kernels.reference import SparsityStats
+from relu_sparsity.kernels.tile_configs import tuned_entry
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "mosaic_gpu.json"
 DEFAULT_DEVICE_KIND = "NVIDIA H200"  # the config key used when lowering on a machine without one
 H200_NUM_SMS = 132
 INTERPRET_NUM_SMS = 2  # CTAs the interpreter simulates (each runs three warpgroup threads)
 
 
-@functools.cache
-def _tuned_configs() -> dict:
-    if not CONFIG_FILE.exists():
-        return {}
-    return json.loads(CONFIG_FILE.read_text())
-
-
 def tile_config(device_kind: str, T: int, D: int, F: int, dtype: str) -> mgpu_kernel.TileConfig:
     """The committed configuration for this device and shape, else the default."""
-    entry = _tuned_configs().get(device_kind, {}).get(f"{T}x{D}x{F}:{dtype}")
+    entry = tuned_entry("mosaic_gpu", device_kind, T, D, F, dtype)
     return mgpu_kernel.TileConfig(**entry) if entry else mgpu_kernel.DEFAULT_CONFIG
 
 

@@ -6,11 +6,8 @@ are data (`kernels/configs/pallas_tpu.json`, per shape; see kernel.py for why); 
 there use `kernel.DEFAULT_CONFIG`.
 """
 
-import functools
-import json
 import logging
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,22 +17,15 @@ from relu_sparsity.kernels.bits import num_words
 from relu_sparsity.kernels.live import with_live_columns
 from relu_sparsity.kernels.pallas_tpu import kernel as tpu_kernel
 from relu_sparsity.kernels.reference import SparsityStats
+from relu_sparsity.kernels.tile_configs import tuned_entry
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "pallas_tpu.json"
-
-
-@functools.cache
-def _tuned_configs() -> dict:
-    if not CONFIG_FILE.exists():
-        return {}
-    return json.loads(CONFIG_FILE.read_text())
 
 
 def tile_config(T: int, D: int, F: int, dtype: str) -> tpu_kernel.TileConfig:
     """The committed configuration for this shape, else the default."""
-    entry = _tuned_configs().get("tpu", {}).get(f"{T}x{D}x{F}:{dtype}")
+    entry = tuned_entry("pallas_tpu", "tpu", T, D, F, dtype)
     return tpu_kernel.TileConfig(**entry) if entry else tpu_kernel.DEFAULT_CONFIG
 
 

@@ -4,10 +4,7 @@ Tile configurations are data (`kernels/configs/triton.json`, per device kind and
 the device); shapes not listed there use `kernel.DEFAULT_CONFIG`.
 """
 
-import functools
-import json
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,26 +13,19 @@ import triton
 
 from relu_sparsity.kernels.live import with_live_columns
 from relu_sparsity.kernels.reference import SparsityStats
+from relu_sparsity.kernels.tile_configs import tuned_entry
 from relu_sparsity.kernels.triton import kernel as triton_kernel
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "triton.json"
 COMPILED_KERNEL = triton.jit(triton_kernel.fused_mlp_up_kernel)
 # None: jax-triton asks GPU 0. Lowering for CUDA on a machine without a GPU sets it (90 = Hopper).
 COMPUTE_CAPABILITY: int | None = None
 
 
-@functools.cache
-def _tuned_configs() -> dict:
-    if not CONFIG_FILE.exists():
-        return {}
-    return json.loads(CONFIG_FILE.read_text())
-
-
 def tile_config(device_kind: str, T: int, D: int, F: int, dtype: str) -> triton_kernel.TileConfig:
     """The committed configuration for this device and shape, else the default."""
-    entry = _tuned_configs().get(device_kind, {}).get(f"{T}x{D}x{F}:{dtype}")
+    entry = tuned_entry("triton", device_kind, T, D, F, dtype)
     return triton_kernel.TileConfig(**entry) if entry else triton_kernel.DEFAULT_CONFIG
 
 
