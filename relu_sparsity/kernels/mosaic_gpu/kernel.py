@@ -81,6 +81,9 @@ class TileConfig:
     epi_tile_n: int = 32  # width of one h store through SMEM
     grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
     grid_tile_width: int = 8  # planar snake: tile width along the minor dimension
+    # wgmmas left in flight per pipeline step: 1 lets step k+1's wgmma queue behind step k's
+    # (the tensor cores never drain between steps) and releases each SMEM stage one step later.
+    delay_release: int = 0
 
     @property
     def cta_m(self) -> int:
@@ -100,6 +103,9 @@ class TileConfig:
             problems.append(f"tile_k={self.tile_k} must be a positive multiple of 64")
         if self.stages < 2:
             problems.append(f"stages={self.stages} must be >= 2")
+        if self.delay_release not in (0, 1) or self.delay_release >= self.stages - 1:
+            problems.append(f"delay_release={self.delay_release} must be 0 or 1 and leave a "
+                            "stage to load into (< stages - 1)")
         if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
             problems.append("wg_dim and grid_minor must be 'm' or 'n'")
         if self.epi_tile_n % 32 or self.tile_n % self.epi_tile_n:
@@ -288,9 +294,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                 memory_registers=MEMORY_REGISTERS,
                 in_specs=[
                     plgpu.BlockSpec((cta_m, tk), lambda k: (0, k), transforms=in_transforms,
-                                    memory_space=plgpu.SMEM),
+                                    memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
                     plgpu.BlockSpec((tk, cta_n), lambda k: (k, 0), transforms=in_transforms,
-                                    memory_space=plgpu.SMEM),
+                                    memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
                 ],
                 wg_axis="wg",
                 num_compute_wgs=2,
@@ -343,6 +349,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                                        acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                     def _acc_scope(acc_ref):
                         eval_pipeline(acc_ref)
+                        plgpu.wgmma_wait(0)  # the last step's wgmma (delay_release = 1)
                         epilogue(acc_ref[...])
 
                 def epilogue(acc):
@@ -419,7 +426,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                 def mma_step(idxs, x_smem, w_smem, acc_ref):
                     del idxs
                     plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
-                    plgpu.wgmma_wait(0)
+                    plgpu.wgmma_wait(cfg.delay_release)
                     return acc_ref
 
                 get_pipeline(mma_step, compute_context)(
