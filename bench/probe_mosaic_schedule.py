@@ -1,18 +1,21 @@
-"""Probe: can a non-warp-specialized Mosaic GPU GEMM+bias+ReLU (+ statistics) that relies on two
-CTAs per SM hide its epilogue behind the other CTA's wgmmas, where the persistent
-warp-specialized kernel (kernels/mosaic_gpu/kernel.py) serializes epilogue and MMA?
+"""Probe: scheduling variants of the mosaic_gpu kernel, timed against XLA in one run.
 
-    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/probe_mosaic_schedule.py [--interpret]
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/probe_mosaic_schedule.py [--two-cta] [--interpret]
 
-One CTA per [tile_m, tile_n] output tile (grid m x n), one warpgroup: `plgpu.emit_pipeline`
-streams x and w1 blocks by TMA, wgmma with `delay_release` wgmmas in flight; the epilogue adds
-the bias, applies ReLU, writes h by TMA through two SMEM slots and (with statistics) the
-aligned-sequence partials of the real kernel: token counts per column tile and column counts per
-row tile. SMEM per CTA is kept under half the SM's so that two CTAs co-reside.
+Default: the warp-specialized kernel (kernels/mosaic_gpu/kernel.py, committed tiles) with its
+compute warpgroups staggered by 0..stages-1 pipeline steps (TileConfig.stagger), without
+statistics, with them, and with the token mask too (statistics checked bit for bit against those
+recomputed from the kernel's own h).
 
-Times, in one run on each benchmark shape: XLA dot+bias+relu, the committed warp-specialized
-kernel (no stats, stats) with delay_release 0 and 1, and this schedule (no stats, stats) over a
-few stage counts; checks h and the partial sums against plain JAX. Prints a table last.
+--two-cta: the kernel with delay_release 0 and 1, and a non-warp-specialized schedule (`build`
+below) that relies on two CTAs per SM to hide one's epilogue behind the other's wgmmas: one CTA
+per [tile_m, tile_n] output tile, one warpgroup, `plgpu.emit_pipeline` streaming x and w1 blocks
+by TMA; the epilogue adds the bias, applies ReLU, writes h by TMA through two SMEM slots and (with
+statistics) the aligned-sequence partials of the real kernel. SMEM per CTA is kept under half
+the SM's so that two CTAs co-reside. Its h and partial sums are checked against plain JAX.
+--interpret: `build` in the Mosaic GPU interpreter on a small shape (CPU).
+
+Prints a table last (ratios to XLA's dot+bias+ReLU).
 """
 
 import dataclasses
@@ -146,6 +149,18 @@ def main():
 
     from relu_sparsity.bench.kernels import time_fn
     from relu_sparsity.kernels.mosaic_gpu import ops as mops
+    from relu_sparsity.kernels.reference import stats_from_h
+
+    def ws_fn(cfg, stats, token_mask=False):
+        return jax.jit(functools.partial(
+            mops.mosaic_gpu_forward, seq_len=SEQ_LEN, live=None, with_stats=stats,
+            with_token_mask=token_mask, config=cfg, interpret=False))
+
+    def ws_exact(fn, x, w1, b16, token_mask):
+        h, st = fn(x, w1, b16)
+        own = stats_from_h(h, seq_len=SEQ_LEN, num_units=w1.shape[1], live=None,
+                           with_token_mask=token_mask)
+        return all(bool(jnp.array_equal(a, b)) for a, b in zip(st, own) if b is not None)
 
     rows = []
     for T, D, F in SHAPES:
@@ -155,15 +170,27 @@ def main():
         variants = {"xla dot+bias+relu": (jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)),
                                           (x, w1, b16))}
         committed = mops.tile_config("NVIDIA H200", T, D, F, "bfloat16")
-        for delay in (0, 1):
-            cfg = dataclasses.replace(committed, delay_release=delay)
-            for stats in (False, True):
-                fn = jax.jit(functools.partial(
-                    mops.mosaic_gpu_forward, seq_len=SEQ_LEN, live=None, with_stats=stats,
-                    with_token_mask=False, config=cfg, interpret=False))
-                variants[f"ws delay{delay} {'stats' if stats else 'nostats'}"] = (fn, (x, w1, b16))
+        if "--two-cta" in sys.argv:
+            ws_variants = [(f"ws delay{d}", dataclasses.replace(committed, delay_release=d))
+                           for d in (0, 1)]
+        else:
+            ws_variants = [(f"ws stagger{g}", dataclasses.replace(committed, stagger=g))
+                           for g in range(committed.stages)]
+            ws_variants.append((f"ws stagger{committed.stages - 2} delay1", dataclasses.replace(
+                committed, stagger=committed.stages - 2, delay_release=1)))
+        for label, cfg in ws_variants:
+            for stats, tm in ((False, False), (True, False), (True, True)):
+                fn = ws_fn(cfg, stats, tm)
+                name = f"{label} {'nostats' if not stats else 'stats+tm' if tm else 'stats'}"
+                if stats:
+                    ok = ws_exact(fn, x, w1, b16, tm)
+                    print(name, "exact", ok, flush=True)
+                    name += "" if ok else " WRONG"
+                variants[name] = (fn, (x, w1, b16))
         # (stages, delay, epi_n): the first three fit two CTAs per SM, the last one does not.
         for stages, delay, epi_n in ((2, 1, 64), (3, 1, 32), (3, 0, 32), (4, 1, 64)):
+            if "--two-cta" not in sys.argv:
+                break
             for stats in (False, True):
                 name = f"2cta s{stages} d{delay} e{epi_n} {'stats' if stats else 'nostats'}"
                 fn = jax.jit(build(T, D, F, stages=stages, delay=delay, epi_n=epi_n,

@@ -75,11 +75,13 @@ RAGGED = [
     (160, 64, 200, 80, SMALL_N, jnp.bfloat16),
     # one wgmma left in flight per step (delay_release 1), three pipeline steps over D
     (128, 192, 128, 64, dataclasses.replace(SMALL, stages=3, delay_release=1), jnp.bfloat16),
+    # warpgroup 1 starts two steps behind warpgroup 0 (stagger), several tiles per CTA
+    (128, 192, 384, 64, dataclasses.replace(SMALL_N, stages=3, stagger=2), jnp.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("case", RAGGED,
-                         ids=["segments", "f32-aligned", "straddle-wgN", "delay-release"])
+@pytest.mark.parametrize("case", RAGGED, ids=["segments", "f32-aligned", "straddle-wgN",
+                                              "delay-release", "stagger"])
 def test_interpreter_matches_reference(case):
     T, D, F, seq_len, config, dtype = case
     x, w1, b1 = inputs(T, D, F, dtype)
@@ -194,6 +196,8 @@ def test_oversized_config_is_rejected():
         kernel.TileConfig(tile_n=512).validate()
     with pytest.raises(ValueError, match="delay_release"):
         kernel.TileConfig(stages=2, delay_release=1).validate()
+    with pytest.raises(ValueError, match="stagger"):
+        kernel.TileConfig(stages=2, stagger=2).validate()
 
 
 @pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "x".join(map(str, s)))

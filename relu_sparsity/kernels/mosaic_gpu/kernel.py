@@ -84,6 +84,11 @@ class TileConfig:
     # wgmmas left in flight per pipeline step: 1 lets step k+1's wgmma queue behind step k's
     # (the tensor cores never drain between steps) and releases each SMEM stage one step later.
     delay_release: int = 0
+    # Pipeline steps by which compute warpgroup 1 starts its first tile after warpgroup 0. Both
+    # consume every SMEM stage, so without it they reach their epilogues together and the tensor
+    # cores idle through both; staggered, one's epilogue runs while the other's wgmmas do (the
+    # producer keeps the leader up to `stages` steps ahead). Only the first tile is held back.
+    stagger: int = 0
 
     @property
     def cta_m(self) -> int:
@@ -106,6 +111,8 @@ class TileConfig:
         if self.delay_release not in (0, 1) or self.delay_release >= self.stages - 1:
             problems.append(f"delay_release={self.delay_release} must be 0 or 1 and leave a "
                             "stage to load into (< stages - 1)")
+        if not 0 <= self.stagger < self.stages:
+            problems.append(f"stagger={self.stagger} must be in [0, stages)")
         if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
             problems.append("wg_dim and grid_minor must be 'm' or 'n'")
         if self.epi_tile_n % 32 or self.tile_n % self.epi_tile_n:
@@ -202,7 +209,7 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
         extra += 2 * REDUCTION_SCRATCH_BYTES
         if with_token_mask:
             extra += config.tile_n * PACK_N * 2
-    barriers = 8 * (4 * config.stages + 4)
+    barriers = 8 * (4 * config.stages + 5)
     return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
@@ -314,9 +321,14 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         if with_token_mask:
             scoped["p_smem"] = plgpu.SMEM((tn, PACK_N), jnp.bfloat16, transforms=p_transforms)
             scoped["p_barrier"] = plgpu.Barrier(num_barriers=1)
+        if cfg.stagger:
+            scoped["stagger_barrier"] = plgpu.Barrier(num_barriers=1)
+        # Warpgroup 0 arrives after this step of its first tile; warpgroup 1 waits before step 0.
+        stagger_step = min(cfg.stagger, k_iters) - 1
 
         @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
-        def _scope(pipeline_allocs, out_smem, red_smem=None, p_smem=None, p_barrier=None):
+        def _scope(pipeline_allocs, out_smem, red_smem=None, p_smem=None, p_barrier=None,
+                   stagger_barrier=None):
             wg = lax.axis_index("wg")
             if with_token_mask:
                 @pl.when(wg == 0)
@@ -423,10 +435,20 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         plgpu.wgmma_wait(0)
                         store(pack_ref[...])
 
+                first_tile = loop_info.local_index == 0
+
                 def mma_step(idxs, x_smem, w_smem, acc_ref):
-                    del idxs
+                    (k,) = idxs
+                    if cfg.stagger:
+                        @pl.when(first_tile & (wg == 1) & (k == 0))
+                        def _():
+                            plgpu.barrier_wait(stagger_barrier.at[0])
                     plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
                     plgpu.wgmma_wait(cfg.delay_release)
+                    if cfg.stagger:
+                        @pl.when(first_tile & (wg == 0) & (k == stagger_step))
+                        def _():
+                            plgpu.barrier_arrive(stagger_barrier.at[0])
                     return acc_ref
 
                 get_pipeline(mma_step, compute_context)(
