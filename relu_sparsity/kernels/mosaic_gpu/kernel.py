@@ -255,12 +255,17 @@ def _col_sum(values: jax.Array, scratch, interpret: bool) -> jax.Array:
 
 
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
-               num_sms: int, interpret=None):
+               num_sms: int, interpret=None, profile_dir: str | None = None,
+               profile_ranges: int = 200):
     """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32[, P]) -> outputs.
 
     Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
     [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, col_tiles * 8] (int32).
-    `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter."""
+    `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
+    `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
+    named phases below (mainloop, epilogue_h, token_count, seq_count, token_mask) per warpgroup,
+    the first `profile_ranges` of each (their buffer takes 16 bytes per range and warpgroup of
+    shared memory); for bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
     check_smem(cfg, in_dtype, out_dtype, with_stats, with_token_mask)
@@ -360,11 +365,18 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     @functools.partial(pl.run_scoped,
                                        acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                     def _acc_scope(acc_ref):
-                        eval_pipeline(acc_ref)
-                        plgpu.wgmma_wait(0)  # the last step's wgmma (delay_release = 1)
+                        with jax.named_scope("mainloop"):
+                            eval_pipeline(acc_ref)
+                            plgpu.wgmma_wait(0)  # the last step's wgmma (delay_release = 1)
                         epilogue(acc_ref[...])
 
                 def epilogue(acc):
+                    with jax.named_scope("epilogue_h"):
+                        h = bias_relu_store(acc)
+                    if with_stats:
+                        statistics(h)
+
+                def bias_relu_store(acc):
                     bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
                                       layout=wgmma_layout.reduce(0), optimized=False)
                     pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
@@ -382,14 +394,14 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg, slot],
                             h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
-                    if with_stats:
-                        statistics(h)
+                    return h
 
                 def statistics(h):
                     # The exactness rule: "used" is h > 0 on the value as stored.
                     used = h.astype(jnp.float32) > 0.0
                     ones = jnp.where(used, 1, 0).astype(jnp.int32)
-                    tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
+                    with jax.named_scope("token_count"):
+                        tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
                     if aligned:
                         segments = [None]
                     else:
@@ -407,10 +419,12 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         if seg is not None:
                             start, stop = seg
                             vals = jnp.where((local >= start) & (local < stop), ones, 0)
-                        sc_gmem.at[row_tile, s, pl.ds(col0, tn)][...] = _col_sum(
-                            vals, scratch, is_interpret)
+                        with jax.named_scope("seq_count"):
+                            sc_gmem.at[row_tile, s, pl.ds(col0, tn)][...] = _col_sum(
+                                vals, scratch, is_interpret)
                     if with_token_mask:
-                        pack_token_mask(used)
+                        with jax.named_scope("token_mask"):
+                            pack_token_mask(used)
 
                 def pack_token_mask(used):
                     a = jnp.where(used, 1.0, 0.0).astype(jnp.bfloat16)
@@ -472,6 +486,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Lane),
+            lowering_semantics=plgpu.LoweringSemantics.Lane,
+            **(dict(profile_space=profile_ranges, profile_dir=profile_dir,
+                    profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
     )
