@@ -1,11 +1,13 @@
 """Probe: scheduling variants of the mosaic_gpu kernel, timed against XLA in one run.
 
-    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/probe_mosaic_schedule.py [--two-cta] [--interpret]
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/probe_mosaic_schedule.py
+        [--stagger | --two-cta | --interpret]
 
-Default: the warp-specialized kernel (kernels/mosaic_gpu/kernel.py, committed tiles) with its
-compute warpgroups staggered by 0..stages-1 pipeline steps (TileConfig.stagger), without
-statistics, with them, and with the token mask too (statistics checked bit for bit against those
-recomputed from the kernel's own h).
+Default: the warp-specialized kernel (kernels/mosaic_gpu/kernel.py, committed tiles) with a few
+epilogue SMEM layouts (pipeline stages, h piece width, slots per warpgroup: TileConfig.stages,
+epi_tile_n, epi_slots), without statistics, with them, and with the token mask too where it fits
+(statistics checked bit for bit against those recomputed from the kernel's own h).
+--stagger: the compute warpgroups staggered by 0..stages-1 pipeline steps (TileConfig.stagger).
 
 --two-cta: the kernel with delay_release 0 and 1, and a non-warp-specialized schedule (`build`
 below) that relies on two CTAs per SM to hide one's epilogue behind the other's wgmmas: one CTA
@@ -148,6 +150,7 @@ def main():
         return
 
     from relu_sparsity.bench.kernels import time_fn
+    from relu_sparsity.kernels.mosaic_gpu import kernel as mk
     from relu_sparsity.kernels.mosaic_gpu import ops as mops
     from relu_sparsity.kernels.reference import stats_from_h
 
@@ -173,13 +176,22 @@ def main():
         if "--two-cta" in sys.argv:
             ws_variants = [(f"ws delay{d}", dataclasses.replace(committed, delay_release=d))
                            for d in (0, 1)]
-        else:
+        elif "--stagger" in sys.argv:
             ws_variants = [(f"ws stagger{g}", dataclasses.replace(committed, stagger=g))
                            for g in range(committed.stages)]
             ws_variants.append((f"ws stagger{committed.stages - 2} delay1", dataclasses.replace(
                 committed, stagger=committed.stages - 2, delay_release=1)))
+        else:  # epilogue SMEM: stages, piece width, slots per warpgroup
+            ws_variants = [
+                (f"ws s{st} e{en} slots{sl}",
+                 dataclasses.replace(committed, stages=st, epi_tile_n=en, epi_slots=sl))
+                for st, en, sl in ((4, 32, 2), (4, 32, 3), (4, 32, 4), (3, 32, 8), (3, 64, 4))]
         for label, cfg in ws_variants:
             for stats, tm in ((False, False), (True, False), (True, True)):
+                try:
+                    mk.check_smem(cfg, jnp.bfloat16, jnp.bfloat16, stats, tm)
+                except ValueError:
+                    continue
                 fn = ws_fn(cfg, stats, tm)
                 name = f"{label} {'nostats' if not stats else 'stats+tm' if tm else 'stats'}"
                 if stats:
