@@ -1,7 +1,5 @@
 """Where the mosaic_gpu kernel's time goes: Mosaic GPU's on-device profiler on the H200.
 
-    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/profile_mosaic.py
-
     OUT=/tmp/out PYTHONPATH=$PWD python3 bench/profile_mosaic.py [--epilogue ST,EN,SL ...]
 
 For each benchmark shape (bf16, seq_len 512, committed tiles) and variant (no statistics;
