@@ -5,7 +5,8 @@
 
 Default: the warp-specialized kernel (kernels/mosaic_gpu/kernel.py, committed tiles) with a few
 epilogue SMEM layouts (pipeline stages, h piece width, slots per warpgroup: TileConfig.stages,
-epi_tile_n, epi_slots), without statistics, with them, and with the token mask too where it fits
+epi_tile_n, epi_slots) with and without Pallas's automatic barriers (auto_barriers), without
+statistics, with them, and with the token mask too where it fits
 (statistics checked bit for bit against those recomputed from the kernel's own h).
 --stagger: the compute warpgroups staggered by 0..stages-1 pipeline steps (TileConfig.stagger).
 
@@ -181,11 +182,13 @@ def main():
                            for g in range(committed.stages)]
             ws_variants.append((f"ws stagger{committed.stages - 2} delay1", dataclasses.replace(
                 committed, stagger=committed.stages - 2, delay_release=1)))
-        else:  # epilogue SMEM: stages, piece width, slots per warpgroup
+        else:  # epilogue: stages, piece width, slots per warpgroup, Pallas's auto barriers
             ws_variants = [
-                (f"ws s{st} e{en} slots{sl}",
-                 dataclasses.replace(committed, stages=st, epi_tile_n=en, epi_slots=sl))
-                for st, en, sl in ((4, 32, 2), (4, 32, 3), (4, 32, 4), (3, 32, 8), (3, 64, 4))]
+                (f"ws s{st} e{en} slots{sl}{'' if ab else ' noab'}",
+                 dataclasses.replace(committed, stages=st, epi_tile_n=en, epi_slots=sl,
+                                     auto_barriers=ab))
+                for st, en, sl, ab in ((4, 32, 2, True), (4, 32, 2, False), (4, 32, 4, False),
+                                       (3, 64, 4, True), (3, 64, 4, False), (3, 32, 8, False))]
         for label, cfg in ws_variants:
             for stats, tm in ((False, False), (True, False), (True, True)):
                 try:

@@ -81,6 +81,12 @@ class TileConfig:
     # epi_slots - 1 stores stay in flight while the next piece is written. The same bytes serve
     # the statistics' cross-warp reduction first (1 KiB per 32-bit register reduced at once).
     epi_slots: int = 2
+    # False drops the warpgroup barriers Pallas puts around every register <-> memory store
+    # (Mosaic's `unsafe_no_auto_barriers`). Safe here: no thread reads what it wrote in SMEM; the
+    # h pieces are written after `wait_smem_to_gmem` (which ends in a warpgroup barrier) and
+    # published by `commit_smem` (a fence and a warpgroup barrier); the reduction scratch is
+    # Mosaic's own, fenced by barriers inside the reduction; the pipeline syncs by mbarriers.
+    auto_barriers: bool = True
     grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
     grid_tile_width: int = 8  # planar snake: tile width along the minor dimension
     # wgmmas left in flight per pipeline step: 1 lets step k+1's wgmma queue behind step k's
@@ -378,15 +384,16 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     @functools.partial(pl.run_scoped,
                                        acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                     def _acc_scope(acc_ref):
+                        # Loaded before the mainloop, so its latency hides behind the wgmmas.
+                        bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
+                                          layout=wgmma_layout.reduce(0), optimized=False)
                         with jax.named_scope("mainloop"):
                             eval_pipeline(acc_ref)
                             plgpu.wgmma_wait(0)  # the last step's wgmma (delay_release = 1)
-                        epilogue(acc_ref[...])
+                        epilogue(acc_ref[...], bias)
 
-                def epilogue(acc):
+                def epilogue(acc, bias):
                     with jax.named_scope("bias_relu"):
-                        bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
-                                          layout=wgmma_layout.reduce(0), optimized=False)
                         pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
                         h = jnp.maximum(pre, 0.0).astype(out_dtype)
                     # The previous tile's pieces of h have left this warpgroup's epilogue area
@@ -398,20 +405,25 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         store_h(h)
 
                 def store_h(h):
-                    # Piece e through slot e % slots, up to slots - 1 TMA stores in flight; the
-                    # last pieces are waited for only by the next tile's epilogue.
-                    for e in range(n_epi):
-                        ei, ej = divmod(e, tn // epi_n)
-                        rows = slice(ei * epi_m, (ei + 1) * epi_m)
-                        cols = slice(ej * epi_n, (ej + 1) * epi_n)
-                        slot = e % slots
-                        if e >= slots:
-                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                        out_smem[wg, slot] = h[rows, cols]
+                    # Pieces go in batches of `slots`: write a batch, one commit (a fence and a
+                    # barrier, the costly part), its TMA stores; the next batch first waits for
+                    # those to be read. The last batch is waited for by the next tile.
+                    for b0 in range(0, n_epi, slots):
+                        batch = range(b0, min(b0 + slots, n_epi))
+                        if b0:
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        pieces = []
+                        for e in batch:
+                            ei, ej = divmod(e, tn // epi_n)
+                            rows = slice(ei * epi_m, (ei + 1) * epi_m)
+                            cols = slice(ej * epi_n, (ej + 1) * epi_n)
+                            out_smem[wg, e - b0] = h[rows, cols]
+                            pieces.append((e - b0, rows, cols))
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
+                        for slot, rows, cols in pieces:
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
                 def statistics(h):
                     # The exactness rule: "used" is h > 0 on the value as stored.
@@ -504,6 +516,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=not cfg.auto_barriers,
             **(dict(profile_space=profile_ranges, profile_dir=profile_dir,
                     profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
