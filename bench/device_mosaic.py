@@ -46,7 +46,6 @@ SWEEP = [
     TC(128, 128, 64, 4, "n", 32, "m", 8),
     TC(128, 128, 64, 4, "n", 32, "n", 8),
     TC(128, 128, 64, 4, "m", 32, "m", 8),
-    TC(128, 128, 64, 4, "n", 32, "m", 8, delay_release=1),
 ]
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))

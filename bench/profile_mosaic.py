@@ -1,12 +1,12 @@
 """Where the mosaic_gpu kernel's time goes: Mosaic GPU's on-device profiler on the H200.
 
-    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/profile_mosaic.py [--epilogue ST,EN,SL ...]
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/profile_mosaic.py
 
-For each benchmark shape (bf16, seq_len 512, committed tiles) and variant (no statistics;
-statistics; statistics with other epilogue SMEM layouts given by --epilogue), one profiled call
-records, per compute warpgroup and output tile, the phases named in kernel.py: `mainloop`
-(waiting for and issuing the wgmmas of one tile), `bias_relu`, `token_count`, `seq_count`,
-`epilogue_h` (h through SMEM to TMA). Times are SM clock cycles (%clock). Printed per variant:
+For each benchmark shape (bf16, seq_len 512, committed tiles) with and without statistics, one
+profiled call records, per compute warpgroup and output tile, the phases named in kernel.py:
+`mainloop` (waiting for and issuing the wgmmas of one tile), `epilogue_h` (bias, ReLU, h through
+SMEM to TMA), `token_count`, `seq_count`. Times are SM clock cycles (%clock). Printed per
+variant:
   * cycles per tile of each phase (median over tiles and warpgroups) and its share of the
     warpgroup's span (first range start to last range end);
   * how far apart the two compute warpgroups of a CTA start their epilogues (median |delta|, in
@@ -16,11 +16,9 @@ the large shapes the figures cover the first tiles of each CTA. Traces go to $OU
 """
 
 import collections
-import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +32,6 @@ from relu_sparsity.kernels.mosaic_gpu import ops as mops
 SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
 SEQ_LEN = 512
 WARPGROUPS_PER_CTA = 3  # two compute warpgroups, then the memory warpgroup
-# --epilogue ST,EN,SL (repeatable): also profile the committed tiles with these pipeline stages,
-# h piece width and slots per warpgroup.
-EPILOGUES = [tuple(int(v) for v in sys.argv[i + 1].split(","))
-             for i, a in enumerate(sys.argv) if a == "--epilogue"]
 
 
 def ranges_by_trace(trace: dict) -> dict[int, list[tuple[str, float, float]]]:
@@ -114,10 +108,6 @@ def main():
     for T, D, F in SHAPES:
         committed = mops.tile_config(kind, T, D, F, "bfloat16")
         variants = {"nostats": (committed, False), "stats": (committed, True)}
-        for spec in EPILOGUES:
-            st, en, sl = spec
-            variants[f"stats s{st} e{en} slots{sl}"] = (dataclasses.replace(
-                committed, stages=st, epi_tile_n=en, epi_slots=sl), True)
         for label, (config, with_stats) in variants.items():
             key = f"{T}x{D}x{F} {label}"
             t0 = time.time()

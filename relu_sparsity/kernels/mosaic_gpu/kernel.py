@@ -66,6 +66,8 @@ PACK_N = 16  # columns of the pack matrix: 8 low half-words, 8 high half-words
 WORDS_PER_TILE = 8  # mask words each column tile writes (tile_n <= 256 = 8 * 32)
 # Hopper: 227 KiB of dynamic shared memory per block (sm_90 opt-in maximum; Mosaic GPU's limit).
 SMEM_LIMIT_BYTES = 232448
+# Per-warpgroup scratch of the cross-warp column reduction (the size Pallas reserves for its own).
+REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
 MEMORY_REGISTERS = 40
 
 
@@ -77,26 +79,8 @@ class TileConfig:
     stages: int = 4  # SMEM ring depth (max_concurrent_steps)
     wg_dim: str = "m"  # the two compute warpgroups split the CTA tile along "m" or "n"
     epi_tile_n: int = 32  # width of one h store through SMEM
-    # SMEM slots per compute warpgroup for [64, epi_tile_n] pieces of h on their way to TMA: up to
-    # epi_slots - 1 stores stay in flight while the next piece is written. The same bytes serve
-    # the statistics' cross-warp reduction first (1 KiB per 32-bit register reduced at once).
-    epi_slots: int = 2
-    # False drops the warpgroup barriers Pallas puts around every register <-> memory store
-    # (Mosaic's `unsafe_no_auto_barriers`). Safe here: no thread reads what it wrote in SMEM; the
-    # h pieces are written after `wait_smem_to_gmem` (which ends in a warpgroup barrier) and
-    # published by `commit_smem` (a fence and a warpgroup barrier); the reduction scratch is
-    # Mosaic's own, fenced by barriers inside the reduction; the pipeline syncs by mbarriers.
-    auto_barriers: bool = True
     grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
     grid_tile_width: int = 8  # planar snake: tile width along the minor dimension
-    # wgmmas left in flight per pipeline step: 1 lets step k+1's wgmma queue behind step k's
-    # (the tensor cores never drain between steps) and releases each SMEM stage one step later.
-    delay_release: int = 0
-    # Pipeline steps by which compute warpgroup 1 starts its first tile after warpgroup 0. Both
-    # consume every SMEM stage, so without it they reach their epilogues together and the tensor
-    # cores idle through both; staggered, one's epilogue runs while the other's wgmmas do (the
-    # producer keeps the leader up to `stages` steps ahead). Only the first tile is held back.
-    stagger: int = 0
 
     @property
     def cta_m(self) -> int:
@@ -116,15 +100,8 @@ class TileConfig:
             problems.append(f"tile_k={self.tile_k} must be a positive multiple of 64")
         if self.stages < 2:
             problems.append(f"stages={self.stages} must be >= 2")
-        if self.delay_release not in (0, 1) or self.delay_release >= self.stages - 1:
-            problems.append(f"delay_release={self.delay_release} must be 0 or 1 and leave a "
-                            "stage to load into (< stages - 1)")
-        if not 0 <= self.stagger < self.stages:
-            problems.append(f"stagger={self.stagger} must be in [0, stages)")
         if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
             problems.append("wg_dim and grid_minor must be 'm' or 'n'")
-        if self.epi_slots < 1:
-            problems.append(f"epi_slots={self.epi_slots} must be >= 1")
         if self.epi_tile_n % 32 or self.tile_n % self.epi_tile_n:
             problems.append(f"epi_tile_n={self.epi_tile_n} must divide tile_n and be a "
                             "multiple of 32")
@@ -213,17 +190,14 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     """Shared memory the kernel allocates (pipeline ring, h staging, pack matrix, reduction
     scratch, barriers), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
-    out = 2 * epilogue_bytes(config, out_itemsize)
+    out = 2 * 2 * 64 * config.epi_tile_n * out_itemsize
     extra = 0
-    if with_stats and with_token_mask:
-        extra += config.tile_n * PACK_N * 2
-    barriers = 8 * (4 * config.stages + 5)
+    if with_stats:
+        extra += 2 * REDUCTION_SCRATCH_BYTES
+        if with_token_mask:
+            extra += config.tile_n * PACK_N * 2
+    barriers = 8 * (4 * config.stages + 4)
     return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
-
-
-def epilogue_bytes(config: TileConfig, out_itemsize: int) -> int:
-    """SMEM per compute warpgroup for h's pieces, reused as the reduction scratch."""
-    return config.epi_slots * 64 * config.epi_tile_n * out_itemsize
 
 
 def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
@@ -276,7 +250,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, col_tiles * 8] (int32).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
-    named phases below (mainloop, bias_relu, token_count, seq_count, token_mask, epilogue_h) per
+    named phases below (mainloop, epilogue_h, token_count, seq_count, token_mask) per
     warpgroup, the first `profile_ranges` of each (their buffer takes 16 bytes per range and
     warpgroup of shared memory); for bench/profile_mosaic.py."""
     cfg = plan.config
@@ -288,7 +262,6 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     m_iters, n_iters, k_iters = plan.Tp // cta_m, plan.Fp // cta_n, plan.Dp // tk
     epi_m, epi_n = 64, cfg.epi_tile_n
     n_epi = (tm // epi_m) * (tn // epi_n)
-    slots = cfg.epi_slots
     L, T, n_seg, aligned = plan.seq_len, plan.T, plan.n_seg, plan.aligned
     is_interpret = interpret is not None
 
@@ -320,9 +293,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                 memory_registers=MEMORY_REGISTERS,
                 in_specs=[
                     plgpu.BlockSpec((cta_m, tk), lambda k: (0, k), transforms=in_transforms,
-                                    memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
+                                    memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((tk, cta_n), lambda k: (k, 0), transforms=in_transforms,
-                                    memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
+                                    memory_space=plgpu.SMEM),
                 ],
                 wg_axis="wg",
                 num_compute_wgs=2,
@@ -331,28 +304,18 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             )
 
         ignore = lambda *_, **__: None  # noqa: E731
-        # Each compute warpgroup's epilogue area holds first the reduction scratch of its
-        # statistics, then its pieces of h (both views give warpgroup w the same byte range:
-        # the two views have the same size per warpgroup).
-        epi_bytes = epilogue_bytes(cfg, out_dtype.itemsize)
         scoped = dict(
             pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-            epi_smem=plgpu.RefUnion(
-                plgpu.SMEM((2, slots, epi_m, epi_n), out_dtype, transforms=out_transforms),
-                plgpu.SMEM((2, epi_bytes // 4), jnp.int32)),
+            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
         )
+        if with_stats:
+            scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
         if with_token_mask:
             scoped["p_smem"] = plgpu.SMEM((tn, PACK_N), jnp.bfloat16, transforms=p_transforms)
             scoped["p_barrier"] = plgpu.Barrier(num_barriers=1)
-        if cfg.stagger:
-            scoped["stagger_barrier"] = plgpu.Barrier(num_barriers=1)
-        # Warpgroup 0 arrives after this step of its first tile; warpgroup 1 waits before step 0.
-        stagger_step = min(cfg.stagger, k_iters) - 1
 
         @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
-        def _scope(pipeline_allocs, epi_smem, p_smem=None, p_barrier=None,
-                   stagger_barrier=None):
-            out_smem, red_smem = epi_smem
+        def _scope(pipeline_allocs, out_smem, red_smem=None, p_smem=None, p_barrier=None):
             wg = lax.axis_index("wg")
             if with_token_mask:
                 @pl.when(wg == 0)
@@ -384,46 +347,35 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     @functools.partial(pl.run_scoped,
                                        acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                     def _acc_scope(acc_ref):
-                        # Loaded before the mainloop, so its latency hides behind the wgmmas.
-                        bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
-                                          layout=wgmma_layout.reduce(0), optimized=False)
                         with jax.named_scope("mainloop"):
                             eval_pipeline(acc_ref)
-                            plgpu.wgmma_wait(0)  # the last step's wgmma (delay_release = 1)
-                        epilogue(acc_ref[...], bias)
+                        epilogue(acc_ref[...])
 
-                def epilogue(acc, bias):
-                    with jax.named_scope("bias_relu"):
-                        pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
-                        h = jnp.maximum(pre, 0.0).astype(out_dtype)
-                    # The previous tile's pieces of h have left this warpgroup's epilogue area
-                    # (the statistics' reduction scratch overwrites it next).
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                def epilogue(acc):
+                    with jax.named_scope("epilogue_h"):
+                        h = bias_relu_store(acc)
                     if with_stats:
                         statistics(h)
-                    with jax.named_scope("epilogue_h"):
-                        store_h(h)
 
-                def store_h(h):
-                    # Pieces go in batches of `slots`: write a batch, one commit (a fence and a
-                    # barrier, the costly part), its TMA stores; the next batch first waits for
-                    # those to be read. The last batch is waited for by the next tile.
-                    for b0 in range(0, n_epi, slots):
-                        batch = range(b0, min(b0 + slots, n_epi))
-                        if b0:
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        pieces = []
-                        for e in batch:
-                            ei, ej = divmod(e, tn // epi_n)
-                            rows = slice(ei * epi_m, (ei + 1) * epi_m)
-                            cols = slice(ej * epi_n, (ej + 1) * epi_n)
-                            out_smem[wg, e - b0] = h[rows, cols]
-                            pieces.append((e - b0, rows, cols))
+                def bias_relu_store(acc):
+                    bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
+                                      layout=wgmma_layout.reduce(0), optimized=False)
+                    pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
+                    h = jnp.maximum(pre, 0.0).astype(out_dtype)
+                    # h: SMEM slot -> TMA, two slots per warpgroup in flight.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for e in range(n_epi):
+                        ei, ej = divmod(e, tn // epi_n)
+                        rows = slice(ei * epi_m, (ei + 1) * epi_m)
+                        cols = slice(ej * epi_n, (ej + 1) * epi_n)
+                        slot = e % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        out_smem[wg, slot] = h[rows, cols]
                         plgpu.commit_smem()
-                        for slot, rows, cols in pieces:
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
+                    return h
 
                 def statistics(h):
                     # The exactness rule: "used" is h > 0 on the value as stored.
@@ -478,20 +430,10 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         plgpu.wgmma_wait(0)
                         store(pack_ref[...])
 
-                first_tile = loop_info.local_index == 0
-
                 def mma_step(idxs, x_smem, w_smem, acc_ref):
-                    (k,) = idxs
-                    if cfg.stagger:
-                        @pl.when(first_tile & (wg == 1) & (k == 0))
-                        def _():
-                            plgpu.barrier_wait(stagger_barrier.at[0])
+                    del idxs
                     plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
-                    plgpu.wgmma_wait(cfg.delay_release)
-                    if cfg.stagger:
-                        @pl.when(first_tile & (wg == 0) & (k == stagger_step))
-                        def _():
-                            plgpu.barrier_arrive(stagger_barrier.at[0])
+                    plgpu.wgmma_wait(0)
                     return acc_ref
 
                 get_pipeline(mma_step, compute_context)(
@@ -516,7 +458,6 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane,
-            unsafe_no_auto_barriers=not cfg.auto_barriers,
             **(dict(profile_space=profile_ranges, profile_dir=profile_dir,
                     profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
