@@ -34,6 +34,9 @@ SMALL = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="m"
 # Two warpgroups side by side along N, 64-wide column tiles (2 mask words per tile: compaction).
 SMALL_N = kernel.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n",
                             epi_tile_n=32, grid_minor="n", grid_tile_width=2)
+# Ping-pong: each warpgroup takes whole 64 x 128 tiles in turn, each with its own 2-stage ring.
+SMALL_PP = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="pingpong",
+                             epi_tile_n=64)
 
 
 inputs = random_inputs
@@ -72,10 +75,15 @@ RAGGED = [
     (256, 128, 256, 128, SMALL, jnp.float32),
     # sequences straddle tiles (seq_len 80), wg_dim "n", 64-wide tiles (mask word compaction)
     (160, 64, 200, 80, SMALL_N, jnp.bfloat16),
+    # ping-pong: 8 tiles over the 2 simulated CTAs (2 per warpgroup), D = 3 steps over 2 stages
+    (256, 192, 256, 64, SMALL_PP, jnp.bfloat16),
+    # ping-pong with segments, padding rows and columns, an odd number of tiles per CTA
+    (96, 40, 70, 24, SMALL_PP, jnp.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("case", RAGGED, ids=["segments", "f32-aligned", "straddle-wgN"])
+@pytest.mark.parametrize("case", RAGGED, ids=["segments", "f32-aligned", "straddle-wgN",
+                                              "pingpong", "pingpong-segments"])
 def test_interpreter_matches_reference(case):
     T, D, F, seq_len, config, dtype = case
     x, w1, b1 = inputs(T, D, F, dtype)
@@ -146,7 +154,8 @@ def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):
     # Unaligned sequences (several segments per tile), padded T, D and F, the f32 split, the
     # compaction of 64-wide tiles, and the backward through api: all lower.
     for T, D, F, seq_len, dtype, config in ((600, 100, 1000, 24, jnp.float32, SMALL),
-                                            (640, 64, 330, 80, jnp.bfloat16, SMALL_N)):
+                                            (640, 64, 330, 80, jnp.bfloat16, SMALL_N),
+                                            (640, 64, 330, 80, jnp.bfloat16, SMALL_PP)):
         fn = functools.partial(ops.mosaic_gpu_forward, seq_len=seq_len, live=None,
                                with_stats=True, with_token_mask=True, config=config,
                                interpret=False)
@@ -212,14 +221,15 @@ def test_plan_segments():
     assert (p.sum(1) == 2.0 ** (bits % 16)).all() and (p < 2 ** 16).all()
 
 
-def test_interpreter_finds_no_races():
+@pytest.mark.parametrize("config", [SMALL_N, SMALL_PP], ids=["wgN", "pingpong"])
+def test_interpreter_finds_no_races(config):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-    # Two compute warpgroups side by side, segments straddling tiles, the token mask: the SMEM
-    # ring, the h staging slots and the per-warpgroup scratch, checked by the race detector.
+    # Two compute warpgroups, segments straddling tiles, the token mask: the SMEM ring(s), the
+    # h staging slots and the per-warpgroup scratch, checked by the race detector.
     x, w1, b1 = inputs(160, 64, 200, jnp.bfloat16)
     h, stats = ops.mosaic_gpu_forward(x, w1, b1, seq_len=80, live=None, with_stats=True,
-                                      with_token_mask=True, config=SMALL_N,
+                                      with_token_mask=True, config=config,
                                       interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready((h, stats))
     assert not gpu_callbacks.get_races().races_found

@@ -69,6 +69,9 @@ SMEM_LIMIT_BYTES = 232448
 # Per-warpgroup scratch of the cross-warp column reduction (the size Pallas reserves for its own).
 REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
 MEMORY_REGISTERS = 40
+# Registers per thread of a compute warpgroup when the memory warpgroup keeps 40: (512 - 40) / 2
+# rounded down to a multiple of 8 (what emit_pipeline_warp_specialized gives them too).
+COMPUTE_REGISTERS = 232
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,9 @@ class TileConfig:
     tile_n: int = 256  # columns per compute warpgroup (multiple of 64, <= 256)
     tile_k: int = 64  # D per pipeline step (64 bf16 = one 128-byte swizzle row)
     stages: int = 4  # SMEM ring depth (max_concurrent_steps)
-    wg_dim: str = "m"  # the two compute warpgroups split the CTA tile along "m" or "n"
+    # "m" / "n": the two compute warpgroups split one CTA tile along M or N and share one SMEM
+    # ring; "pingpong": each takes whole [tile_m, tile_n] tiles in turn, with a ring of its own.
+    wg_dim: str = "m"
     epi_tile_n: int = 32  # width of one h store through SMEM
     grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
     grid_tile_width: int = 8  # planar snake: tile width along the minor dimension
@@ -100,8 +105,10 @@ class TileConfig:
             problems.append(f"tile_k={self.tile_k} must be a positive multiple of 64")
         if self.stages < 2:
             problems.append(f"stages={self.stages} must be >= 2")
-        if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
-            problems.append("wg_dim and grid_minor must be 'm' or 'n'")
+        if self.wg_dim not in ("m", "n", "pingpong"):
+            problems.append("wg_dim must be 'm', 'n' or 'pingpong'")
+        if self.grid_minor not in ("m", "n"):
+            problems.append("grid_minor must be 'm' or 'n'")
         if self.epi_tile_n % 32 or self.tile_n % self.epi_tile_n:
             problems.append(f"epi_tile_n={self.epi_tile_n} must divide tile_n and be a "
                             "multiple of 32")
@@ -190,6 +197,8 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     """Shared memory the kernel allocates (pipeline ring, h staging, pack matrix, reduction
     scratch, barriers), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
+    if config.wg_dim == "pingpong":
+        ring *= 2  # one ring per compute warpgroup
     out = 2 * 2 * 64 * config.epi_tile_n * out_itemsize
     extra = 0
     if with_stats:
@@ -286,159 +295,262 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             if with_token_mask:
                 tm_gmem = refs.pop(0)
 
-        def get_pipeline(step, compute_context):
-            return plgpu.emit_pipeline_warp_specialized(
-                step,
-                grid=(k_iters,),
-                memory_registers=MEMORY_REGISTERS,
-                in_specs=[
-                    plgpu.BlockSpec((cta_m, tk), lambda k: (0, k), transforms=in_transforms,
-                                    memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((tk, cta_n), lambda k: (k, 0), transforms=in_transforms,
-                                    memory_space=plgpu.SMEM),
-                ],
-                wg_axis="wg",
-                num_compute_wgs=2,
-                max_concurrent_steps=cfg.stages,
-                compute_context=compute_context,
-            )
+        def tile_indices(lin):
+            """(m, n) of the lin-th CTA tile along a planar snake (L2 reuse)."""
+            return plgpu.planar_snake(lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
 
-        ignore = lambda *_, **__: None  # noqa: E731
-        scoped = dict(
-            pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
-        )
-        if with_stats:
-            scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
-        if with_token_mask:
-            scoped["p_smem"] = plgpu.SMEM((tn, PACK_N), jnp.bfloat16, transforms=p_transforms)
-            scoped["p_barrier"] = plgpu.Barrier(num_barriers=1)
+        def load_bias(col_tile):
+            return plgpu.load(b_gmem.at[pl.ds(col_tile * tn, tn)],
+                              layout=wgmma_layout.reduce(0), optimized=False)
 
-        @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
-        def _scope(pipeline_allocs, out_smem, red_smem=None, p_smem=None, p_barrier=None):
-            wg = lax.axis_index("wg")
+        def epilogue(acc, bias, wg, row_tile, col_tile, epi):
+            """Bias, ReLU, h's store and the statistics of warpgroup `wg`'s [tm, tn] output tile
+            (row tile `row_tile`, column tile `col_tile`, in units of tm and tn)."""
+            row0, col0 = row_tile * tm, col_tile * tn
+            h_tile = h_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn)]
+            with jax.named_scope("epilogue_h"):
+                pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
+                h = jnp.maximum(pre, 0.0).astype(out_dtype)
+                # h: SMEM slot -> TMA, two slots per warpgroup in flight.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for e in range(n_epi):
+                    ei, ej = divmod(e, tn // epi_n)
+                    rows = slice(ei * epi_m, (ei + 1) * epi_m)
+                    cols = slice(ej * epi_n, (ej + 1) * epi_n)
+                    slot = e % 2
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    epi["out_smem"][wg, slot] = h[rows, cols]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(epi["out_smem"].at[wg, slot], h_tile.at[rows, cols])
+            if not with_stats:
+                return
+            # The exactness rule: "used" is h > 0 on the value as stored.
+            used = h.astype(jnp.float32) > 0.0
+            ones = jnp.where(used, 1, 0).astype(jnp.int32)
+            with jax.named_scope("token_count"):
+                tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
+            if aligned:
+                segments = [None]
+            else:
+                local = plgpu.broadcasted_iota(jnp.int32, (tm, tn), 0, layout=wgmma_layout)
+                first = lax.div(row0, L)
+                segments = []
+                for s in range(n_seg):
+                    start = (first + s) * L - row0
+                    stop = jnp.minimum(start + L, T - row0)
+                    segments.append((start, stop))
+            for s, seg in enumerate(segments):
+                vals = ones
+                if seg is not None:
+                    start, stop = seg
+                    vals = jnp.where((local >= start) & (local < stop), ones, 0)
+                with jax.named_scope("seq_count"):
+                    sc_gmem.at[row_tile, s, pl.ds(col0, tn)][...] = _col_sum(
+                        vals, epi["red_smem"].at[wg], is_interpret)
             if with_token_mask:
-                @pl.when(wg == 0)
-                def _():
-                    plgpu.copy_gmem_to_smem(p_gmem, p_smem, p_barrier.at[0])
+                with jax.named_scope("token_mask"):
+                    pack_token_mask(used, row0, col_tile, epi["p_smem"])
+
+        def pack_token_mask(used, row0, col_tile, p_smem):
+            a = jnp.where(used, 1.0, 0.0).astype(jnp.bfloat16)
+
+            def store(halves):
+                halves = halves.astype(jnp.int32)
+                words = halves[:, :WORDS_PER_TILE] | lax.shift_left(
+                    halves[:, WORDS_PER_TILE:], 16)
+                tm_gmem.at[pl.ds(row0, tm),
+                           pl.ds(col_tile * WORDS_PER_TILE, WORDS_PER_TILE)][...] = words
+
+            if is_interpret:
+                # The interpreter has no wgmma with its A operand in registers: the same
+                # product as a plain f32 dot (exact: 0/1 times powers of two < 2^16).
+                store(jnp.dot(a.astype(jnp.float32), p_smem[...].astype(jnp.float32)))
+                return
+
+            @functools.partial(pl.run_scoped, pack_ref=plgpu.ACC((tm, PACK_N), jnp.float32))
+            def _pack_scope(pack_ref):
+                plgpu.wgmma(pack_ref, a, p_smem)
+                plgpu.wgmma_wait(0)
+                store(pack_ref[...])
+
+        def load_pack_matrix(wg, epi):
+            if not with_token_mask:
+                return
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(p_gmem, epi["p_smem"], epi["p_barrier"].at[0])
+
+            @pl.when(wg < 2)
+            def _():
+                plgpu.barrier_wait(epi["p_barrier"].at[0])
+
+        # The epilogue's SMEM: h staging, reduction scratch and pack matrix per compute
+        # warpgroup (both schedules).
+        epi_scoped = dict(
+            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms))
+        if with_stats:
+            epi_scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
+        if with_token_mask:
+            epi_scoped["p_smem"] = plgpu.SMEM((tn, PACK_N), jnp.bfloat16,
+                                              transforms=p_transforms)
+            epi_scoped["p_barrier"] = plgpu.Barrier(num_barriers=1)
+
+        def cooperative():
+            """Both compute warpgroups consume every stage of one ring and split the CTA tile
+            (`emit_pipeline_warp_specialized`); their epilogues run at the same time."""
+            def get_pipeline(step, compute_context):
+                return plgpu.emit_pipeline_warp_specialized(
+                    step,
+                    grid=(k_iters,),
+                    memory_registers=MEMORY_REGISTERS,
+                    in_specs=[
+                        plgpu.BlockSpec((cta_m, tk), lambda k: (0, k), transforms=in_transforms,
+                                        memory_space=plgpu.SMEM),
+                        plgpu.BlockSpec((tk, cta_n), lambda k: (k, 0), transforms=in_transforms,
+                                        memory_space=plgpu.SMEM),
+                    ],
+                    wg_axis="wg",
+                    num_compute_wgs=2,
+                    max_concurrent_steps=cfg.stages,
+                    compute_context=compute_context,
+                )
+
+            ignore = lambda *_, **__: None  # noqa: E731
+            pipeline_allocs = get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem)
+
+            @functools.partial(pl.run_scoped, pipeline_allocs=pipeline_allocs, **epi_scoped,
+                               collective_axes="wg")
+            def _scope(pipeline_allocs, **epi):
+                wg = lax.axis_index("wg")
+                load_pack_matrix(wg, epi)
+
+                @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+                def _tile_loop(loop_info):
+                    (lin,) = loop_info.index
+                    m_idx, n_idx = tile_indices(lin)
+                    cta_rows = pl.ds(m_idx * cta_m, cta_m)
+                    cta_cols = pl.ds(n_idx * cta_n, cta_n)
+                    if cfg.wg_dim == "m":
+                        wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
+                        row_tile, col_tile = m_idx * 2 + wg, n_idx
+                    else:
+                        wg_rows, wg_cols = slice(None), pl.ds(wg * tn, tn)
+                        row_tile, col_tile = m_idx, n_idx * 2 + wg
+
+                    def compute_context(eval_pipeline):
+                        @functools.partial(pl.run_scoped,
+                                           acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                        def _acc_scope(acc_ref):
+                            with jax.named_scope("mainloop"):
+                                eval_pipeline(acc_ref)
+                            epilogue(acc_ref[...], load_bias(col_tile), wg, row_tile, col_tile,
+                                     epi)
+
+                    def mma_step(idxs, x_smem, w_smem, acc_ref):
+                        del idxs
+                        plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
+                        plgpu.wgmma_wait(0)
+                        return acc_ref
+
+                    get_pipeline(mma_step, compute_context)(
+                        x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols],
+                        allocations=pipeline_allocs)
+
+        def pingpong():
+            """Each compute warpgroup owns whole [tm, tn] output tiles (this CTA's even or odd
+            ones) and its own SMEM ring; the memory warpgroup fills the rings tile by tile, in
+            order, so a warpgroup's mainloop starts when the other's is nearly done: one's
+            epilogue runs while the other's wgmmas keep the tensor cores busy."""
+            ring_x = plgpu.SMEM((2, cfg.stages, tm, tk), in_dtype, transforms=in_transforms)
+            ring_w = plgpu.SMEM((2, cfg.stages, tk, tn), in_dtype, transforms=in_transforms)
+            # Per ring and stage: "loaded" (two TMA arrivals: x and w) and "consumed".
+            loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * cfg.stages)
+            consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * cfg.stages)
+
+            @functools.partial(pl.run_scoped, ring_x=ring_x, ring_w=ring_w, loaded=loaded,
+                               consumed=consumed, **epi_scoped, collective_axes="wg")
+            def _scope(ring_x, ring_w, loaded, consumed, **epi):
+                wg = lax.axis_index("wg")
+                load_pack_matrix(wg, epi)
+
+                def ring_step(loop_info, k):
+                    """(ring, slot, barrier index, steps this ring has seen before) of step k
+                    of this CTA's tile loop_info.local_index."""
+                    ring = loop_info.local_index % 2
+                    step = (loop_info.local_index // 2) * k_iters + k
+                    slot = lax.rem(step, cfg.stages)
+                    return ring, slot, ring * cfg.stages + slot, step
+
+                @pl.when(wg == 2)
+                def _memory():
+                    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+                    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+                    def _tile_loop(loop_info):
+                        (lin,) = loop_info.index
+                        m_idx, n_idx = tile_indices(lin)
+
+                        def load(k, carry):
+                            ring, slot, b, step = ring_step(loop_info, k)
+
+                            @pl.when(step >= cfg.stages)
+                            def _():
+                                plgpu.barrier_wait(consumed.at[b])
+
+                            plgpu.copy_gmem_to_smem(
+                                x_gmem.at[pl.ds(m_idx * tm, tm), pl.ds(k * tk, tk)],
+                                ring_x.at[ring, slot], loaded.at[b])
+                            plgpu.copy_gmem_to_smem(
+                                w_gmem.at[pl.ds(k * tk, tk), pl.ds(n_idx * tn, tn)],
+                                ring_w.at[ring, slot], loaded.at[b])
+                            return carry
+
+                        lax.fori_loop(0, k_iters, load, None)
+
+                    # Observe each stage's last release too (every phase of a barrier is
+                    # waited for by the thread that waits on it).
+                    n_tiles = m_iters * n_iters
+                    sm = lax.axis_index("sm")
+                    local_tiles = jnp.maximum(n_tiles - sm + num_sms - 1, 0) // num_sms
+                    for ring in range(2):
+                        ring_steps = (local_tiles - ring + 1) // 2 * k_iters
+                        for slot in range(cfg.stages):
+                            @pl.when(ring_steps > slot)
+                            def _():
+                                plgpu.barrier_wait(consumed.at[ring * cfg.stages + slot])
 
                 @pl.when(wg < 2)
-                def _():
-                    plgpu.barrier_wait(p_barrier.at[0])
+                def _compute():
+                    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
-            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-            def _tile_loop(loop_info):
-                (lin,) = loop_info.index
-                m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), minor,
-                                                  cfg.grid_tile_width)
-                cta_rows = pl.ds(m_idx * cta_m, cta_m)
-                cta_cols = pl.ds(n_idx * cta_n, cta_n)
-                if cfg.wg_dim == "m":
-                    wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
-                    row_tile = m_idx * 2 + wg
-                    col_tile = n_idx
-                else:
-                    wg_rows, wg_cols = slice(None), pl.ds(wg * tn, tn)
-                    row_tile = m_idx
-                    col_tile = n_idx * 2 + wg
-                row0, col0 = row_tile * tm, col_tile * tn
+                    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+                    def _tile_loop(loop_info):
+                        @pl.when(loop_info.local_index % 2 == wg)
+                        def _mine():
+                            (lin,) = loop_info.index
+                            m_idx, n_idx = tile_indices(lin)
+                            bias = load_bias(n_idx)
 
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped,
-                                       acc_ref=plgpu.ACC((tm, tn), jnp.float32))
-                    def _acc_scope(acc_ref):
-                        with jax.named_scope("mainloop"):
-                            eval_pipeline(acc_ref)
-                        epilogue(acc_ref[...])
+                            @functools.partial(pl.run_scoped,
+                                               acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                            def _acc_scope(acc_ref):
+                                def mma(k, carry):
+                                    _, slot, b, _ = ring_step(loop_info, k)
+                                    plgpu.barrier_wait(loaded.at[b])
+                                    plgpu.wgmma(acc_ref, ring_x.at[wg, slot], ring_w.at[wg, slot])
+                                    plgpu.wgmma_wait(0)
+                                    plgpu.barrier_arrive(consumed.at[b])
+                                    return carry
 
-                def epilogue(acc):
-                    with jax.named_scope("epilogue_h"):
-                        h = bias_relu_store(acc)
-                    if with_stats:
-                        statistics(h)
+                                with jax.named_scope("mainloop"):
+                                    lax.fori_loop(0, k_iters, mma, None)
+                                epilogue(acc_ref[...], bias, wg, m_idx, n_idx, epi)
 
-                def bias_relu_store(acc):
-                    bias = plgpu.load(b_gmem.at[pl.ds(col0, tn)],
-                                      layout=wgmma_layout.reduce(0), optimized=False)
-                    pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
-                    h = jnp.maximum(pre, 0.0).astype(out_dtype)
-                    # h: SMEM slot -> TMA, two slots per warpgroup in flight.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for e in range(n_epi):
-                        ei, ej = divmod(e, tn // epi_n)
-                        rows = slice(ei * epi_m, (ei + 1) * epi_m)
-                        cols = slice(ej * epi_n, (ej + 1) * epi_n)
-                        slot = e % 2
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                        out_smem[wg, slot] = h[rows, cols]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            h_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
-                    return h
-
-                def statistics(h):
-                    # The exactness rule: "used" is h > 0 on the value as stored.
-                    used = h.astype(jnp.float32) > 0.0
-                    ones = jnp.where(used, 1, 0).astype(jnp.int32)
-                    with jax.named_scope("token_count"):
-                        tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
-                    if aligned:
-                        segments = [None]
-                    else:
-                        local = plgpu.broadcasted_iota(jnp.int32, (tm, tn), 0,
-                                                       layout=wgmma_layout)
-                        first = lax.div(row0, L)
-                        segments = []
-                        for s in range(n_seg):
-                            start = (first + s) * L - row0
-                            stop = jnp.minimum(start + L, T - row0)
-                            segments.append((start, stop))
-                    scratch = red_smem.at[wg]
-                    for s, seg in enumerate(segments):
-                        vals = ones
-                        if seg is not None:
-                            start, stop = seg
-                            vals = jnp.where((local >= start) & (local < stop), ones, 0)
-                        with jax.named_scope("seq_count"):
-                            sc_gmem.at[row_tile, s, pl.ds(col0, tn)][...] = _col_sum(
-                                vals, scratch, is_interpret)
-                    if with_token_mask:
-                        with jax.named_scope("token_mask"):
-                            pack_token_mask(used)
-
-                def pack_token_mask(used):
-                    a = jnp.where(used, 1.0, 0.0).astype(jnp.bfloat16)
-
-                    def store(halves):
-                        halves = halves.astype(jnp.int32)
-                        words = halves[:, :WORDS_PER_TILE] | lax.shift_left(
-                            halves[:, WORDS_PER_TILE:], 16)
-                        tm_gmem.at[pl.ds(row0, tm),
-                                   pl.ds(col_tile * WORDS_PER_TILE, WORDS_PER_TILE)][...] = words
-
-                    if is_interpret:
-                        # The interpreter has no wgmma with its A operand in registers: the same
-                        # product as a plain f32 dot (exact: 0/1 times powers of two < 2^16).
-                        store(jnp.dot(a.astype(jnp.float32), p_smem[...].astype(jnp.float32)))
-                        return
-
-                    @functools.partial(pl.run_scoped,
-                                       pack_ref=plgpu.ACC((tm, PACK_N), jnp.float32))
-                    def _pack_scope(pack_ref):
-                        plgpu.wgmma(pack_ref, a, p_smem)
-                        plgpu.wgmma_wait(0)
-                        store(pack_ref[...])
-
-                def mma_step(idxs, x_smem, w_smem, acc_ref):
-                    del idxs
-                    plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
-
-                get_pipeline(mma_step, compute_context)(
-                    x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols], allocations=pipeline_allocs)
-
+        if cfg.wg_dim == "pingpong":
+            pingpong()
+        else:
+            cooperative()
         # Every TMA store has landed before the kernel exits.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
