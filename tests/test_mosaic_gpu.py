@@ -235,3 +235,20 @@ def test_interpreter_finds_no_races(config):
     assert not gpu_callbacks.get_races().races_found
     own = stats_from_h(h, seq_len=80, num_units=200, live=None, with_token_mask=True)
     np.testing.assert_array_equal(np.asarray(stats.token_mask), np.asarray(own.token_mask))
+
+
+def test_f32_without_a_config_fits_shared_memory():
+    # The tuned and default tiles are sized for a bf16 h; an f32 h doubles the epilogue's
+    # buffers, and the backend drops pipeline stages until the kernel fits (it lowers).
+    default = kernel.DEFAULT_CONFIG
+    assert kernel.fit_stages(default, jnp.bfloat16, jnp.bfloat16, True, True) == default
+    fitted = kernel.fit_stages(default, jnp.bfloat16, jnp.float32, True, True)
+    assert 2 <= fitted.stages < default.stages
+    kernel.check_smem(fitted, jnp.bfloat16, jnp.float32, True, True)
+    with pytest.raises(ValueError, match="shared memory"):
+        kernel.check_smem(default, jnp.bfloat16, jnp.float32, True, True)
+    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=256, live=None, with_stats=True,
+                           with_token_mask=True, interpret=False)
+    f32 = jnp.float32
+    assert "mosaic_gpu" in lower_for_cuda(fn, ((1024, 256), f32), ((256, 2048), f32),
+                                          ((2048,), f32))

@@ -53,6 +53,8 @@ def check(h, stats, x, w1, b1, seq_len, live=None, with_token_mask=True):
 def test_compiled_kernel_matches_reference(config, shape, dtype):
     n_seq, seq_len, d, f = shape
     x, w1, b1 = inputs(sum(shape), n_seq * seq_len, d, f, dtype)
+    # f32 writes an f32 h: fewer stages where the doubled epilogue buffers need the room.
+    config = kernel.fit_stages(config, jnp.bfloat16, dtype, True, True)
     run = jax.jit(lambda x, w1, b1: ops.mosaic_gpu_forward(
         x, w1, b1, seq_len=seq_len, live=None, with_stats=True, with_token_mask=True,
         config=config, interpret=False))

@@ -222,6 +222,18 @@ def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
             "smaller tiles")
 
 
+def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
+               with_token_mask: bool) -> TileConfig:
+    """`config` with as many pipeline stages as fit in shared memory, at most its own and at
+    least 2 (f32 outputs double the epilogue's buffers: a ring tuned for bf16 may not fit)."""
+    fitted = config
+    while fitted.stages > 2 and smem_bytes(
+            fitted, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize, with_stats,
+            with_token_mask) > SMEM_LIMIT_BYTES:
+        fitted = dataclasses.replace(fitted, stages=fitted.stages - 1)
+    return fitted
+
+
 def pack_matrix(tile_n: int) -> np.ndarray:
     """P [tile_n, 16] (exact in bf16): column c of a tile is bit c % 32 of its word c // 32;
     bits 0..15 are summed in output column w = c // 32, bits 16..31 in column 8 + w."""

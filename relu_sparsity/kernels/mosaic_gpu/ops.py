@@ -5,7 +5,9 @@ On a GPU the kernel is compiled by Mosaic GPU (Hopper: TMA, wgmma, warp speciali
 anywhere else it runs in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), with a warning,
 so that CPUs can check it. `interpret=False` compiles regardless of the platform (to lower for
 CUDA from a CPU). Tile configurations are data (`kernels/configs/mosaic_gpu.json`, per device
-kind and shape); shapes not listed there use `kernel.DEFAULT_CONFIG`.
+kind and shape); shapes not listed there use `kernel.DEFAULT_CONFIG`. Either gives up pipeline
+stages where an f32 h's doubled epilogue buffers need the shared memory (`kernel.fit_stages`,
+logged); a configuration passed explicitly is used as it is, or rejected if it does not fit.
 
 Dtypes. bf16 inputs go to wgmma as they are (f32 accumulation), h is written in bf16.
 f32 inputs: wgmma would round f32 operands to TF32 (10-bit mantissa), far from the reference's
@@ -92,7 +94,12 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     device = _gpu_device()
     if config is None:
         kind = device.device_kind if device is not None else DEFAULT_DEVICE_KIND
-        config = tile_config(kind, T, D, F, out_dtype.name)
+        tuned = tile_config(kind, T, D, F, out_dtype.name)
+        config = mgpu_kernel.fit_stages(tuned, jnp.bfloat16, out_dtype, with_stats,
+                                        with_stats and with_token_mask)
+        if config != tuned:
+            log.info("mosaic_gpu: %d pipeline stages instead of %d so that the %s epilogue "
+                     "fits in shared memory", config.stages, tuned.stages, out_dtype.name)
     if interpret is None:
         interpret = default_interpret()
     elif interpret is False:
