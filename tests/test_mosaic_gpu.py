@@ -252,3 +252,16 @@ def test_f32_without_a_config_fits_shared_memory():
     f32 = jnp.float32
     assert "mosaic_gpu" in lower_for_cuda(fn, ((1024, 256), f32), ((256, 2048), f32),
                                           ((2048,), f32))
+
+
+def test_f32_split_keeps_the_low_part():
+    # hi + lo carries 16 mantissa bits; hi alone is bf16 (8). Under jit, as the kernel runs it.
+    a = jax.random.normal(jax.random.key(7), (4096,), jnp.float32)
+    hi, lo = jax.jit(ops.split_bf16)(a)
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(hi), np.asarray(a.astype(jnp.bfloat16)))
+    err_hi = np.abs(np.asarray(hi, np.float32) - np.asarray(a))
+    err = np.abs(np.asarray(hi, np.float32) + np.asarray(lo, np.float32) - np.asarray(a))
+    assert (np.asarray(lo) != 0).mean() > 0.9
+    assert err.max() <= 2.0 ** -16 * np.abs(np.asarray(a)).max()
+    assert err.mean() < err_hi.mean() / 100

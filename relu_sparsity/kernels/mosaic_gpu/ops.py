@@ -16,7 +16,8 @@ a_lo = bf16(a - a_hi), and the kernel runs the bf16 GEMM [x_hi | x_lo | x_hi] @ 
 (K = 3 D) = x_hi w_hi + x_lo w_hi + x_hi w_lo with f32 accumulation, writing h in f32. The dropped
 x_lo w_lo term and the rounding of the lo pieces leave a relative error of about 2^-16 per
 product (`bf16x3`), f32 tolerance for our purposes, at three times the bf16 GEMM's work plus the
-splitting pass. The statistics follow the exactness rule on that returned f32 h as always.
+splitting pass (`split_bf16`, which rounds with reduce_precision: see there why). The
+statistics follow the exactness rule on that returned f32 h as always.
 
 What is left to plain JAX (all small next to h): the sum of the per-column-tile token counts
 ([F / tile_n, T]), the sum of the per-row-tile sequence counts ([T / tile_m, n_seg, F] ->
@@ -30,6 +31,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from relu_sparsity.kernels.bits import BITS_PER_WORD, num_words, pack_bits
@@ -66,10 +68,14 @@ def default_interpret():
     return plgpu.InterpretGPUParams()
 
 
-def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    hi = a.astype(jnp.bfloat16)
-    lo = (a - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    return hi, lo
+def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a (f32) = hi + lo + O(2^-16 |a|), hi and lo bf16.
+
+    hi is rounded by `lax.reduce_precision`, not by a convert to bf16 and back: XLA's GPU
+    compiler, allowed excess precision, folds such a convert pair away, which turned
+    `a - f32(bf16(a))` into 0 on the H200 (lo = 0: the f32 path at bf16 precision)."""
+    hi = lax.reduce_precision(a, exponent_bits=8, mantissa_bits=7)
+    return hi.astype(jnp.bfloat16), (a - hi).astype(jnp.bfloat16)
 
 
 def _pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
@@ -111,8 +117,8 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
             num_sms = getattr(device, "core_count", None) or H200_NUM_SMS
 
     if out_dtype == jnp.float32:
-        x_hi, x_lo = _split_bf16(x)
-        w_hi, w_lo = _split_bf16(w1)
+        x_hi, x_lo = split_bf16(x)
+        w_hi, w_lo = split_bf16(w1)
         xk = jnp.concatenate([x_hi, x_lo, x_hi], axis=1)
         wk = jnp.concatenate([w_hi, w_hi, w_lo], axis=0)
     else:
