@@ -211,7 +211,7 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
         extra += 2 * REDUCTION_SCRATCH_BYTES
         if with_token_mask:
             extra += config.tile_n * PACK_N * 2
-    barriers = 8 * (4 * config.stages + 4)
+    barriers = 8 * (4 * config.stages + 4)  # (ping-pong: 2 rings x 2 barriers per stage, too)
     return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
@@ -222,8 +222,9 @@ def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(
             f"mosaic_gpu TileConfig {config} needs about {need / 1024:.1f} KiB of shared memory "
-            f"({config.stages} stages of [{config.cta_m} + {config.cta_n}] x {config.tile_k} "
-            f"operand blocks plus the epilogue's buffers), more than the "
+            f"({'2 rings of ' if config.wg_dim == 'pingpong' else ''}{config.stages} stages of "
+            f"[{config.cta_m} + {config.cta_n}] x {config.tile_k} operand blocks plus the "
+            f"epilogue's buffers), more than the "
             f"{SMEM_LIMIT_BYTES // 1024} KiB a Hopper block can have: use fewer stages or "
             "smaller tiles")
 
