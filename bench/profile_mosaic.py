@@ -10,7 +10,9 @@ variant:
   * cycles per tile of each phase (median over tiles and warpgroups) and its share of the
     warpgroup's span (first range start to last range end);
   * how far apart the two compute warpgroups of a CTA start their epilogues (median |delta|, in
-    cycles): ~0 means lockstep, i.e. the tensor cores idle through both epilogues at once.
+    cycles): ~0 means lockstep, i.e. the tensor cores idle through both epilogues at once
+    (split schedule; with ping-pong the i-th epilogues of the two belong to consecutive tiles,
+    about one mainloop apart).
 Only the first `profile_ranges` ranges of each warpgroup are kept (shared-memory buffer), so at
 the large shapes the figures cover the first tiles of each CTA. Traces go to $OUT/traces/.
 """

@@ -97,12 +97,13 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     out_dtype = jnp.dtype(x.dtype)
     if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         raise ValueError(f"mosaic_gpu: x must be bfloat16 or float32, got {x.dtype}")
+    with_token_mask = with_stats and with_token_mask
     device = _gpu_device()
     if config is None:
         kind = device.device_kind if device is not None else DEFAULT_DEVICE_KIND
         tuned = tile_config(kind, T, D, F, out_dtype.name)
         config = mgpu_kernel.fit_stages(tuned, jnp.bfloat16, out_dtype, with_stats,
-                                        with_stats and with_token_mask)
+                                        with_token_mask)
         if config != tuned:
             log.info("mosaic_gpu: %d pipeline stages instead of %d so that the %s epilogue "
                      "fits in shared memory", config.stages, tuned.stages, out_dtype.name)
@@ -128,7 +129,6 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     wp = _pad2(wk, plan.Dp, plan.Fp)
     bp = jnp.pad(b1.astype(jnp.float32), (0, plan.Fp - F))
     args = [xp, wp, bp]
-    with_token_mask = with_stats and with_token_mask
     if with_token_mask:
         args.append(jnp.asarray(mgpu_kernel.pack_matrix(config.tile_n), jnp.bfloat16))
     call = mgpu_kernel.build_call(plan, jnp.bfloat16, out_dtype, with_stats=with_stats,
