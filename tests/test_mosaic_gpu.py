@@ -7,6 +7,7 @@ The interpreter cannot run two things the compiled kernel does (register-A wgmma
 GPU); for those the kernel takes plain-JAX stand-ins with the same arithmetic in interpret mode
 (see kernel.py), and the lowering tests cover the compiled forms."""
 
+import dataclasses
 import functools
 import warnings
 
@@ -34,9 +35,11 @@ SMALL = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="m"
 # Two warpgroups side by side along N, 64-wide column tiles (2 mask words per tile: compaction).
 SMALL_N = kernel.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n",
                             epi_tile_n=32, grid_minor="n", grid_tile_width=2)
-# Ping-pong: each warpgroup takes whole 64 x 128 tiles in turn, each with its own 2-stage ring.
+# Ping-pong: each warpgroup takes whole 64 x 128 tiles in turn, through one 2-stage ring.
 SMALL_PP = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="pingpong",
                              epi_tile_n=64)
+# ... a 3-stage ring: with 2 or 3 steps per tile, a stage's owner changes irregularly.
+SMALL_PP3 = dataclasses.replace(SMALL_PP, stages=3)
 
 
 inputs = random_inputs
@@ -79,11 +82,14 @@ RAGGED = [
     (256, 192, 256, 64, SMALL_PP, jnp.bfloat16),
     # ping-pong with segments, padding rows and columns, an odd number of tiles per CTA
     (96, 40, 70, 24, SMALL_PP, jnp.bfloat16),
+    # ping-pong, 3 stages: 2 steps per tile, 6 tiles per CTA (3 per warpgroup)
+    (384, 128, 256, 128, SMALL_PP3, jnp.bfloat16),
 ]
 
 
 @pytest.mark.parametrize("case", RAGGED, ids=["segments", "f32-aligned", "straddle-wgN",
-                                              "pingpong", "pingpong-segments"])
+                                              "pingpong", "pingpong-segments",
+                                              "pingpong-3-stages"])
 def test_interpreter_matches_reference(case):
     T, D, F, seq_len, config, dtype = case
     x, w1, b1 = inputs(T, D, F, dtype)
@@ -221,11 +227,12 @@ def test_plan_segments():
     assert (p.sum(1) == 2.0 ** (bits % 16)).all() and (p < 2 ** 16).all()
 
 
-@pytest.mark.parametrize("config", [SMALL_N, SMALL_PP], ids=["wgN", "pingpong"])
+@pytest.mark.parametrize("config", [SMALL_N, SMALL_PP, SMALL_PP3],
+                         ids=["wgN", "pingpong", "pingpong-3"])
 def test_interpreter_finds_no_races(config):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-    # Two compute warpgroups, segments straddling tiles, the token mask: the SMEM ring(s), the
+    # Two compute warpgroups, segments straddling tiles, the token mask: the SMEM ring, the
     # h staging slots and the per-warpgroup scratch, checked by the race detector.
     x, w1, b1 = inputs(160, 64, 200, jnp.bfloat16)
     h, stats = ops.mosaic_gpu_forward(x, w1, b1, seq_len=80, live=None, with_stats=True,

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 CONFIGS = {
     "split-m": kernel.TileConfig(64, 256, 64, 4, "m", 32, "m", 8),
     "split-n": kernel.TileConfig(128, 128, 64, 4, "n", 32, "m", 8),
-    "pingpong": kernel.TileConfig(128, 128, 64, 3, "pingpong", 32, "m", 16),
+    "pingpong": kernel.TileConfig(128, 128, 64, 6, "pingpong", 32, "m", 16),
 }
 # (n_seq, seq_len, D, F): tiles spanning sequences, sequences spanning tiles, ragged F and D.
 SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024, 4096)]

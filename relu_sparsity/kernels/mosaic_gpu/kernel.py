@@ -9,8 +9,8 @@ Structure (one CTA per SM, persistent; `plgpu.kernel` with three warpgroups), tw
     both read every stage, so they reach their epilogues together and the tensor cores idle
     through them (measured: the epilogue is 25-50% of a tile's mainloop at D = 1024).
   * ping-pong (`wg_dim="pingpong"`): warpgroups 0 and 1 take this CTA's output tiles in turn,
-    whole, each with an SMEM ring of its own; warpgroup 2 fills the rings tile by tile in order
-    (hand-written pipeline: "loaded" and "consumed" barriers per ring and stage), so one
+    whole; warpgroup 2 streams the tiles' steps in order through one SMEM ring serving both
+    (hand-written pipeline: "loaded" and "consumed" barriers per warpgroup and stage), so one
     warpgroup's mainloop starts as the other's ends and each epilogue runs under the other
     warpgroup's wgmmas.
 Output tiles are visited by `plgpu.nd_loop` over a planar snake (L2 reuse), as in JAX's example
@@ -86,8 +86,8 @@ class TileConfig:
     tile_n: int = 256  # columns per compute warpgroup (multiple of 64, <= 256)
     tile_k: int = 64  # D per pipeline step (64 bf16 = one 128-byte swizzle row)
     stages: int = 4  # SMEM ring depth (max_concurrent_steps)
-    # "m" / "n": the two compute warpgroups split one CTA tile along M or N and share one SMEM
-    # ring; "pingpong": each takes whole [tile_m, tile_n] tiles in turn, with a ring of its own.
+    # "m" / "n": the two compute warpgroups split one CTA tile along M or N and both read every
+    # stage; "pingpong": each takes whole [tile_m, tile_n] tiles in turn, reading its own steps.
     wg_dim: str = "m"
     epi_tile_n: int = 32  # width of one h store through SMEM
     grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
@@ -203,15 +203,13 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     """Shared memory the kernel allocates (pipeline ring, h staging, pack matrix, reduction
     scratch, barriers), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
-    if config.wg_dim == "pingpong":
-        ring *= 2  # one ring per compute warpgroup
     out = 2 * 2 * 64 * config.epi_tile_n * out_itemsize
     extra = 0
     if with_stats:
         extra += 2 * REDUCTION_SCRATCH_BYTES
         if with_token_mask:
             extra += config.tile_n * PACK_N * 2
-    barriers = 8 * (4 * config.stages + 4)  # (ping-pong: 2 rings x 2 barriers per stage, too)
+    barriers = 8 * (4 * config.stages + 4)  # (ping-pong: 2 warpgroups x 2 barriers per stage)
     return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
@@ -222,7 +220,7 @@ def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(
             f"mosaic_gpu TileConfig {config} needs about {need / 1024:.1f} KiB of shared memory "
-            f"({'2 rings of ' if config.wg_dim == 'pingpong' else ''}{config.stages} stages of "
+            f"({config.stages} stages of "
             f"[{config.cta_m} + {config.cta_n}] x {config.tile_k} operand blocks plus the "
             f"epilogue's buffers), more than the "
             f"{SMEM_LIMIT_BYTES // 1024} KiB a Hopper block can have: use fewer stages or "
@@ -478,28 +476,33 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
 
         def pingpong():
             """Each compute warpgroup owns whole [tm, tn] output tiles (this CTA's even or odd
-            ones) and its own SMEM ring; the memory warpgroup fills the rings tile by tile, in
-            order, so a warpgroup's mainloop starts when the other's is nearly done: one's
-            epilogue runs while the other's wgmmas keep the tensor cores busy."""
-            ring_x = plgpu.SMEM((2, cfg.stages, tm, tk), in_dtype, transforms=in_transforms)
-            ring_w = plgpu.SMEM((2, cfg.stages, tk, tn), in_dtype, transforms=in_transforms)
-            # Per ring and stage: "loaded" (two TMA arrivals: x and w) and "consumed".
-            loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * cfg.stages)
-            consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * cfg.stages)
+            ones); the memory warpgroup streams every tile's steps in order through one SMEM
+            ring, so a warpgroup's mainloop starts when the other's is nearly done: one's
+            epilogue runs while the other's wgmmas keep the tensor cores busy. One ring for both
+            (not one each) doubles how far ahead of the running mainloop the loads can be; with
+            3-stage rings of their own the 128x128 mainloop waited on memory (with statistics,
+            1.22 -> 1.14 of XLA's GEMM at 8192x1024x32768: bench/RESULTS.md)."""
+            S = cfg.stages
+            ring_x = plgpu.SMEM((S, tm, tk), in_dtype, transforms=in_transforms)
+            ring_w = plgpu.SMEM((S, tk, tn), in_dtype, transforms=in_transforms)
+            # Per compute warpgroup and stage, index wg * S + slot: "loaded" (two TMA arrivals:
+            # x and w) and "consumed". A stage serves both warpgroups in turn, but each barrier
+            # sees only its own warpgroup's uses of it, so whoever waits on a barrier waits on
+            # each of its phases in order (a waiter must not fall two phases behind: mbarrier
+            # waits go by phase parity).
+            loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * S)
+            consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * S)
+
+            def owner(step):
+                """The compute warpgroup of this CTA's step `step` (its tiles in order, k_iters
+                steps each, tile i to warpgroup i % 2)."""
+                return lax.rem(lax.div(step, k_iters), 2)
 
             @functools.partial(pl.run_scoped, ring_x=ring_x, ring_w=ring_w, loaded=loaded,
                                consumed=consumed, **epi_scoped, collective_axes="wg")
             def _scope(ring_x, ring_w, loaded, consumed, **epi):
                 wg = lax.axis_index("wg")
                 load_pack_matrix(wg, epi)
-
-                def ring_step(loop_info, k):
-                    """(ring, slot, barrier index, steps this ring has seen before) of step k
-                    of this CTA's tile loop_info.local_index."""
-                    ring = loop_info.local_index % 2
-                    step = (loop_info.local_index // 2) * k_iters + k
-                    slot = lax.rem(step, cfg.stages)
-                    return ring, slot, ring * cfg.stages + slot, step
 
                 @pl.when(wg == 2)
                 def _memory():
@@ -509,20 +512,23 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     def _tile_loop(loop_info):
                         (lin,) = loop_info.index
                         m_idx, n_idx = tile_indices(lin)
+                        first_step = loop_info.local_index * k_iters
+                        b = (loop_info.local_index % 2) * S
 
                         def load(k, carry):
-                            ring, slot, b, step = ring_step(loop_info, k)
+                            step = first_step + k
+                            slot = lax.rem(step, S)
 
-                            @pl.when(step >= cfg.stages)
+                            @pl.when(step >= S)
                             def _():
-                                plgpu.barrier_wait(consumed.at[b])
+                                plgpu.barrier_wait(consumed.at[owner(step - S) * S + slot])
 
                             plgpu.copy_gmem_to_smem(
                                 x_gmem.at[pl.ds(m_idx * tm, tm), pl.ds(k * tk, tk)],
-                                ring_x.at[ring, slot], loaded.at[b])
+                                ring_x.at[slot], loaded.at[b + slot])
                             plgpu.copy_gmem_to_smem(
                                 w_gmem.at[pl.ds(k * tk, tk), pl.ds(n_idx * tn, tn)],
-                                ring_w.at[ring, slot], loaded.at[b])
+                                ring_w.at[slot], loaded.at[b + slot])
                             return carry
 
                         lax.fori_loop(0, k_iters, load, None)
@@ -532,12 +538,12 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     n_tiles = m_iters * n_iters
                     sm = lax.axis_index("sm")
                     local_tiles = jnp.maximum(n_tiles - sm + num_sms - 1, 0) // num_sms
-                    for ring in range(2):
-                        ring_steps = (local_tiles - ring + 1) // 2 * k_iters
-                        for slot in range(cfg.stages):
-                            @pl.when(ring_steps > slot)
-                            def _():
-                                plgpu.barrier_wait(consumed.at[ring * cfg.stages + slot])
+                    steps = local_tiles * k_iters
+                    for slot in range(S):
+                        @pl.when(steps > slot)
+                        def _():
+                            last = slot + lax.div(steps - 1 - slot, S) * S
+                            plgpu.barrier_wait(consumed.at[owner(last) * S + slot])
 
                 @pl.when(wg < 2)
                 def _compute():
@@ -550,20 +556,32 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                             (lin,) = loop_info.index
                             m_idx, n_idx = tile_indices(lin)
                             bias = load_bias(n_idx)
+                            first_step = loop_info.local_index * k_iters
+
+                            def release(step):
+                                plgpu.barrier_arrive(consumed.at[wg * S + lax.rem(step, S)])
 
                             @functools.partial(pl.run_scoped,
                                                acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                             def _acc_scope(acc_ref):
+                                # One wgmma stays in flight: step k is issued before step k - 1
+                                # is waited for, then k - 1's stage is released.
                                 def mma(k, carry):
-                                    _, slot, b, _ = ring_step(loop_info, k)
-                                    plgpu.barrier_wait(loaded.at[b])
-                                    plgpu.wgmma(acc_ref, ring_x.at[wg, slot], ring_w.at[wg, slot])
-                                    plgpu.wgmma_wait(0)
-                                    plgpu.barrier_arrive(consumed.at[b])
+                                    slot = lax.rem(first_step + k, S)
+                                    plgpu.barrier_wait(loaded.at[wg * S + slot])
+                                    plgpu.wgmma(acc_ref, ring_x.at[slot], ring_w.at[slot])
+                                    plgpu.wgmma_wait(1)
+
+                                    @pl.when(k > 0)
+                                    def _():
+                                        release(first_step + k - 1)
+
                                     return carry
 
                                 with jax.named_scope("mainloop"):
                                     lax.fori_loop(0, k_iters, mma, None)
+                                    plgpu.wgmma_wait(0)
+                                    release(first_step + k_iters - 1)
                                 epilogue(acc_ref[...], bias, wg, m_idx, n_idx, epi)
 
         if cfg.wg_dim == "pingpong":
