@@ -32,7 +32,7 @@ INTERPRET = plgpu.InterpretGPUParams()
 # Small tiles for the interpreter: CTA 128 x 128 (two 64 x 128 warpgroup tiles along M).
 SMALL = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="m",
                           epi_tile_n=64)
-# Two warpgroups side by side along N, 64-wide column tiles (2 mask words per tile: compaction).
+# Two warpgroups side by side along N, 64-wide column tiles (2 mask words per tile).
 SMALL_N = kernel.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n",
                             epi_tile_n=32, grid_minor="n", grid_tile_width=2)
 # Ping-pong: each warpgroup takes whole 64 x 128 tiles in turn, through one 2-stage ring.
@@ -76,7 +76,7 @@ RAGGED = [
     # several row tiles per sequence (seq_len 128 = 2 tiles), aligned: one segment per tile;
     # two column tiles, D = 2 pipeline steps; f32 inputs (the bf16x3 split)
     (256, 128, 256, 128, SMALL, jnp.float32),
-    # sequences straddle tiles (seq_len 80), wg_dim "n", 64-wide tiles (mask word compaction)
+    # sequences straddle tiles (seq_len 80), wg_dim "n", 64-wide tiles (2 mask words each)
     (160, 64, 200, 80, SMALL_N, jnp.bfloat16),
     # ping-pong: 8 tiles over the 2 simulated CTAs (2 per warpgroup), D = 3 steps over 2 stages
     (256, 192, 256, 64, SMALL_PP, jnp.bfloat16),
@@ -158,7 +158,7 @@ def test_lowers_for_cuda_at_bench_shapes(shape):
 
 def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):
     # Unaligned sequences (several segments per tile), padded T, D and F, the f32 split, the
-    # compaction of 64-wide tiles, and the backward through api: all lower.
+    # 64-wide tiles, and the backward through api: all lower.
     for T, D, F, seq_len, dtype, config in ((600, 100, 1000, 24, jnp.float32, SMALL),
                                             (640, 64, 330, 80, jnp.bfloat16, SMALL_N),
                                             (640, 64, 330, 80, jnp.bfloat16, SMALL_PP)):
@@ -222,9 +222,22 @@ def test_plan_segments():
     ids = plan.segment_ids()
     assert ids.tolist() == [[0, 1, 2], [2, 3, 4]]  # 4 = n_seq: an empty segment
     assert kernel.make_plan(24 * 8, 8, 64, 24, SMALL).n_seg == 4
-    p = kernel.pack_matrix(256)
-    bits = np.arange(256) % 32
-    assert (p.sum(1) == 2.0 ** (bits % 16)).all() and (p < 2 ** 16).all()
+
+
+@pytest.mark.parametrize("tile_m", [128, 192, 256])
+def test_column_counts_up_to_tile_m(tile_m):
+    # The per-sequence counts are summed several to an int32 (8-bit lanes, 16-bit at
+    # tile_m = 256): columns used by every row of a tile reach tile_m, the top lane's high bit
+    # at 128 (the int32's sign bit) and past a byte at 256; the token mask's bit 31 is set.
+    config = kernel.TileConfig(tile_m=tile_m, tile_n=64, tile_k=64, stages=2, wg_dim="n",
+                               epi_tile_n=32)
+    x, w1, b1 = inputs(2 * tile_m, 64, 128, jnp.bfloat16)
+    always = (jnp.arange(128) % 3 == 0) | (jnp.arange(128) % 32 == 31)
+    b1 = jnp.where(always, 100.0, jnp.where(jnp.arange(128) % 3 == 1, -100.0, b1))
+    b1 = b1.astype(jnp.bfloat16)
+    _, stats = check_against_reference(x, w1, b1, seq_len=tile_m, config=config)
+    counts = np.asarray(stats.seq_count)
+    assert (counts[:, np.asarray(always)] == tile_m).all()
 
 
 @pytest.mark.parametrize("config", [SMALL_N, SMALL_PP, SMALL_PP3],

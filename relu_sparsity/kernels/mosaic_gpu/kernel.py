@@ -25,7 +25,10 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                registers. JAX adds the Fp / tile_n partials (a [n, T] sum).
   seq_count    column sums of `used` over the rows of each sequence segment that meets the row
                tile -> sc_part [Tp / tile_m, n_seg, Fp] int32. The rows of a tile are spread over
-               the four warps, so this reduction crosses warps through SMEM; Pallas's own
+               the four warps, so this reduction crosses warps (shuffles within a warp, then
+               SMEM). It is summed four columns per int32 (8-bit lanes: a count is at most
+               tile_m < 256; 16-bit lanes two per int32 at tile_m = 256), so the shuffles and
+               SMEM rounds are a quarter of one per column, then unpacked. Pallas's own
                `jnp.sum(axis=0)` uses one scratch area shared by every warpgroup, which the two
                compute warpgroups would race on, so the compiled kernel calls
                `FragmentedArray.reduce` through `plgpu.inline_mgpu` with a scratch area of its
@@ -38,14 +41,13 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                (static), and segment s of a tile counts the rows of sequence
                floor(row0 / seq_len) + s, masked by a row iota (padding rows belong to no
                sequence, so they never count).
-  token_mask   packed by one extra wgmma: used (bf16 0/1, in registers as the A operand) times a
-               constant P [tile_n, 16] (bf16, SMEM) with P[c, w] = 2^(c % 16) for the low half-word
-               (w = c // 32, bits 0..15) and P[c, 8 + w] for the high half-word (bits 16..31):
-               each output is an integer < 2^16, exact in f32. word = low | high << 16, int32
-               [tile_m, 8] stored from registers into tm_part [Tp, (Fp / tile_n) * 8]. Cost: a
-               [tile_m, tile_n] x [tile_n, 16] wgmma per tile, 16 / D of the GEMM's flops (1.6% at
-               D = 1024). With tile_n < 256 a tile has fewer than 8 words and the rest of its 8
-               are zero: JAX compacts them (committed configs use tile_n = 256: no compaction).
+  token_mask   word w of a row = the sum over its 32 columns c of used << (c % 32): distinct
+               powers of two, so the sum is their OR (int32 addition wraps like uint32's at bit
+               31). Like the token counts, a row reduction within a quad's lanes, per word; stored
+               from registers into its column of tm_part [Tp, Fp / 32] int32, which is the mask
+               (bitcast to uint32) once padding is sliced off. (Before: one extra wgmma per tile
+               with a constant power-of-two matrix; in ping-pong it queued behind the other
+               warpgroup's wgmmas: +11% at 8192x1024x32768.)
   seq_mask     left to JAX: pack_bits(seq_count > 0) on the [n_seq, F] counts (tiny).
 Nothing is atomic; every partial is written exactly once, so the results are deterministic.
 
@@ -68,8 +70,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BITS_PER_WORD = 32
-PACK_N = 16  # columns of the pack matrix: 8 low half-words, 8 high half-words
-WORDS_PER_TILE = 8  # mask words each column tile writes (tile_n <= 256 = 8 * 32)
 # Hopper: 227 KiB of dynamic shared memory per block (sm_90 opt-in maximum; Mosaic GPU's limit).
 SMEM_LIMIT_BYTES = 232448
 # Per-warpgroup scratch of the cross-warp column reduction (the size Pallas reserves for its own).
@@ -207,8 +207,6 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     extra = 0
     if with_stats:
         extra += 2 * REDUCTION_SCRATCH_BYTES
-        if with_token_mask:
-            extra += config.tile_n * PACK_N * 2
     barriers = 8 * (4 * config.stages + 4)  # (ping-pong: 2 warpgroups x 2 barriers per stage)
     return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
@@ -239,16 +237,6 @@ def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
     return fitted
 
 
-def pack_matrix(tile_n: int) -> np.ndarray:
-    """P [tile_n, 16] (exact in bf16): column c of a tile is bit c % 32 of its word c // 32;
-    bits 0..15 are summed in output column w = c // 32, bits 16..31 in column 8 + w."""
-    p = np.zeros((tile_n, PACK_N), np.float32)
-    for c in range(tile_n):
-        word, bit = divmod(c, BITS_PER_WORD)
-        p[c, word + (WORDS_PER_TILE if bit >= 16 else 0)] = float(1 << (bit % 16))
-    return p
-
-
 def _col_sum(values: jax.Array, scratch, interpret: bool) -> jax.Array:
     """int32 [tile_m, tile_n] (WGMMA layout) -> [tile_n] column sums, reduced across the four
     warps through this warpgroup's own SMEM `scratch` (see the module docstring)."""
@@ -273,7 +261,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32[, P]) -> outputs.
 
     Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
-    [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, col_tiles * 8] (int32).
+    [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
     named phases below (mainloop, epilogue_h, token_count, seq_count, token_mask) per
@@ -290,6 +278,10 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     n_epi = (tm // epi_m) * (tn // epi_n)
     L, T, n_seg, aligned = plan.seq_len, plan.T, plan.n_seg, plan.aligned
     is_interpret = interpret is not None
+    # seq_count's packing: 8-bit lanes hold counts up to 255 (tile_m <= 192), else 16-bit.
+    lane_bits = 8 if tm < 256 else 16
+    n_lanes = 32 // lane_bits
+    lane_cols, lane_mask = tn // n_lanes, (1 << lane_bits) - 1
 
     swizzle = plgpu.find_swizzle(tk * in_dtype.itemsize * 8)
     in_transforms = (plgpu.TilingTransform((8, swizzle // in_dtype.itemsize)),
@@ -297,14 +289,11 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     out_swizzle = plgpu.find_swizzle(epi_n * out_dtype.itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_dtype.itemsize)),
                       plgpu.SwizzleTransform(out_swizzle))
-    p_swizzle = plgpu.find_swizzle(PACK_N * 2 * 8)
-    p_transforms = (plgpu.TilingTransform((8, p_swizzle // 2)), plgpu.SwizzleTransform(p_swizzle))
     minor = 0 if cfg.grid_minor == "m" else 1
     wgmma_layout = plgpu.Layout.WGMMA
 
     def body(x_gmem, w_gmem, b_gmem, *refs):
         refs = list(refs)
-        p_gmem = refs.pop(0) if with_token_mask else None
         h_gmem = refs.pop(0)
         tc_gmem = sc_gmem = tm_gmem = None
         if with_stats:
@@ -362,56 +351,38 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     start, stop = seg
                     vals = jnp.where((local >= start) & (local < stop), ones, 0)
                 with jax.named_scope("seq_count"):
-                    sc_gmem.at[row_tile, s, pl.ds(col0, tn)][...] = _col_sum(
-                        vals, epi["red_smem"].at[wg], is_interpret)
+                    # Column sums of tn / n_lanes columns at a time, n_lanes counts per int32:
+                    # each count is at most tm < 2^lane_bits, so the lanes never carry into
+                    # each other, and the cross-warp reduction moves n_lanes times less.
+                    packed = vals[:, :lane_cols]
+                    for i in range(1, n_lanes):
+                        packed = packed | lax.shift_left(
+                            vals[:, i * lane_cols:(i + 1) * lane_cols], i * lane_bits)
+                    sums = _col_sum(packed, epi["red_smem"].at[wg], is_interpret)
+                    for i in range(n_lanes):
+                        count = lax.shift_right_logical(sums, i * lane_bits) & lane_mask
+                        sc_gmem.at[row_tile, s, pl.ds(col0 + i * lane_cols, lane_cols)][...] = (
+                            count)
             if with_token_mask:
                 with jax.named_scope("token_mask"):
-                    pack_token_mask(used, row0, col_tile, epi["p_smem"])
+                    # Word w of a row: sum over its 32 columns c of used << (c % 32). The terms
+                    # are distinct powers of two, so the sum is their OR (int32 wraps like
+                    # uint32 at bit 31); a row reduction within the lanes of a quad, as for the
+                    # token counts.
+                    bit = plgpu.broadcasted_iota(jnp.int32, (tm, BITS_PER_WORD), 1,
+                                                 layout=wgmma_layout)
+                    words = tn // BITS_PER_WORD
+                    for w in range(words):
+                        cols = slice(w * BITS_PER_WORD, (w + 1) * BITS_PER_WORD)
+                        tm_gmem.at[pl.ds(row0, tm), col_tile * words + w][...] = jnp.sum(
+                            lax.shift_left(ones[:, cols], bit), axis=1)
 
-        def pack_token_mask(used, row0, col_tile, p_smem):
-            a = jnp.where(used, 1.0, 0.0).astype(jnp.bfloat16)
-
-            def store(halves):
-                halves = halves.astype(jnp.int32)
-                words = halves[:, :WORDS_PER_TILE] | lax.shift_left(
-                    halves[:, WORDS_PER_TILE:], 16)
-                tm_gmem.at[pl.ds(row0, tm),
-                           pl.ds(col_tile * WORDS_PER_TILE, WORDS_PER_TILE)][...] = words
-
-            if is_interpret:
-                # The interpreter has no wgmma with its A operand in registers: the same
-                # product as a plain f32 dot (exact: 0/1 times powers of two < 2^16).
-                store(jnp.dot(a.astype(jnp.float32), p_smem[...].astype(jnp.float32)))
-                return
-
-            @functools.partial(pl.run_scoped, pack_ref=plgpu.ACC((tm, PACK_N), jnp.float32))
-            def _pack_scope(pack_ref):
-                plgpu.wgmma(pack_ref, a, p_smem)
-                plgpu.wgmma_wait(0)
-                store(pack_ref[...])
-
-        def load_pack_matrix(wg, epi):
-            if not with_token_mask:
-                return
-
-            @pl.when(wg == 0)
-            def _():
-                plgpu.copy_gmem_to_smem(p_gmem, epi["p_smem"], epi["p_barrier"].at[0])
-
-            @pl.when(wg < 2)
-            def _():
-                plgpu.barrier_wait(epi["p_barrier"].at[0])
-
-        # The epilogue's SMEM: h staging, reduction scratch and pack matrix per compute
-        # warpgroup (both schedules).
+        # The epilogue's SMEM: h staging and reduction scratch per compute warpgroup (both
+        # schedules).
         epi_scoped = dict(
             out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms))
         if with_stats:
             epi_scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
-        if with_token_mask:
-            epi_scoped["p_smem"] = plgpu.SMEM((tn, PACK_N), jnp.bfloat16,
-                                              transforms=p_transforms)
-            epi_scoped["p_barrier"] = plgpu.Barrier(num_barriers=1)
 
         def cooperative():
             """Both compute warpgroups consume every stage of one ring and split the CTA tile
@@ -440,7 +411,6 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                                collective_axes="wg")
             def _scope(pipeline_allocs, **epi):
                 wg = lax.axis_index("wg")
-                load_pack_matrix(wg, epi)
 
                 @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
                 def _tile_loop(loop_info):
@@ -502,7 +472,6 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                                consumed=consumed, **epi_scoped, collective_axes="wg")
             def _scope(ring_x, ring_w, loaded, consumed, **epi):
                 wg = lax.axis_index("wg")
-                load_pack_matrix(wg, epi)
 
                 @pl.when(wg == 2)
                 def _memory():
@@ -596,8 +565,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
                      jax.ShapeDtypeStruct((plan.row_tiles, n_seg, plan.Fp), jnp.int32)]
         if with_token_mask:
-            out_type.append(jax.ShapeDtypeStruct(
-                (plan.Tp, plan.col_tiles * WORDS_PER_TILE), jnp.int32))
+            out_type.append(jax.ShapeDtypeStruct((plan.Tp, plan.Fp // BITS_PER_WORD),
+                                                 jnp.int32))
     return plgpu.kernel(
         body,
         out_type=tuple(out_type),

@@ -21,8 +21,8 @@ statistics follow the exactness rule on that returned f32 h as always.
 
 What is left to plain JAX (all small next to h): the sum of the per-column-tile token counts
 ([F / tile_n, T]), the sum of the per-row-tile sequence counts ([T / tile_m, n_seg, F] ->
-[n_seq, F]), `seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding or
-tile_n < 256 call for it, slicing h / the mask words.
+[n_seq, F]), `seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding calls
+for it, slicing h / the mask words.
 """
 
 import functools
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from relu_sparsity.kernels.bits import BITS_PER_WORD, num_words, pack_bits
+from relu_sparsity.kernels.bits import num_words, pack_bits
 from relu_sparsity.kernels.live import with_live_columns
 from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
 from relu_sparsity.kernels.reference import SparsityStats
@@ -129,8 +129,6 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     wp = _pad2(wk, plan.Dp, plan.Fp)
     bp = jnp.pad(b1.astype(jnp.float32), (0, plan.Fp - F))
     args = [xp, wp, bp]
-    if with_token_mask:
-        args.append(jnp.asarray(mgpu_kernel.pack_matrix(config.tile_n), jnp.bfloat16))
     call = mgpu_kernel.build_call(plan, jnp.bfloat16, out_dtype, with_stats=with_stats,
                                   with_token_mask=with_token_mask, num_sms=num_sms,
                                   interpret=interpret)
@@ -155,10 +153,6 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     token_mask = None
     if with_token_mask:
         words = outs[3]
-        per_tile = config.tile_n // BITS_PER_WORD
-        if per_tile < mgpu_kernel.WORDS_PER_TILE:
-            words = words.reshape(plan.Tp, plan.col_tiles, mgpu_kernel.WORDS_PER_TILE)
-            words = words[:, :, :per_tile].reshape(plan.Tp, plan.col_tiles * per_tile)
         W = num_words(F)
         if words.shape != (T, W):
             words = words[:T, :W]

@@ -1,0 +1,82 @@
+"""A/B of two versions of the mosaic_gpu kernel in one process on a Hopper GPU.
+
+    mkdir -p /tmp/before && for f in kernel ops; do
+      git show REV:relu_sparsity/kernels/mosaic_gpu/$f.py > /tmp/before/$f.py; done
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_mosaic.py /tmp/before
+
+At each benchmark shape (bf16, seq_len 512) with the working tree's committed configuration:
+checks the working tree's kernel at full size (h against the reference, integer outputs by the
+own-h exactness rule, with and without the token mask), then times XLA dot+bias+ReLU and both
+versions without statistics, with, and with the token mask (median of 5 x 50 launches, the
+versions interleaved), and prints ms and ratios to XLA. Writes $OUT/ab_mosaic.json.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).parent))
+import device_mosaic as dm  # noqa: E402
+from relu_sparsity.kernels.mosaic_gpu import ops  # noqa: E402
+from relu_sparsity.kernels.reference import reference_forward  # noqa: E402
+
+VARIANTS = (("no stats", False, False), ("stats", True, False), ("stats+token mask", True, True))
+
+
+def load_before(folder: Path):
+    """The other version's ops module, bound to the other version's kernel module."""
+    modules = {}
+    for name in ("kernel", "ops"):
+        spec = importlib.util.spec_from_file_location(f"before_{name}", folder / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    modules["ops"].mgpu_kernel = modules["kernel"]
+    return modules["ops"]
+
+
+def forward(ops_module, config, with_stats, with_token_mask):
+    return jax.jit(functools.partial(ops_module.mosaic_gpu_forward, seq_len=dm.SEQ_LEN,
+                                     live=None, with_stats=with_stats,
+                                     with_token_mask=with_token_mask, config=config,
+                                     interpret=False))
+
+
+def main():
+    before = load_before(Path(sys.argv[1]))
+    kind = jax.devices()[0].device_kind
+    rows = []
+    for T, D, F in dm.SHAPES:
+        shape = f"{T}x{D}x{F}"
+        x, w1, b1 = dm.inputs(T, D, F)
+        config = ops.tile_config(kind, T, D, F, "bfloat16")
+        ref_h, _ = jax.jit(functools.partial(reference_forward, seq_len=dm.SEQ_LEN, live=None,
+                                             with_stats=True, with_token_mask=False))(x, w1, b1)
+        for with_token_mask in (False, True):
+            dm.check(config, x, w1, b1, ref_h, with_token_mask)  # raises on a mismatch
+        print(f"{shape}: working tree checked ({config})", flush=True)
+        base = dm.time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)
+        rows.append(dict(shape=shape, variant="xla dot+bias+relu", version="", ms=base))
+        for label, with_stats, with_token_mask in VARIANTS:
+            for version, module in (("before", before), ("after", ops)):
+                ms = dm.time_ms(forward(module, config, with_stats, with_token_mask),
+                                x, w1, b1)
+                rows.append(dict(shape=shape, variant=label, version=version, ms=ms))
+    for row in rows:
+        base = next(r["ms"] for r in rows if r["shape"] == row["shape"] and not r["version"])
+        row["ratio"] = row["ms"] / base
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ab_mosaic.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n{'shape':18s} {'variant':18s} {'version':7s} {'ms':>7s} {'/ xla':>6s}")
+    for r in rows:
+        print(f"{r['shape']:18s} {r['variant']:18s} {r['version']:7s} {r['ms']:7.3f} "
+              f"{r['ratio']:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
