@@ -38,13 +38,12 @@ SEQ_LEN = 512
 REPS, LAUNCHES = 5, 50
 TC = mgpu_kernel.TileConfig
 SWEEP = [
-    TC(128, 128, 64, 4, "n", 32, "m", 8),
-    TC(128, 128, 64, 4, "n", 32, "n", 8),
     TC(128, 128, 64, 6, "pingpong", 32, "m", 16),
     TC(128, 128, 64, 6, "pingpong", 32, "m", 8),
-    TC(128, 128, 64, 6, "pingpong", 32, "n", 8),
-    TC(128, 128, 64, 5, "pingpong", 32, "m", 16),
-    TC(128, 128, 64, 4, "pingpong", 32, "m", 16),
+    TC(128, 128, 128, 3, "pingpong", 32, "m", 16),
+    TC(128, 128, 64, 5, "pingpong", 64, "m", 16),
+    TC(128, 128, 64, 5, "pingpong", 64, "m", 8),
+    TC(128, 128, 64, 4, "n", 32, "m", 8),
 ]
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
