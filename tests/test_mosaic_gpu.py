@@ -209,7 +209,7 @@ def test_oversized_config_is_rejected():
 def test_committed_configs_fit_estimate(shape):
     T, D, F = shape
     config = ops.tile_config("NVIDIA H200", T, D, F, "bfloat16")
-    assert kernel.smem_bytes(config, 2, 2, True, True) <= kernel.SMEM_LIMIT_BYTES
+    assert kernel.smem_bytes(config, 2, 2, True) <= kernel.SMEM_LIMIT_BYTES
     plan = kernel.make_plan(T, D, F, 512, config)
     assert plan.aligned and plan.Tp == T and plan.Fp == F and plan.n_seg == 1
 
@@ -261,12 +261,12 @@ def test_f32_without_a_config_fits_shared_memory():
     # The tuned and default tiles are sized for a bf16 h; an f32 h doubles the epilogue's
     # buffers, and the backend drops pipeline stages until the kernel fits (it lowers).
     default = kernel.DEFAULT_CONFIG
-    assert kernel.fit_stages(default, jnp.bfloat16, jnp.bfloat16, True, True) == default
-    fitted = kernel.fit_stages(default, jnp.bfloat16, jnp.float32, True, True)
+    assert kernel.fit_stages(default, jnp.bfloat16, jnp.bfloat16, True) == default
+    fitted = kernel.fit_stages(default, jnp.bfloat16, jnp.float32, True)
     assert 2 <= fitted.stages < default.stages
-    kernel.check_smem(fitted, jnp.bfloat16, jnp.float32, True, True)
+    kernel.check_smem(fitted, jnp.bfloat16, jnp.float32, True)
     with pytest.raises(ValueError, match="shared memory"):
-        kernel.check_smem(default, jnp.bfloat16, jnp.float32, True, True)
+        kernel.check_smem(default, jnp.bfloat16, jnp.float32, True)
     fn = functools.partial(ops.mosaic_gpu_forward, seq_len=256, live=None, with_stats=True,
                            with_token_mask=True, interpret=False)
     f32 = jnp.float32

@@ -198,10 +198,9 @@ def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig) -> Plan:
     return Plan(T=T, D=D, F=F, seq_len=seq_len, config=config, n_seg=n_seg)
 
 
-def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_stats: bool,
-               with_token_mask: bool) -> int:
-    """Shared memory the kernel allocates (pipeline ring, h staging, pack matrix, reduction
-    scratch, barriers), an estimate within a few hundred bytes of Mosaic's own count."""
+def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_stats: bool) -> int:
+    """Shared memory the kernel allocates (pipeline ring, h staging, reduction scratch,
+    barriers), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
     out = 2 * 2 * 64 * config.epi_tile_n * out_itemsize
     extra = 0
@@ -211,28 +210,25 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
-def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
-               with_token_mask: bool) -> None:
+def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> None:
     need = smem_bytes(config, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize,
-                      with_stats, with_token_mask)
+                      with_stats)
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(
             f"mosaic_gpu TileConfig {config} needs about {need / 1024:.1f} KiB of shared memory "
-            f"({config.stages} stages of "
-            f"[{config.cta_m} + {config.cta_n}] x {config.tile_k} operand blocks plus the "
-            f"epilogue's buffers), more than the "
+            f"({config.stages} stages of [{config.cta_m} + {config.cta_n}] x {config.tile_k} "
+            "operand blocks plus the epilogue's buffers), more than the "
             f"{SMEM_LIMIT_BYTES // 1024} KiB a Hopper block can have: use fewer stages or "
             "smaller tiles")
 
 
-def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool,
-               with_token_mask: bool) -> TileConfig:
+def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> TileConfig:
     """`config` with as many pipeline stages as fit in shared memory, at most its own and at
     least 2 (f32 outputs double the epilogue's buffers: a ring tuned for bf16 may not fit)."""
     fitted = config
     while fitted.stages > 2 and smem_bytes(
-            fitted, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize, with_stats,
-            with_token_mask) > SMEM_LIMIT_BYTES:
+            fitted, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize,
+            with_stats) > SMEM_LIMIT_BYTES:
         fitted = dataclasses.replace(fitted, stages=fitted.stages - 1)
     return fitted
 
@@ -269,7 +265,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     warpgroup of shared memory); for bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
-    check_smem(cfg, in_dtype, out_dtype, with_stats, with_token_mask)
+    check_smem(cfg, in_dtype, out_dtype, with_stats)
     in_dtype, out_dtype = jnp.dtype(in_dtype), jnp.dtype(out_dtype)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
