@@ -125,7 +125,10 @@ class TileConfig:
             raise ValueError(f"invalid mosaic_gpu TileConfig {self}: " + "; ".join(problems))
 
 
-DEFAULT_CONFIG = TileConfig()
+# Shapes without a tuned entry: ping-pong through a 6-stage ring beat the split schedule's
+# 64x256 tiles at every untuned shape measured on the H200 (bench/RESULTS.md).
+DEFAULT_CONFIG = TileConfig(tile_m=128, tile_n=128, tile_k=64, stages=6, wg_dim="pingpong",
+                            grid_tile_width=16)
 
 
 def _round_up(a: int, b: int) -> int:
