@@ -237,7 +237,7 @@ def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> Til
 
 
 def _col_sum(values: jax.Array, scratch, interpret: bool) -> jax.Array:
-    """int32 [tile_m, tile_n] (WGMMA layout) -> [tile_n] column sums, reduced across the four
+    """int32 [tile_m, n] (WGMMA layout) -> [n] column sums, reduced across the four
     warps through this warpgroup's own SMEM `scratch` (see the module docstring)."""
     if interpret:
         return jnp.sum(values, axis=0)
@@ -257,7 +257,7 @@ def _col_sum(values: jax.Array, scratch, interpret: bool) -> jax.Array:
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
                num_sms: int, interpret=None, profile_dir: str | None = None,
                profile_ranges: int = 200):
-    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32[, P]) -> outputs.
+    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32) -> outputs.
 
     Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
     [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32).
