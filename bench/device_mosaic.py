@@ -44,6 +44,10 @@ SWEEP = [
     TC(128, 128, 64, 5, "pingpong", 64, "m", 16),
     TC(128, 128, 64, 5, "pingpong", 64, "m", 8),
     TC(128, 128, 64, 4, "n", 32, "m", 8),
+    # h's store: every piece of a tile in its own SMEM slot, or straight from registers
+    TC(128, 128, 64, 4, "pingpong", 32, "m", 16, epi_slots=8),
+    TC(128, 128, 64, 5, "pingpong", 32, "m", 16, epi_slots=4),
+    TC(128, 128, 64, 6, "pingpong", 32, "m", 16, h_store="direct"),
 ]
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))

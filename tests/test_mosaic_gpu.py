@@ -84,12 +84,17 @@ RAGGED = [
     (96, 40, 70, 24, SMALL_PP, jnp.bfloat16),
     # ping-pong, 3 stages: 2 steps per tile, 6 tiles per CTA (3 per warpgroup)
     (384, 128, 256, 128, SMALL_PP3, jnp.bfloat16),
+    # h through one SMEM slot per piece of a tile (4 pieces: no wait within a tile), segments
+    (96, 40, 70, 24, dataclasses.replace(SMALL_PP, epi_tile_n=32, epi_slots=4), jnp.bfloat16),
+    # h stored from registers, f32 (the bf16x3 split), padding rows and columns
+    (160, 64, 200, 80, dataclasses.replace(SMALL_N, h_store="direct"), jnp.float32),
 ]
 
 
 @pytest.mark.parametrize("case", RAGGED, ids=["segments", "f32-aligned", "straddle-wgN",
                                               "pingpong", "pingpong-segments",
-                                              "pingpong-3-stages"])
+                                              "pingpong-3-stages", "all-slots",
+                                              "direct-h-f32"])
 def test_interpreter_matches_reference(case):
     T, D, F, seq_len, config, dtype = case
     x, w1, b1 = inputs(T, D, F, dtype)
@@ -179,6 +184,21 @@ def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("config", [
+    kernel.TileConfig(128, 128, 64, 4, "pingpong", 32, "m", 16, epi_slots=8),
+    kernel.TileConfig(128, 128, 64, 6, "pingpong", 32, "m", 16, h_store="direct"),
+], ids=["all-slots", "direct-h"])
+def test_h_store_options_lower_for_cuda(config):
+    # The tuning options of h's store fit and lower at a benchmark shape (their speed is
+    # measured by bench/device_mosaic.py's sweep).
+    T, D, F = BENCH_SHAPES[0]
+    assert kernel.smem_bytes(config, 2, 2, True) <= kernel.SMEM_LIMIT_BYTES
+    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None, with_stats=True,
+                           with_token_mask=True, config=config, interpret=False)
+    bf16 = jnp.bfloat16
+    assert "mosaic_gpu" in lower_for_cuda(fn, ((T, D), bf16), ((D, F), bf16), ((F,), bf16))
+
+
 def test_oversized_config_is_rejected():
     too_big = kernel.TileConfig(tile_m=128, tile_n=128, tile_k=128, stages=4, wg_dim="n")
     x, w1, b1 = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1024, 512), (512, 1024),
@@ -240,8 +260,9 @@ def test_column_counts_up_to_tile_m(tile_m):
     assert (counts[:, np.asarray(always)] == tile_m).all()
 
 
-@pytest.mark.parametrize("config", [SMALL_N, SMALL_PP, SMALL_PP3],
-                         ids=["wgN", "pingpong", "pingpong-3"])
+@pytest.mark.parametrize("config", [SMALL_N, SMALL_PP, SMALL_PP3,
+                                    dataclasses.replace(SMALL_PP, epi_tile_n=32, epi_slots=4)],
+                         ids=["wgN", "pingpong", "pingpong-3", "all-slots"])
 def test_interpreter_finds_no_races(config):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 

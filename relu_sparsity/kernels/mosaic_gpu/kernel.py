@@ -17,8 +17,9 @@ Output tiles are visited by `plgpu.nd_loop` over a planar snake (L2 reuse), as i
 Hopper matmul (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py), which this follows.
 
 Epilogue of one compute warpgroup (registers in the WGMMA layout):
-  h = max(acc + b1, 0) rounded to the output dtype; written through a double-buffered SMEM slot
-  per [64, epi_tile_n] piece and TMA (`copy_smem_to_gmem`). With statistics, `used = h > 0` on
+  h = max(acc + b1, 0) rounded to the output dtype; written in [64, epi_tile_n] pieces through
+  `epi_slots` SMEM slots and TMA (`copy_smem_to_gmem`), or with h_store="direct" from registers
+  straight to global memory. With statistics, `used = h > 0` on
   the *rounded* value (the exactness rule), then:
   token_count  row sums of `used` (a reduction across the lanes of a quad: no SMEM) -> one
                partial [tile_m] per column tile: tc_part [Fp / tile_n, Tp] int32, stored from
@@ -92,6 +93,12 @@ class TileConfig:
     epi_tile_n: int = 32  # width of one h store through SMEM
     grid_minor: str = "m"  # planar snake: the minor grid dimension ("m" or "n")
     grid_tile_width: int = 8  # planar snake: tile width along the minor dimension
+    # h's store: "tma" writes [64, epi_tile_n] pieces through `epi_slots` SMEM slots per
+    # warpgroup (a piece waits only for the store epi_slots pieces back: with every piece of a
+    # tile in its own slot, none waits within a tile); "direct" stores from registers to global
+    # memory (no SMEM, so more room for ring stages; 4-byte stores of bf16 pairs).
+    epi_slots: int = 2
+    h_store: str = "tma"
 
     @property
     def cta_m(self) -> int:
@@ -118,6 +125,10 @@ class TileConfig:
         if self.epi_tile_n % 32 or self.tile_n % self.epi_tile_n:
             problems.append(f"epi_tile_n={self.epi_tile_n} must divide tile_n and be a "
                             "multiple of 32")
+        if self.epi_slots < 1:
+            problems.append(f"epi_slots={self.epi_slots} must be >= 1")
+        if self.h_store not in ("tma", "direct"):
+            problems.append("h_store must be 'tma' or 'direct'")
         if self.tile_m * self.tile_n > 64 * 256:
             problems.append(f"tile {self.tile_m}x{self.tile_n} needs more than 128 accumulator "
                             "registers per thread (at most 64x256 or 128x128)")
@@ -205,7 +216,9 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     """Shared memory the kernel allocates (pipeline ring, h staging, reduction scratch,
     barriers), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
-    out = 2 * 2 * 64 * config.epi_tile_n * out_itemsize
+    out = 2 * config.epi_slots * 64 * config.epi_tile_n * out_itemsize
+    if config.h_store == "direct":
+        out = 0
     extra = 0
     if with_stats:
         extra += 2 * REDUCTION_SCRATCH_BYTES
@@ -308,6 +321,22 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             return plgpu.load(b_gmem.at[pl.ds(col_tile * tn, tn)],
                               layout=wgmma_layout.reduce(0), optimized=False)
 
+        def store_h_by_tma(h, h_tile, out_smem):
+            """h [tm, tn] (registers) -> h_tile (global) in [64, epi_n] pieces through this
+            warpgroup's epi_slots SMEM slots, each piece's TMA store in flight until its slot
+            comes round again."""
+            slots = cfg.epi_slots
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores
+            for e in range(n_epi):
+                ei, ej = divmod(e, tn // epi_n)
+                rows = slice(ei * epi_m, (ei + 1) * epi_m)
+                cols = slice(ej * epi_n, (ej + 1) * epi_n)
+                if e >= slots:
+                    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                out_smem[e % slots] = h[rows, cols]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[e % slots], h_tile.at[rows, cols])
+
         def epilogue(acc, bias, wg, row_tile, col_tile, epi):
             """Bias, ReLU, h's store and the statistics of warpgroup `wg`'s [tm, tn] output tile
             (row tile `row_tile`, column tile `col_tile`, in units of tm and tn)."""
@@ -316,17 +345,10 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             with jax.named_scope("epilogue_h"):
                 pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
                 h = jnp.maximum(pre, 0.0).astype(out_dtype)
-                # h: SMEM slot -> TMA, two slots per warpgroup in flight.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                for e in range(n_epi):
-                    ei, ej = divmod(e, tn // epi_n)
-                    rows = slice(ei * epi_m, (ei + 1) * epi_m)
-                    cols = slice(ej * epi_n, (ej + 1) * epi_n)
-                    slot = e % 2
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                    epi["out_smem"][wg, slot] = h[rows, cols]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(epi["out_smem"].at[wg, slot], h_tile.at[rows, cols])
+                if cfg.h_store == "direct":
+                    h_tile[...] = h
+                else:
+                    store_h_by_tma(h, h_tile, epi["out_smem"].at[wg])
             if not with_stats:
                 return
             # The exactness rule: "used" is h > 0 on the value as stored.
@@ -378,8 +400,10 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
 
         # The epilogue's SMEM: h staging and reduction scratch per compute warpgroup (both
         # schedules).
-        epi_scoped = dict(
-            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms))
+        epi_scoped = {}
+        if cfg.h_store == "tma":
+            epi_scoped["out_smem"] = plgpu.SMEM((2, cfg.epi_slots, epi_m, epi_n), out_dtype,
+                                                transforms=out_transforms)
         if with_stats:
             epi_scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
 
