@@ -26,6 +26,7 @@ CANDIDATES = [
     kernel.TileConfig(128, 256, 64, 8, 8, 4),
     kernel.TileConfig(128, 128, 64, 8, 4, 4),
     kernel.TileConfig(128, 128, 64, 8, 8, 3, seq_programs=True),
+    kernel.TileConfig(128, 256, 64, 8, 8, 3, seq_programs=True),
 ]
 
 

@@ -48,6 +48,22 @@ def test_ragged_and_token_mask_lower(seq_len, f):
         assert text.count("triton_kernel_call") >= 1
 
 
+def test_seq_programs_lower():
+    # One program per (sequence, column tile), at the paper's shape with both tile widths the
+    # device sweep times (bench/device_triton.py).
+    t, d, f = BENCH_SHAPES[0]
+    bf16 = jnp.bfloat16
+    for config in (kernel.TileConfig(128, 256, 64, 8, 8, 3, seq_programs=True),
+                   kernel.TileConfig(128, 128, 64, 8, 8, 3, seq_programs=True)):
+        assert kernel.launch_plan(t, d, f, 512, config, True, True).constexprs["SEQ_PROGRAMS"]
+
+        def fn(x, w1, b1, config=config):
+            return ops.triton_dense_forward(x, w1, b1, seq_len=512, live=None, with_stats=True,
+                                            with_token_mask=True, config=config)
+
+        assert "triton_kernel_call" in lower(fn, ((t, d), bf16), ((d, f), bf16), ((f,), bf16))
+
+
 def test_live_columns_lower():
     live = tuple(range(0, 2000, 3))
 
