@@ -5,7 +5,8 @@
 For each benchmark shape (bf16, seq_len 512, committed tiles) with and without statistics, one
 profiled call records, per compute warpgroup and output tile, the phases named in kernel.py:
 `mainloop` (waiting for and issuing the wgmmas of one tile), `epilogue_h` (bias, ReLU, h through
-SMEM to TMA), `token_count`, `seq_count`. Times are SM clock cycles (%clock). Printed per
+SMEM to TMA), `used` (h > 0 as int32), `token_count`, `seq_count` and, nested in it, `seq_pack`,
+`seq_reduce` (the cross-lane and cross-warp reduction) and `seq_store`. Times are SM clock cycles (%clock). Printed per
 variant:
   * cycles per tile of each phase (median over tiles and warpgroups) and its share of the
     warpgroup's span (first range start to last range end);

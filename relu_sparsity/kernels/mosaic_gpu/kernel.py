@@ -276,7 +276,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
-    named phases below (mainloop, epilogue_h, token_count, seq_count, token_mask) per
+    named phases below (mainloop, epilogue_h, used, token_count, seq_count with seq_pack /
+    seq_reduce / seq_store inside it, token_mask) per
     warpgroup, the first `profile_ranges` of each (their buffer takes 16 bytes per range and
     warpgroup of shared memory); for bench/profile_mosaic.py."""
     cfg = plan.config
@@ -352,8 +353,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             if not with_stats:
                 return
             # The exactness rule: "used" is h > 0 on the value as stored.
-            used = h.astype(jnp.float32) > 0.0
-            ones = jnp.where(used, 1, 0).astype(jnp.int32)
+            with jax.named_scope("used"):
+                used = h.astype(jnp.float32) > 0.0
+                ones = jnp.where(used, 1, 0).astype(jnp.int32)
             with jax.named_scope("token_count"):
                 tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
             if aligned:
@@ -375,15 +377,19 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     # Column sums of tn / n_lanes columns at a time, n_lanes counts per int32:
                     # each count is at most tm < 2^lane_bits, so the lanes never carry into
                     # each other, and the cross-warp reduction moves n_lanes times less.
-                    packed = vals[:, :lane_cols]
-                    for i in range(1, n_lanes):
-                        packed = packed | lax.shift_left(
-                            vals[:, i * lane_cols:(i + 1) * lane_cols], i * lane_bits)
-                    sums = _col_sum(packed, epi["red_smem"].at[wg], is_interpret)
-                    for i in range(n_lanes):
-                        count = lax.shift_right_logical(sums, i * lane_bits) & lane_mask
-                        sc_gmem.at[row_tile, s, pl.ds(col0 + i * lane_cols, lane_cols)][...] = (
-                            count)
+                    # (Sub-phases named for bench/profile_mosaic.py.)
+                    with jax.named_scope("seq_pack"):
+                        packed = vals[:, :lane_cols]
+                        for i in range(1, n_lanes):
+                            packed = packed | lax.shift_left(
+                                vals[:, i * lane_cols:(i + 1) * lane_cols], i * lane_bits)
+                    with jax.named_scope("seq_reduce"):
+                        sums = _col_sum(packed, epi["red_smem"].at[wg], is_interpret)
+                    with jax.named_scope("seq_store"):
+                        for i in range(n_lanes):
+                            count = lax.shift_right_logical(sums, i * lane_bits) & lane_mask
+                            sc_gmem.at[row_tile, s,
+                                       pl.ds(col0 + i * lane_cols, lane_cols)][...] = count
             if with_token_mask:
                 with jax.named_scope("token_mask"):
                     # Word w of a row: sum over its 32 columns c of used << (c % 32). The terms
