@@ -39,13 +39,6 @@ def load_before(folder: Path):
     return modules["ops"]
 
 
-def forward(ops_module, config, with_stats, with_token_mask):
-    return jax.jit(functools.partial(ops_module.mosaic_gpu_forward, seq_len=dm.SEQ_LEN,
-                                     live=None, with_stats=with_stats,
-                                     with_token_mask=with_token_mask, config=config,
-                                     interpret=False))
-
-
 def main():
     before = load_before(Path(sys.argv[1]))
     kind = jax.devices()[0].device_kind
@@ -63,7 +56,7 @@ def main():
         rows.append(dict(shape=shape, variant="xla dot+bias+relu", version="", ms=base))
         for label, with_stats, with_token_mask in VARIANTS:
             for version, module in (("before", before), ("after", ops)):
-                ms = dm.time_ms(forward(module, config, with_stats, with_token_mask),
+                ms = dm.time_ms(dm.mosaic_fn(config, with_stats, with_token_mask, module),
                                 x, w1, b1)
                 rows.append(dict(shape=shape, variant=label, version=version, ms=ms))
     for row in rows:

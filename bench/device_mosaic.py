@@ -76,8 +76,9 @@ def inputs(T, D, F):
 
 
 @functools.cache
-def mosaic_fn(config, with_stats, with_token_mask):
-    return jax.jit(functools.partial(mgpu_ops.mosaic_gpu_forward, seq_len=SEQ_LEN, live=None,
+def mosaic_fn(config, with_stats, with_token_mask, ops_module=mgpu_ops):
+    """The backend's forward, jitted; `ops_module`: another version of ops.py (ab_mosaic.py)."""
+    return jax.jit(functools.partial(ops_module.mosaic_gpu_forward, seq_len=SEQ_LEN, live=None,
                                      with_stats=with_stats, with_token_mask=with_token_mask,
                                      config=config, interpret=False))
 

@@ -1,5 +1,5 @@
 """The mosaic_gpu backend compiled on a real Hopper GPU (marked `gpu`; run on the device): both
-schedules (one SMEM ring split between the compute warpgroups, and ping-pong) against the
+schedules (the CTA tile split between the compute warpgroups, and ping-pong) against the
 reference on ragged shapes with the own-h exactness rule, live columns, and gradients."""
 
 import jax

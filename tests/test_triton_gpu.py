@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from backend_checks import assert_matches_reference
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.reference import stats_from_h
 
@@ -60,13 +61,8 @@ def test_triton_seq_programs_match_own_h(shape):
         h, stats = jax.jit(lambda x, w, b, c=config: ops.triton_dense_forward(
             x, w, b, seq_len=seq_len, live=None, with_stats=True, with_token_mask=True,
             config=c))(x, w1, b1)
-        h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=seq_len, backend="reference")
-        np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_ref, np.float32),
-                                   atol=2e-2, rtol=2e-2)
-        own = stats_from_h(h, seq_len=seq_len, num_units=f, live=None, with_token_mask=True)
-        for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
-            np.testing.assert_array_equal(np.asarray(getattr(stats, name)),
-                                          np.asarray(getattr(own, name)), err_msg=name)
+        assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=None,
+                                 with_token_mask=True, tol=2e-2)
 
 
 def test_triton_live_columns():

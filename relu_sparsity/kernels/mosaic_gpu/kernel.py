@@ -81,6 +81,8 @@ MEMORY_REGISTERS = 40
 COMPUTE_REGISTERS = 232
 
 
+# Field defaults are the split schedule's 64x256 tiles; shapes without a tuned entry use
+# DEFAULT_CONFIG below (ping-pong), not TileConfig().
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     tile_m: int = 64  # rows per compute warpgroup (multiple of 64)
@@ -478,9 +480,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             ones); the memory warpgroup streams every tile's steps in order through one SMEM
             ring, so a warpgroup's mainloop starts when the other's is nearly done: one's
             epilogue runs while the other's wgmmas keep the tensor cores busy. One ring for both
-            (not one each) doubles how far ahead of the running mainloop the loads can be; with
-            3-stage rings of their own the 128x128 mainloop waited on memory (with statistics,
-            1.22 -> 1.14 of XLA's GEMM at 8192x1024x32768: bench/RESULTS.md)."""
+            (not one each) doubles how far ahead of the running mainloop the loads can be: 6
+            shared stages instead of 3 each took the kernel with statistics from 1.22 to 1.14 of
+            XLA's GEMM at 8192x1024x32768 (bench/RESULTS.md)."""
             S = cfg.stages
             ring_x = plgpu.SMEM((S, tm, tk), in_dtype, transforms=in_transforms)
             ring_w = plgpu.SMEM((S, tk, tn), in_dtype, transforms=in_transforms)
