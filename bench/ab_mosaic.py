@@ -1,14 +1,16 @@
-"""A/B of two versions of the mosaic_gpu kernel in one process on a Hopper GPU.
+"""A/B of versions of the mosaic_gpu kernel in one process on a Hopper GPU.
 
     mkdir -p /tmp/before && for f in kernel ops; do
       git show REV:relu_sparsity/kernels/mosaic_gpu/$f.py > /tmp/before/$f.py; done
-    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_mosaic.py /tmp/before
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_mosaic.py /tmp/before [/tmp/other ...]
 
+Each folder holds a kernel.py and ops.py (named in the table by the folder's name); the working
+tree's version is "tree".
 At each benchmark shape (bf16, seq_len 512) with the working tree's committed configuration:
 checks the working tree's kernel at full size (h against the reference, integer outputs by the
-own-h exactness rule, with and without the token mask), then times XLA dot+bias+ReLU and both
-versions without statistics, with, and with the token mask (median of 5 x 50 launches, the
-versions interleaved), and prints ms and ratios to XLA. Writes $OUT/ab_mosaic.json.
+own-h exactness rule, with and without the token mask), then times XLA dot+bias+ReLU and every
+version without statistics, with, and with the token mask (median of 5 x 50 launches; for each
+variant the versions one after another), and prints ms and ratios to XLA. Writes $OUT/ab_mosaic.json.
 """
 
 import functools
@@ -28,11 +30,12 @@ from relu_sparsity.kernels.reference import reference_forward  # noqa: E402
 VARIANTS = (("no stats", False, False), ("stats", True, False), ("stats+token mask", True, True))
 
 
-def load_before(folder: Path):
-    """The other version's ops module, bound to the other version's kernel module."""
+def load_version(folder: Path):
+    """The ops module in `folder`, bound to the kernel module beside it."""
     modules = {}
     for name in ("kernel", "ops"):
-        spec = importlib.util.spec_from_file_location(f"before_{name}", folder / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"{folder.name}_{name}",
+                                                      folder / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules[name])
     modules["ops"].mgpu_kernel = modules["kernel"]
@@ -40,7 +43,8 @@ def load_before(folder: Path):
 
 
 def main():
-    before = load_before(Path(sys.argv[1]))
+    versions = [(Path(a).name, load_version(Path(a))) for a in sys.argv[1:]]
+    versions.append(("tree", ops))
     kind = jax.devices()[0].device_kind
     rows = []
     for T, D, F in dm.SHAPES:
@@ -55,7 +59,8 @@ def main():
         base = dm.time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)
         rows.append(dict(shape=shape, variant="xla dot+bias+relu", version="", ms=base))
         for label, with_stats, with_token_mask in VARIANTS:
-            for version, module in (("before", before), ("after", ops)):
+            for version, module in versions:
+                print(f"timing {shape} {label} {version}", flush=True)
                 ms = dm.time_ms(dm.mosaic_fn(config, with_stats, with_token_mask, module),
                                 x, w1, b1)
                 rows.append(dict(shape=shape, variant=label, version=version, ms=ms))
@@ -65,9 +70,9 @@ def main():
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab_mosaic.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'shape':18s} {'variant':18s} {'version':7s} {'ms':>7s} {'/ xla':>6s}")
+    print(f"\n{'shape':18s} {'variant':18s} {'version':14s} {'ms':>7s} {'/ xla':>6s}")
     for r in rows:
-        print(f"{r['shape']:18s} {r['variant']:18s} {r['version']:7s} {r['ms']:7.3f} "
+        print(f"{r['shape']:18s} {r['variant']:18s} {r['version']:14s} {r['ms']:7.3f} "
               f"{r['ratio']:6.3f}")
 
 

@@ -5,11 +5,14 @@
 For each benchmark shape (bf16, seq_len 512, committed tiles) with and without statistics, one
 profiled call records, per compute warpgroup and output tile, the phases named in kernel.py:
 `mainloop` (waiting for and issuing the wgmmas of one tile), `epilogue_h` (bias, ReLU, h through
-SMEM to TMA), `used` (h > 0 as int32), `token_count`, `seq_count` and, nested in it, `seq_pack`,
-`seq_reduce` (the cross-lane and cross-warp reduction) and `seq_store`. Times are SM clock cycles (%clock). Printed per
+SMEM to TMA), and, once per column piece of the statistics, `used` (h > 0), `pack` (four columns
+to an int32), `token_count`, `seq_count` (the per-warp column sums and their store) and
+`token_mask`. Times are SM clock cycles (%clock). Printed per
 variant:
-  * cycles per tile of each phase (median over tiles and warpgroups) and its share of the
-    warpgroup's span (first range start to last range end);
+  * cycles per range of each phase (median over ranges and warpgroups: one range per tile for
+    mainloop and epilogue_h, one per piece for the statistics' phases, 4 per 128 x 128 tile for
+    used / pack / token_mask) and its share of the warpgroup's span (all its ranges, first range
+    start to last range end);
   * how far apart the two compute warpgroups of a CTA start their epilogues (median |delta|, in
     cycles): ~0 means lockstep, i.e. the tensor cores idle through both epilogues at once
     (split schedule; with ping-pong the i-th epilogues of the two belong to consecutive tiles,
@@ -52,7 +55,7 @@ def ranges_by_trace(trace: dict) -> dict[int, list[tuple[str, float, float]]]:
 
 
 def summarize(trace: dict) -> dict:
-    """Per-phase cycles per tile, share of the warpgroup span, and epilogue lockstep."""
+    """Per-phase cycles per range, share of the warpgroup span, and epilogue lockstep."""
     per_tid = ranges_by_trace(trace)
     durations = collections.defaultdict(list)
     shares = collections.defaultdict(list)

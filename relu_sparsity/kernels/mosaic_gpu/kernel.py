@@ -19,25 +19,29 @@ Hopper matmul (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py), which thi
 Epilogue of one compute warpgroup (registers in the WGMMA layout):
   h = max(acc + b1, 0) rounded to the output dtype; written in [64, epi_tile_n] pieces through
   `epi_slots` SMEM slots and TMA (`copy_smem_to_gmem`), or with h_store="direct" from registers
-  straight to global memory. With statistics, `used = h > 0` on
-  the *rounded* value (the exactness rule), then:
-  token_count  row sums of `used` (a reduction across the lanes of a quad: no SMEM) -> one
-               partial [tile_m] per column tile: tc_part [Fp / tile_n, Tp] int32, stored from
-               registers. JAX adds the Fp / tile_n partials (a [n, T] sum).
-  seq_count    column sums of `used` over the rows of each sequence segment that meets the row
-               tile -> sc_part [Tp / tile_m, n_seg, Fp] int32. The rows of a tile are spread over
-               the four warps, so this reduction crosses warps (shuffles within a warp, then
-               SMEM). It is summed four columns per int32 (8-bit lanes: a count is at most
-               tile_m < 256; 16-bit lanes two per int32 at tile_m = 256), so the shuffles and
-               SMEM rounds are a quarter of one per column, then unpacked. Pallas's own
-               `jnp.sum(axis=0)` uses one scratch area shared by every warpgroup, which the two
-               compute warpgroups would race on, so the compiled kernel calls
-               `FragmentedArray.reduce` through `plgpu.inline_mgpu` with a scratch area of its
-               own per warpgroup (`_col_sum`; the interpreter, which cannot run inline Mosaic GPU,
-               takes `jnp.sum`). JAX adds the partials of each sequence: with seq_len a multiple
-               of tile_m (the benchmarks: 512 / 64) a [n_seq, seq_len / tile_m, F] sum, i.e.
-               4 / tile_m bytes per element of h read once (3% of a bf16 h's bytes at
-               tile_m = 64, 1.6% at 128).
+  straight to global memory. With statistics, `used = h > 0` on the *rounded* value (the
+  exactness rule), compared in h's dtype, taken over h in [tile_m, 32]-column pieces (16 at
+  tile_n = 64) so that only h and one piece are live: `used` for a whole 128 x 128 tile as
+  int32 is 128 registers a thread, and spilled (ptxas). Per piece:
+  pack         used is summed four columns to an int32 in 8-bit lanes: packed [tile_m,
+               tile_n / 4], lane i of word c holding column i * tile_n / 4 + c. The counts below
+               are sums of packed words, four columns per add; no lane can carry into the next
+               (a lane sums at most 64 ones: tile_n / 4 columns of a row, or tile_m / 4 rows).
+  token_count  row sums of packed (a reduction within a quad's lanes: no SMEM), the four lanes
+               of each row added at the end -> one partial [tile_m] per column tile: tc_part
+               [Fp / tile_n, Tp] int32, stored from registers. JAX adds the Fp / tile_n partials.
+  seq_count    column sums of packed over the rows of each sequence segment that meets the row
+               tile, one partial per warp: a warp holds tile_m / 4 of the tile's rows, so its
+               sum needs only register adds and shuffles within the warp (`_store_warp_col_sums`,
+               inline Mosaic GPU: its lanes store their packed words straight to global memory;
+               the interpreter, which cannot run inline Mosaic GPU, takes a plain-JAX sum of the
+               same rows). The cross-warp sum, through SMEM with two warpgroup barriers per round,
+               was the largest piece of the statistics (2300 of ~9000 epilogue cycles per tile at
+               8192x1024x32768), so it is left to JAX: sc_part [Tp / tile_m, n_seg, 4, Fp / 4]
+               int32, one byte per warp and column, as many bytes as one int32 per column
+               (unpacked and summed by ops.py: with seq_len a multiple of tile_m, as in the
+               benchmarks, a [n_seq, seq_len / tile_m * 4, F] byte sum, 4 / tile_m bytes per
+               element of h read once: 1.6% of a bf16 h's bytes at tile_m = 128).
                Sequences need not align with tiles: a tile meets at most `n_seg` sequences
                (static), and segment s of a tile counts the rows of sequence
                floor(row0 / seq_len) + s, masked by a row iota (padding rows belong to no
@@ -46,9 +50,7 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                powers of two, so the sum is their OR (int32 addition wraps like uint32's at bit
                31). Like the token counts, a row reduction within a quad's lanes, per word; stored
                from registers into its column of tm_part [Tp, Fp / 32] int32, which is the mask
-               (bitcast to uint32) once padding is sliced off. (Before: one extra wgmma per tile
-               with a constant power-of-two matrix; in ping-pong it queued behind the other
-               warpgroup's wgmmas: +11% at 8192x1024x32768.)
+               (bitcast to uint32) once padding is sliced off.
   seq_mask     left to JAX: pack_bits(seq_count > 0) on the [n_seq, F] counts (tiny).
 Nothing is atomic; every partial is written exactly once, so the results are deterministic.
 
@@ -73,8 +75,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 BITS_PER_WORD = 32
 # Hopper: 227 KiB of dynamic shared memory per block (sm_90 opt-in maximum; Mosaic GPU's limit).
 SMEM_LIMIT_BYTES = 232448
-# Per-warpgroup scratch of the cross-warp column reduction (the size Pallas reserves for its own).
-REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
+WARPS = 4  # per warpgroup; the WGMMA layout gives warp w rows 16 w .. 16 w + 15 of each 64
+LANE_BITS = 8  # the statistics' packing: four 8-bit lanes per int32
 MEMORY_REGISTERS = 40
 # Registers per thread of a compute warpgroup when the memory warpgroup keeps 40: (512 - 40) / 2
 # rounded down to a multiple of 8 (what emit_pipeline_warp_specialized gives them too).
@@ -221,11 +223,8 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     out = 2 * config.epi_slots * 64 * config.epi_tile_n * out_itemsize
     if config.h_store == "direct":
         out = 0
-    extra = 0
-    if with_stats:
-        extra += 2 * REDUCTION_SCRATCH_BYTES
     barriers = 8 * (4 * config.stages + 4)  # (ping-pong: 2 warpgroups x 2 barriers per stage)
-    return ring + out + extra + barriers + 2048  # + Mosaic's own (~1 KiB measured)
+    return ring + out + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
 def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> None:
@@ -251,22 +250,49 @@ def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> Til
     return fitted
 
 
-def _col_sum(values: jax.Array, scratch, interpret: bool) -> jax.Array:
-    """int32 [tile_m, n] (WGMMA layout) -> [n] column sums, reduced across the four
-    warps through this warpgroup's own SMEM `scratch` (see the module docstring)."""
+def _store_warp_col_sums(values: jax.Array, out_ref, interpret: bool) -> None:
+    """out_ref[w, c] = the sum of values[:, c] over the rows warp w holds (rows 64 i + 16 w ..
+    64 i + 16 w + 15): int32 values [tile_m, n] (WGMMA layout), out_ref [WARPS, n] in global
+    memory. Register adds and shuffles within each warp, no SMEM and no barrier."""
+    tm, n = values.shape
     if interpret:
-        return jnp.sum(values, axis=0)
+        out_ref[...] = jnp.sum(values.reshape(tm // 64, WARPS, 16, n), axis=(0, 2))
+        return
 
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct((values.shape[1],), jnp.int32,
-                                           layout=plgpu.Layout.WGMMA.reduce(0)),
-    )
-    def reduce(ctx, arr, scratch_ref):
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(ctx, arr, ref):
         del ctx
-        return arr.reduce("add", 0, scratch=scratch_ref)
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, vector
+        from jax.experimental.mosaic.gpu import fragmented_array as fa
+        from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    return reduce(values, scratch)
+        # WGMMA layout of [tm, n]: registers [tm / 64, n / 8, 1, 1, 2, 1, 1, 1, 1] of
+        # vector<2xi32>; register (i, j, .., r, ..) of lane l in warp w holds row
+        # 64 i + 16 w + 8 r + l // 4, columns 8 j + 2 (l % 4) + {0, 1}.
+        assert arr.layout == fa.WGMMA_LAYOUT, arr.layout
+        regs = arr.registers
+        assert regs.shape == (tm // 64, n // 8, 1, 1, 2, 1, 1, 1, 1), regs.shape
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        tid = mgpu_utils.thread_idx()
+        lane = arith.remui(tid, mgpu_utils.c(32, i32))
+        warp = arith.remui(arith.divui(tid, mgpu_utils.c(32, i32)), mgpu_utils.c(WARPS, i32))
+        col_in_group = arith.muli(arith.remui(lane, mgpu_utils.c(4, i32)),
+                                  mgpu_utils.c(2, i32))
+        for j in range(n // 8):
+            parts = [regs[i, j, 0, 0, r, 0, 0, 0, 0] for i in range(tm // 64) for r in range(2)]
+            while len(parts) > 1:  # a tree: independent adds
+                parts = [arith.addi(a, b) for a, b in zip(parts[::2], parts[1::2])] + (
+                    [parts[-1]] if len(parts) % 2 else [])
+            total = parts[0]
+            for stride in (4, 8, 16):  # the lanes of the same columns (l // 4 varies)
+                total = arith.addi(total, mgpu_utils.shfl_bfly(total, stride))
+            col = arith.addi(mgpu_utils.c(8 * j, i32), col_in_group)
+            # The eight lanes of a column pair hold the same sum and store it alike.
+            vector.store(total, ref, [arith.index_cast(index, warp),
+                                      arith.index_cast(index, col)])
+
+    store(values, out_ref)
 
 
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
@@ -275,12 +301,11 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32) -> outputs.
 
     Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
-    [row_tiles, n_seg, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32).
+    [row_tiles, n_seg, WARPS, Fp / 4] (packed: see the module docstring) and, with the token mask, tm_part [Tp, Fp / 32] (int32).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
-    named phases below (mainloop, epilogue_h, used, token_count, seq_count with seq_pack /
-    seq_reduce / seq_store inside it, token_mask) per
-    warpgroup, the first `profile_ranges` of each (their buffer takes 16 bytes per range and
+    named phases below (mainloop, epilogue_h, and per piece of the statistics used, pack,
+    token_count, seq_count, token_mask) per warpgroup, the first `profile_ranges` of each (their buffer takes 16 bytes per range and
     warpgroup of shared memory); for bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
@@ -293,10 +318,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     n_epi = (tm // epi_m) * (tn // epi_n)
     L, T, n_seg, aligned = plan.seq_len, plan.T, plan.n_seg, plan.aligned
     is_interpret = interpret is not None
-    # seq_count's packing: 8-bit lanes hold counts up to 255 (tile_m <= 192), else 16-bit.
-    lane_bits = 8 if tm < 256 else 16
-    n_lanes = 32 // lane_bits
-    lane_cols, lane_mask = tn // n_lanes, (1 << lane_bits) - 1
+    n_lanes = 32 // LANE_BITS
+    lane_cols = tn // n_lanes
+    chunk = min(lane_cols, BITS_PER_WORD)  # columns of one piece of the statistics
 
     swizzle = plgpu.find_swizzle(tk * in_dtype.itemsize * 8)
     in_transforms = (plgpu.TilingTransform((8, swizzle // in_dtype.itemsize)),
@@ -354,57 +378,69 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     store_h_by_tma(h, h_tile, epi["out_smem"].at[wg])
             if not with_stats:
                 return
-            # The exactness rule: "used" is h > 0 on the value as stored.
-            with jax.named_scope("used"):
-                used = h.astype(jnp.float32) > 0.0
-                ones = jnp.where(used, 1, 0).astype(jnp.int32)
-            with jax.named_scope("token_count"):
-                tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = jnp.sum(ones, axis=1)
             if aligned:
                 segments = [None]
             else:
-                local = plgpu.broadcasted_iota(jnp.int32, (tm, tn), 0, layout=wgmma_layout)
+                local = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 0, layout=wgmma_layout)
                 first = lax.div(row0, L)
                 segments = []
                 for s in range(n_seg):
                     start = (first + s) * L - row0
                     stop = jnp.minimum(start + L, T - row0)
                     segments.append((start, stop))
-            for s, seg in enumerate(segments):
-                vals = ones
-                if seg is not None:
-                    start, stop = seg
-                    vals = jnp.where((local >= start) & (local < stop), ones, 0)
-                with jax.named_scope("seq_count"):
-                    # Column sums of tn / n_lanes columns at a time, n_lanes counts per int32:
-                    # each count is at most tm < 2^lane_bits, so the lanes never carry into
-                    # each other, and the cross-warp reduction moves n_lanes times less.
-                    # (Sub-phases named for bench/profile_mosaic.py.)
-                    with jax.named_scope("seq_pack"):
-                        packed = vals[:, :lane_cols]
-                        for i in range(1, n_lanes):
-                            packed = packed | lax.shift_left(
-                                vals[:, i * lane_cols:(i + 1) * lane_cols], i * lane_bits)
-                    with jax.named_scope("seq_reduce"):
-                        sums = _col_sum(packed, epi["red_smem"].at[wg], is_interpret)
-                    with jax.named_scope("seq_store"):
-                        for i in range(n_lanes):
-                            count = lax.shift_right_logical(sums, i * lane_bits) & lane_mask
-                            sc_gmem.at[row_tile, s,
-                                       pl.ds(col0 + i * lane_cols, lane_cols)][...] = count
+            if with_token_mask:
+                bit = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 1, layout=wgmma_layout)
+            # The statistics go over h in [tm, chunk] column pieces, so that only h and one
+            # piece's values are live (all of `used` as int32 would be 128 registers a thread at
+            # 128 x 128 and spill). Piece (i, off) is columns i * lane_cols + off ..
+            # + chunk - 1: lane i of the packed words off .. off + chunk - 1.
+            token_count = None
+            mask_words = {}
+            for off in range(0, lane_cols, chunk):
+                packed = None
+                for i in range(n_lanes):
+                    c0 = i * lane_cols + off
+                    with jax.named_scope("used"):
+                        # The exactness rule: "used" is h > 0 on the value as stored (compared
+                        # in h's dtype: no conversion).
+                        used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
+                    if with_token_mask:
+                        with jax.named_scope("token_mask"):
+                            # Word w of a row: the sum over its 32 columns c of used << (c % 32).
+                            # The terms are distinct powers of two, so the sum is their OR (int32
+                            # wraps like uint32 at bit 31); a row reduction within a quad's
+                            # lanes, as for the token counts.
+                            w = c0 // BITS_PER_WORD
+                            part = jnp.sum(jnp.where(
+                                used, lax.shift_left(1, bit + c0 % BITS_PER_WORD), 0), axis=1)
+                            mask_words[w] = part if w not in mask_words else mask_words[w] + part
+                    with jax.named_scope("pack"):
+                        # Four columns per int32, 8-bit lanes (module docstring: no carries).
+                        term = jnp.where(used, 1 << (i * LANE_BITS), 0)
+                        packed = term if packed is None else packed | term
+                with jax.named_scope("token_count"):
+                    lanes = jnp.sum(packed, axis=1)  # four counts of up to 64 per row
+                    token_count = lanes if token_count is None else token_count + lanes
+                for s, seg in enumerate(segments):
+                    vals = packed
+                    if seg is not None:
+                        start, stop = seg
+                        vals = jnp.where((local >= start) & (local < stop), packed, 0)
+                    with jax.named_scope("seq_count"):
+                        _store_warp_col_sums(
+                            vals, sc_gmem.at[row_tile, s, :,
+                                             pl.ds(col_tile * lane_cols + off, chunk)],
+                            is_interpret)
+            with jax.named_scope("token_count"):
+                pairs = ((token_count & 0x00FF00FF)
+                         + (lax.shift_right_logical(token_count, 8) & 0x00FF00FF))
+                tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = (
+                    (pairs & 0xFFFF) + lax.shift_right_logical(pairs, 16))
             if with_token_mask:
                 with jax.named_scope("token_mask"):
-                    # Word w of a row: sum over its 32 columns c of used << (c % 32). The terms
-                    # are distinct powers of two, so the sum is their OR (int32 wraps like
-                    # uint32 at bit 31); a row reduction within the lanes of a quad, as for the
-                    # token counts.
-                    bit = plgpu.broadcasted_iota(jnp.int32, (tm, BITS_PER_WORD), 1,
-                                                 layout=wgmma_layout)
                     words = tn // BITS_PER_WORD
-                    for w in range(words):
-                        cols = slice(w * BITS_PER_WORD, (w + 1) * BITS_PER_WORD)
-                        tm_gmem.at[pl.ds(row0, tm), col_tile * words + w][...] = jnp.sum(
-                            lax.shift_left(ones[:, cols], bit), axis=1)
+                    for w, word in mask_words.items():
+                        tm_gmem.at[pl.ds(row0, tm), col_tile * words + w][...] = word
 
         # The epilogue's SMEM: h staging and reduction scratch per compute warpgroup (both
         # schedules).
@@ -412,8 +448,6 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         if cfg.h_store == "tma":
             epi_scoped["out_smem"] = plgpu.SMEM((2, cfg.epi_slots, epi_m, epi_n), out_dtype,
                                                 transforms=out_transforms)
-        if with_stats:
-            epi_scoped["red_smem"] = plgpu.SMEM((2, REDUCTION_SCRATCH_BYTES // 4), jnp.int32)
 
         def cooperative():
             """Both compute warpgroups consume every stage of one ring and split the CTA tile
@@ -594,7 +628,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     out_type = [jax.ShapeDtypeStruct((plan.Tp, plan.Fp), out_dtype)]
     if with_stats:
         out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
-                     jax.ShapeDtypeStruct((plan.row_tiles, n_seg, plan.Fp), jnp.int32)]
+                     jax.ShapeDtypeStruct((plan.row_tiles, n_seg, WARPS, plan.Fp // 4),
+                                          jnp.int32)]
         if with_token_mask:
             out_type.append(jax.ShapeDtypeStruct((plan.Tp, plan.Fp // BITS_PER_WORD),
                                                  jnp.int32))

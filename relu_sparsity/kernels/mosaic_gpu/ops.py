@@ -20,8 +20,8 @@ splitting pass (`split_bf16`, which rounds with reduce_precision: see there why)
 statistics follow the exactness rule on that returned f32 h as always.
 
 What is left to plain JAX (all small next to h): the sum of the per-column-tile token counts
-([F / tile_n, T]), the sum of the per-row-tile sequence counts ([T / tile_m, n_seg, F] ->
-[n_seq, F]), `seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding calls
+([F / tile_n, T]), the unpacking and sum of the per-warp sequence counts (one byte per warp,
+row tile and column: [T / tile_m, n_seg, 4, F / 4] int32 -> [n_seq, F]), `seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding calls
 for it, slicing h / the mask words.
 """
 
@@ -139,14 +139,14 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
         return h, None
     tc_part, sc_part = outs[1], outs[2]
     token_count = jnp.sum(tc_part, axis=0, dtype=jnp.int32)[:T]
+    seq_part = unpack_seq_part(sc_part, config.tile_n)  # [row_tiles, n_seg, WARPS, Fp]
     n_seq = T // seq_len
-    if plan.aligned:
-        seq_count = sc_part.reshape(n_seq, seq_len // config.tile_m, plan.Fp).sum(
-            axis=1, dtype=jnp.int32)
+    if plan.aligned:  # n_seg = 1: one reduction over each sequence's row tiles and warps
+        seq_count = seq_part.reshape(n_seq, -1, plan.Fp).sum(axis=1, dtype=jnp.int32)
     else:
         ids = jnp.asarray(plan.segment_ids().reshape(-1))
         seq_count = jnp.zeros((n_seq + 1, plan.Fp), jnp.int32).at[ids].add(
-            sc_part.reshape(-1, plan.Fp))[:n_seq]
+            seq_part.sum(axis=2, dtype=jnp.int32).reshape(-1, plan.Fp))[:n_seq]
     seq_count = seq_count[:, :F] if plan.Fp != F else seq_count
     seq_mask = pack_bits(seq_count > 0)
     token_mask = None
@@ -157,6 +157,20 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
             words = words[:T, :W]
         token_mask = jax.lax.bitcast_convert_type(words, jnp.uint32)
     return h, SparsityStats(token_count, seq_count, seq_mask, token_mask)
+
+
+def unpack_seq_part(sc_part: jax.Array, tile_n: int) -> jax.Array:
+    """The kernel's per-warp column counts [row_tiles, n_seg, WARPS, Fp / 4] (four 8-bit lanes
+    per int32; lane i of a tile's word c is column i * tile_n / 4 + c of that tile) ->
+    [row_tiles, n_seg, WARPS, Fp] int32, for the caller to sum (XLA fuses the unpacking into
+    that sum: one pass over as many bytes as one int32 per column and row tile)."""
+    r, n, warps, words = sc_part.shape
+    lane_cols = tile_n // 4
+    tiles = words // lane_cols
+    lanes = [lax.shift_right_logical(sc_part, 8 * i) & 0xFF for i in range(4)]
+    # [.., tiles, lane i, c] -> column tile * tile_n + i * lane_cols + c
+    per_warp = jnp.stack([a.reshape(r, n, warps, tiles, lane_cols) for a in lanes], axis=4)
+    return per_warp.reshape(r, n, warps, tiles * tile_n)
 
 
 # The backend forward of the kernel contract (see api.fused_mlp_up): with `live`, the live columns
