@@ -10,7 +10,9 @@ At each benchmark shape (bf16, seq_len 512) with the working tree's committed co
 checks the working tree's kernel at full size (h against the reference, integer outputs by the
 own-h exactness rule, with and without the token mask), then times XLA dot+bias+ReLU and every
 version without statistics, with, and with the token mask (median of 5 x 50 launches; for each
-variant the versions one after another), and prints ms and ratios to XLA. Writes $OUT/ab_mosaic.json.
+variant the versions one after another), and prints ms and ratios to XLA. Writes
+$OUT/ab_mosaic.json. With MOSAIC_GPU_DUMP_PTXAS=1 set, ptxas reports each kernel's registers and
+spills after the "timing ..." line that compiles it.
 """
 
 import functools

@@ -301,12 +301,14 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32) -> outputs.
 
     Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
-    [row_tiles, n_seg, WARPS, Fp / 4] (packed: see the module docstring) and, with the token mask, tm_part [Tp, Fp / 32] (int32).
+    [row_tiles, n_seg, WARPS, Fp / 4] (packed: see the module docstring) and, with the token
+    mask, tm_part [Tp, Fp / 32] (int32).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
     named phases below (mainloop, epilogue_h, and per piece of the statistics used, pack,
-    token_count, seq_count, token_mask) per warpgroup, the first `profile_ranges` of each (their buffer takes 16 bytes per range and
-    warpgroup of shared memory); for bench/profile_mosaic.py."""
+    token_count, seq_count, token_mask) per warpgroup, the first `profile_ranges` of each (their
+    buffer takes 16 bytes per range and warpgroup of shared memory); for
+    bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
     check_smem(cfg, in_dtype, out_dtype, with_stats)
