@@ -192,7 +192,7 @@ def test_h_store_options_lower_for_cuda(config):
     # The tuning options of h's store fit and lower at a benchmark shape (their speed is
     # measured by bench/device_mosaic.py's sweep).
     T, D, F = BENCH_SHAPES[0]
-    assert kernel.smem_bytes(config, 2, 2, True) <= kernel.SMEM_LIMIT_BYTES
+    assert kernel.smem_bytes(config, 2, 2) <= kernel.SMEM_LIMIT_BYTES
     fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None, with_stats=True,
                            with_token_mask=True, config=config, interpret=False)
     bf16 = jnp.bfloat16
@@ -229,7 +229,7 @@ def test_oversized_config_is_rejected():
 def test_committed_configs_fit_estimate(shape):
     T, D, F = shape
     config = ops.tile_config("NVIDIA H200", T, D, F, "bfloat16")
-    assert kernel.smem_bytes(config, 2, 2, True) <= kernel.SMEM_LIMIT_BYTES
+    assert kernel.smem_bytes(config, 2, 2) <= kernel.SMEM_LIMIT_BYTES
     plan = kernel.make_plan(T, D, F, 512, config)
     assert plan.aligned and plan.Tp == T and plan.Fp == F and plan.n_seg == 1
 
@@ -267,7 +267,7 @@ def test_interpreter_finds_no_races(config):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     # Two compute warpgroups, segments straddling tiles, the token mask: the SMEM ring, the
-    # h staging slots and the per-warpgroup scratch, checked by the race detector.
+    # h staging slots, checked by the race detector.
     x, w1, b1 = inputs(160, 64, 200, jnp.bfloat16)
     h, stats = ops.mosaic_gpu_forward(x, w1, b1, seq_len=80, live=None, with_stats=True,
                                       with_token_mask=True, config=config,
@@ -283,12 +283,12 @@ def test_f32_without_a_config_fits_shared_memory():
     # pipeline stages until the kernel fits; the default tiles (which fit as they are, or
     # after the drop) lower for CUDA with an f32 h.
     bf16_sized = dataclasses.replace(kernel.DEFAULT_CONFIG, epi_slots=4)
-    assert kernel.fit_stages(bf16_sized, jnp.bfloat16, jnp.bfloat16, True) == bf16_sized
-    fitted = kernel.fit_stages(bf16_sized, jnp.bfloat16, jnp.float32, True)
+    assert kernel.fit_stages(bf16_sized, jnp.bfloat16, jnp.bfloat16) == bf16_sized
+    fitted = kernel.fit_stages(bf16_sized, jnp.bfloat16, jnp.float32)
     assert 2 <= fitted.stages < bf16_sized.stages
-    kernel.check_smem(fitted, jnp.bfloat16, jnp.float32, True)
+    kernel.check_smem(fitted, jnp.bfloat16, jnp.float32)
     with pytest.raises(ValueError, match="shared memory"):
-        kernel.check_smem(bf16_sized, jnp.bfloat16, jnp.float32, True)
+        kernel.check_smem(bf16_sized, jnp.bfloat16, jnp.float32)
     fn = functools.partial(ops.mosaic_gpu_forward, seq_len=256, live=None, with_stats=True,
                            with_token_mask=True, interpret=False)
     f32 = jnp.float32

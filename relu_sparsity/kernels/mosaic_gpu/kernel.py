@@ -69,7 +69,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, vector
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import fragmented_array as fa
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BITS_PER_WORD = 32
@@ -216,9 +220,9 @@ def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig) -> Plan:
     return Plan(T=T, D=D, F=F, seq_len=seq_len, config=config, n_seg=n_seg)
 
 
-def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_stats: bool) -> int:
-    """Shared memory the kernel allocates (pipeline ring, h staging, reduction scratch,
-    barriers), an estimate within a few hundred bytes of Mosaic's own count."""
+def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int) -> int:
+    """Shared memory the kernel allocates (pipeline ring, h staging, barriers; the statistics
+    take none), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
     out = 2 * config.epi_slots * 64 * config.epi_tile_n * out_itemsize
     if config.h_store == "direct":
@@ -227,9 +231,8 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int, with_sta
     return ring + out + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
-def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> None:
-    need = smem_bytes(config, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize,
-                      with_stats)
+def check_smem(config: TileConfig, in_dtype, out_dtype) -> None:
+    need = smem_bytes(config, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize)
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(
             f"mosaic_gpu TileConfig {config} needs about {need / 1024:.1f} KiB of shared memory "
@@ -239,13 +242,13 @@ def check_smem(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> Non
             "smaller tiles")
 
 
-def fit_stages(config: TileConfig, in_dtype, out_dtype, with_stats: bool) -> TileConfig:
+def fit_stages(config: TileConfig, in_dtype, out_dtype) -> TileConfig:
     """`config` with as many pipeline stages as fit in shared memory, at most its own and at
     least 2 (f32 outputs double the epilogue's buffers: a ring tuned for bf16 may not fit)."""
     fitted = config
     while fitted.stages > 2 and smem_bytes(
-            fitted, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize,
-            with_stats) > SMEM_LIMIT_BYTES:
+            fitted, jnp.dtype(in_dtype).itemsize,
+            jnp.dtype(out_dtype).itemsize) > SMEM_LIMIT_BYTES:
         fitted = dataclasses.replace(fitted, stages=fitted.stages - 1)
     return fitted
 
@@ -262,11 +265,6 @@ def _store_warp_col_sums(values: jax.Array, out_ref, interpret: bool) -> None:
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
     def store(ctx, arr, ref):
         del ctx
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.mlir.dialects import arith, vector
-        from jax.experimental.mosaic.gpu import fragmented_array as fa
-        from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
         # WGMMA layout of [tm, n]: registers [tm / 64, n / 8, 1, 1, 2, 1, 1, 1, 1] of
         # vector<2xi32>; register (i, j, .., r, ..) of lane l in warp w holds row
         # 64 i + 16 w + 8 r + l // 4, columns 8 j + 2 (l % 4) + {0, 1}.
@@ -311,7 +309,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
-    check_smem(cfg, in_dtype, out_dtype, with_stats)
+    check_smem(cfg, in_dtype, out_dtype)
     in_dtype, out_dtype = jnp.dtype(in_dtype), jnp.dtype(out_dtype)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
@@ -444,7 +442,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     for w, word in mask_words.items():
                         tm_gmem.at[pl.ds(row0, tm), col_tile * words + w][...] = word
 
-        # The epilogue's SMEM: h staging and reduction scratch per compute warpgroup (both
+        # The epilogue's SMEM: h staging per compute warpgroup (both
         # schedules).
         epi_scoped = {}
         if cfg.h_store == "tma":

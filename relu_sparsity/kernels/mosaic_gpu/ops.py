@@ -103,7 +103,7 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     if config is None:
         kind = device.device_kind if device is not None else DEFAULT_DEVICE_KIND
         tuned = tile_config(kind, T, D, F, out_dtype.name)
-        config = mgpu_kernel.fit_stages(tuned, jnp.bfloat16, out_dtype, with_stats)
+        config = mgpu_kernel.fit_stages(tuned, jnp.bfloat16, out_dtype)
         if config != tuned:
             log.info("mosaic_gpu: %d pipeline stages instead of %d so that the %s epilogue "
                      "fits in shared memory", config.stages, tuned.stages, out_dtype.name)
