@@ -3,9 +3,9 @@
 h), gradients through api.fused_mlp_up, and the CUDA lowering at the benchmark shapes with the
 committed tile configurations (Mosaic GPU rejects a kernel that overflows shared memory there).
 
-The interpreter cannot run two things the compiled kernel does (register-A wgmma, inline Mosaic
-GPU); for those the kernel takes plain-JAX stand-ins with the same arithmetic in interpret mode
-(see kernel.py), and the lowering tests cover the compiled forms."""
+The interpreter cannot run inline Mosaic GPU (the per-warp column sums); for it the kernel takes
+a plain-JAX stand-in with the same arithmetic in interpret mode (see kernel.py), and the lowering
+tests cover the compiled form."""
 
 import dataclasses
 import functools
@@ -189,8 +189,8 @@ def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):
     kernel.TileConfig(128, 128, 64, 6, "pingpong", 32, "m", 16, h_store="direct"),
 ], ids=["all-slots", "direct-h"])
 def test_h_store_options_lower_for_cuda(config):
-    # The tuning options of h's store fit and lower at a benchmark shape (their speed is
-    # measured by bench/device_mosaic.py's sweep).
+    # The tuning options of h's store fit and lower at a benchmark shape (their speed:
+    # bench/RESULTS.md, 2026-11-29 fourth session).
     T, D, F = BENCH_SHAPES[0]
     assert kernel.smem_bytes(config, 2, 2) <= kernel.SMEM_LIMIT_BYTES
     fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None, with_stats=True,

@@ -48,8 +48,8 @@ def test_triton_matches_reference(shape, dtype):
 @pytest.mark.parametrize("shape", [(4, 512, 256, 1000), (2, 256, 1024, 4096), (3, 128, 72, 96)])
 def test_triton_seq_programs_match_own_h(shape):
     # One program per (sequence, column tile): column counts kept in registers over the
-    # sequence's row tiles, seq_count / seq_mask written once without atomics. Timed faster on
-    # the H200 (kernel.py) but not yet the committed default; its exactness on the GPU is here.
+    # sequence's row tiles, seq_count / seq_mask written once without atomics (the committed
+    # tiles and the default); its exactness on the GPU at ragged shapes.
     from relu_sparsity.kernels.triton import kernel, ops
 
     n_seq, seq_len, d, f = shape

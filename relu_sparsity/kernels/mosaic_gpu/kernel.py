@@ -376,52 +376,56 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     h_tile[...] = h
                 else:
                     store_h_by_tma(h, h_tile, epi["out_smem"].at[wg])
-            if not with_stats:
-                return
+            if with_stats:
+                statistics(h, row0, row_tile, col_tile)
+
+        def segment_bounds(row0):
+            """(None, [None]) when every row of the tile is in one sequence (aligned); else the
+            tile's row iota [tm, chunk] and the [start, stop) rows of each of its n_seg
+            segments."""
             if aligned:
-                segments = [None]
-            else:
-                local = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 0, layout=wgmma_layout)
-                first = lax.div(row0, L)
-                segments = []
-                for s in range(n_seg):
-                    start = (first + s) * L - row0
-                    stop = jnp.minimum(start + L, T - row0)
-                    segments.append((start, stop))
+                return None, [None]
+            local = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 0, layout=wgmma_layout)
+            first = lax.div(row0, L)
+            bounds = []
+            for s in range(n_seg):
+                start = (first + s) * L - row0
+                bounds.append((start, jnp.minimum(start + L, T - row0)))
+            return local, bounds
+
+        def statistics(h, row0, row_tile, col_tile):
+            """The statistics of one [tm, tn] tile of h whose first row is row0 (module
+            docstring), over [tm, chunk] column pieces so that only h and one piece's values are
+            live (all of `used` as int32 would be 128 registers a thread at 128 x 128, and
+            spilled)."""
+            local, bounds = segment_bounds(row0)
             if with_token_mask:
                 bit = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 1, layout=wgmma_layout)
-            # The statistics go over h in [tm, chunk] column pieces, so that only h and one
-            # piece's values are live (all of `used` as int32 would be 128 registers a thread at
-            # 128 x 128 and spill). Piece (i, off) is columns i * lane_cols + off ..
-            # + chunk - 1: lane i of the packed words off .. off + chunk - 1.
             token_count = None
             mask_words = {}
+            # Piece (i, off) is columns i * lane_cols + off .. + chunk - 1: lane i of the packed
+            # words off .. off + chunk - 1.
             for off in range(0, lane_cols, chunk):
                 packed = None
                 for i in range(n_lanes):
                     c0 = i * lane_cols + off
                     with jax.named_scope("used"):
-                        # The exactness rule: "used" is h > 0 on the value as stored (compared
-                        # in h's dtype: no conversion).
+                        # The exactness rule on the value as stored, compared in h's dtype.
                         used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
                     if with_token_mask:
                         with jax.named_scope("token_mask"):
-                            # Word w of a row: the sum over its 32 columns c of used << (c % 32).
-                            # The terms are distinct powers of two, so the sum is their OR (int32
-                            # wraps like uint32 at bit 31); a row reduction within a quad's
-                            # lanes, as for the token counts.
+                            # used << (c % 32) summed over a word's columns: their OR.
                             w = c0 // BITS_PER_WORD
                             part = jnp.sum(jnp.where(
                                 used, lax.shift_left(1, bit + c0 % BITS_PER_WORD), 0), axis=1)
                             mask_words[w] = part if w not in mask_words else mask_words[w] + part
                     with jax.named_scope("pack"):
-                        # Four columns per int32, 8-bit lanes (module docstring: no carries).
                         term = jnp.where(used, 1 << (i * LANE_BITS), 0)
                         packed = term if packed is None else packed | term
                 with jax.named_scope("token_count"):
                     lanes = jnp.sum(packed, axis=1)  # four counts of up to 64 per row
                     token_count = lanes if token_count is None else token_count + lanes
-                for s, seg in enumerate(segments):
+                for s, seg in enumerate(bounds):
                     vals = packed
                     if seg is not None:
                         start, stop = seg
@@ -431,7 +435,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                             vals, sc_gmem.at[row_tile, s, :,
                                              pl.ds(col_tile * lane_cols + off, chunk)],
                             is_interpret)
-            with jax.named_scope("token_count"):
+            with jax.named_scope("token_count"):  # add each row's four lanes
                 pairs = ((token_count & 0x00FF00FF)
                          + (lax.shift_right_logical(token_count, 8) & 0x00FF00FF))
                 tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = (
@@ -442,8 +446,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     for w, word in mask_words.items():
                         tm_gmem.at[pl.ds(row0, tm), col_tile * words + w][...] = word
 
-        # The epilogue's SMEM: h staging per compute warpgroup (both
-        # schedules).
+        # The epilogue's SMEM (both schedules): h staging per compute warpgroup.
         epi_scoped = {}
         if cfg.h_store == "tma":
             epi_scoped["out_smem"] = plgpu.SMEM((2, cfg.epi_slots, epi_m, epi_n), out_dtype,
@@ -547,7 +550,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         (lin,) = loop_info.index
                         m_idx, n_idx = tile_indices(lin)
                         first_step = loop_info.local_index * k_iters
-                        b = (loop_info.local_index % 2) * S
+                        # this tile's owner's "loaded" barriers (owner(step) of its steps)
+                        loaded_base = (loop_info.local_index % 2) * S
 
                         def load(k, carry):
                             step = first_step + k
@@ -559,10 +563,10 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
 
                             plgpu.copy_gmem_to_smem(
                                 x_gmem.at[pl.ds(m_idx * tm, tm), pl.ds(k * tk, tk)],
-                                ring_x.at[slot], loaded.at[b + slot])
+                                ring_x.at[slot], loaded.at[loaded_base + slot])
                             plgpu.copy_gmem_to_smem(
                                 w_gmem.at[pl.ds(k * tk, tk), pl.ds(n_idx * tn, tn)],
-                                ring_w.at[slot], loaded.at[b + slot])
+                                ring_w.at[slot], loaded.at[loaded_base + slot])
                             return carry
 
                         lax.fori_loop(0, k_iters, load, None)
