@@ -1,0 +1,106 @@
+"""A/B of Triton kernel versions and tile configurations in one process on an NVIDIA GPU.
+
+    mkdir -p /tmp/before && git show REV:relu_sparsity/kernels/triton/kernel.py > /tmp/before/kernel.py
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_triton.py /tmp/before [/tmp/other ...]
+
+Each folder holds a kernel.py (named in the table by the folder's name), timed at its committed
+configuration; the working tree's kernel ("tree") is timed at every configuration of CANDIDATES
+after each was checked at full size (h against the reference, integer outputs exact by the
+own-h rule, with the token mask). At each benchmark shape (bf16, seq_len 512): XLA dot+bias+ReLU,
+XLA ReLU plus statistics, then every version and configuration without and with statistics
+(median of 5 x 50 launches), ms and ratios to XLA. Writes $OUT/ab_triton.json.
+"""
+
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+import device_triton as dt  # noqa: E402
+from relu_sparsity.kernels import api, fused_mlp_up  # noqa: E402
+from relu_sparsity.kernels.triton import kernel, ops  # noqa: E402
+
+CANDIDATES = {
+    "seqprog 128x256 s3": kernel.TileConfig(128, 256, 64, 8, 8, 3, seq_programs=True),
+    "persistent 128x256 s3": kernel.TileConfig(128, 256, 64, 8, 8, 3, persistent=True),
+    "persistent 128x256 s4": kernel.TileConfig(128, 256, 64, 8, 8, 4, persistent=True),
+    "persistent 128x128 w8 s4": kernel.TileConfig(128, 128, 64, 8, 8, 4, persistent=True),
+}
+
+
+def load_ops(folder: Path):
+    """A copy of ops bound to the kernel.py in `folder` (compiled, not interpreted)."""
+    spec = importlib.util.spec_from_file_location(f"{folder.name}_kernel", folder / "kernel.py")
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    if "num_sms" not in inspect.signature(old.launch_plan).parameters:
+        plan = old.launch_plan
+        old.launch_plan = lambda *args, num_sms=None, **kw: plan(*args, **kw)
+        old.H200_SMS = kernel.H200_SMS
+    spec = importlib.util.spec_from_file_location(f"{folder.name}_ops", ops.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.triton_kernel = old
+    module.COMPILED_KERNEL = triton.jit(old.fused_mlp_up_kernel)
+    return module
+
+
+def forward(module, config, with_stats):
+    return jax.jit(lambda x, w, b: module.triton_dense_forward(
+        x, w, b, seq_len=dt.SEQ_LEN, live=None, with_stats=with_stats, with_token_mask=False,
+        config=config))
+
+
+def main():
+    api.load_backend("triton")
+    kind = jax.devices()[0].device_kind
+    versions = [(Path(a).name, load_ops(Path(a))) for a in sys.argv[1:]]
+    rows = []
+    for T, D, F in dt.SHAPES:
+        shape = f"{T}x{D}x{F}"
+        kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(kx, (T, D), "bfloat16")
+        w1 = (jax.random.normal(kw, (D, F)) / D ** 0.5).astype("bfloat16")
+        b1 = (0.1 * jax.random.normal(kb, (F,))).astype("bfloat16")
+        runs = [(name, ops.tile_config(kind, T, D, F, "bfloat16"), module)
+                for name, module in versions]
+        for name, config in CANDIDATES.items():
+            err, exact = dt.check(x, w1, b1, config)
+            print(f"{shape} {name}: max h error {err}, integer outputs exact: {exact}",
+                  flush=True)
+            if not exact:
+                raise SystemExit(f"{shape} {name}: integer outputs differ from the own-h rule")
+            runs.append((f"tree {name}", config, ops))
+        base = dt.time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), (x, w1, b1))
+        xla_stats = dt.time_ms(jax.jit(lambda x, w, b: fused_mlp_up(
+            x, w, b, seq_len=dt.SEQ_LEN, backend="reference")), (x, w1, b1))
+        rows.append(dict(shape=shape, version="xla dot+bias+relu", ms=base, ms_stats=None))
+        rows.append(dict(shape=shape, version="xla relu+stats", ms=None, ms_stats=xla_stats))
+        for name, config, module in runs:
+            print(f"timing {shape} {name}", flush=True)
+            ms = [dt.time_ms(forward(module, config, s), (x, w1, b1)) for s in (False, True)]
+            rows.append(dict(shape=shape, version=name, ms=ms[0], ms_stats=ms[1]))
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ab_triton.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n{'shape':16s} {'version':30s} {'ms':>7s} {'+stats':>7s} {'/xla':>6s} "
+          f"{'+st/xla':>7s} {'st/nost':>7s} {'st/xlast':>8s}")
+    for r in rows:
+        base = next(q["ms"] for q in rows if q["shape"] == r["shape"] and q["ms"])
+        xs = next(q["ms_stats"] for q in rows
+                  if q["shape"] == r["shape"] and q["version"] == "xla relu+stats")
+        f = lambda v: f"{v:7.3f}" if v else " " * 7  # noqa: E731
+        ratio = lambda a, b: f"{a / b:7.3f}" if a and b else " " * 7  # noqa: E731
+        print(f"{r['shape']:16s} {r['version']:30s} {f(r['ms'])} {f(r['ms_stats'])} "
+              f"{ratio(r['ms'], base)[1:]} {ratio(r['ms_stats'], base)} "
+              f"{ratio(r['ms_stats'], r['ms'])} {ratio(r['ms_stats'], xs)}")
+
+
+if __name__ == "__main__":
+    main()
