@@ -5,7 +5,9 @@
     OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_mosaic.py /tmp/before [/tmp/other ...]
 
 Each folder holds a kernel.py and ops.py (named in the table by the folder's name); the working
-tree's version is "tree".
+tree's version is "tree". An argument `tree:FIELD=VALUE,...` adds the working tree's kernel with
+those TileConfig fields changed (Python literals, e.g. `tree:ordered=True,stages=5`), checked at
+full size like the tree.
 At each benchmark shape (bf16, seq_len 512) with the working tree's committed configuration:
 checks the working tree's kernel at full size (h against the reference, integer outputs by the
 own-h exactness rule, with and without the token mask), then times XLA dot+bias+ReLU and every
@@ -15,6 +17,8 @@ $OUT/ab_mosaic.json. With MOSAIC_GPU_DUMP_PTXAS=1 set, ptxas reports each kernel
 spills after the "timing ..." line that compiles it.
 """
 
+import ast
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -44,9 +48,17 @@ def load_version(folder: Path):
     return modules["ops"]
 
 
+def parse_version(arg: str):
+    """(name, ops module, TileConfig overrides) of one command-line argument."""
+    if arg.startswith("tree:"):
+        fields = dict(item.split("=", 1) for item in arg[len("tree:"):].split(","))
+        return arg, ops, {k: ast.literal_eval(v) for k, v in fields.items()}
+    return Path(arg).name, load_version(Path(arg)), {}
+
+
 def main():
-    versions = [(Path(a).name, load_version(Path(a))) for a in sys.argv[1:]]
-    versions.append(("tree", ops))
+    versions = [parse_version(a) for a in sys.argv[1:]]
+    versions.append(("tree", ops, {}))
     kind = jax.devices()[0].device_kind
     rows = []
     for T, D, F in dm.SHAPES:
@@ -55,16 +67,19 @@ def main():
         config = ops.tile_config(kind, T, D, F, "bfloat16")
         ref_h, _ = jax.jit(functools.partial(reference_forward, seq_len=dm.SEQ_LEN, live=None,
                                              with_stats=True, with_token_mask=False))(x, w1, b1)
-        for with_token_mask in (False, True):
-            dm.check(config, x, w1, b1, ref_h, with_token_mask)  # raises on a mismatch
-        print(f"{shape}: working tree checked ({config})", flush=True)
+        for name, module, overrides in versions:
+            if module is ops:
+                for with_token_mask in (False, True):  # raises on a mismatch
+                    dm.check(dataclasses.replace(config, **overrides), x, w1, b1, ref_h,
+                             with_token_mask)
+                print(f"{shape}: {name} checked ({config}, {overrides})", flush=True)
         base = dm.time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)
         rows.append(dict(shape=shape, variant="xla dot+bias+relu", version="", ms=base))
         for label, with_stats, with_token_mask in VARIANTS:
-            for version, module in versions:
+            for version, module, overrides in versions:
                 print(f"timing {shape} {label} {version}", flush=True)
-                ms = dm.time_ms(dm.mosaic_fn(config, with_stats, with_token_mask, module),
-                                x, w1, b1)
+                ms = dm.time_ms(dm.mosaic_fn(dataclasses.replace(config, **overrides),
+                                             with_stats, with_token_mask, module), x, w1, b1)
                 rows.append(dict(shape=shape, variant=label, version=version, ms=ms))
     for row in rows:
         base = next(r["ms"] for r in rows if r["shape"] == row["shape"] and not r["version"])
@@ -72,9 +87,9 @@ def main():
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab_mosaic.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'shape':18s} {'variant':18s} {'version':14s} {'ms':>7s} {'/ xla':>6s}")
+    print(f"\n{'shape':18s} {'variant':18s} {'version':24s} {'ms':>7s} {'/ xla':>6s}")
     for r in rows:
-        print(f"{r['shape']:18s} {r['variant']:18s} {r['version']:14s} {r['ms']:7.3f} "
+        print(f"{r['shape']:18s} {r['variant']:18s} {r['version']:24s} {r['ms']:7.3f} "
               f"{r['ratio']:6.3f}")
 
 

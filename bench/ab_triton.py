@@ -12,7 +12,6 @@ XLA ReLU plus statistics, then every version and configuration without and with 
 """
 
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -26,12 +25,7 @@ import device_triton as dt  # noqa: E402
 from relu_sparsity.kernels import api, fused_mlp_up  # noqa: E402
 from relu_sparsity.kernels.triton import kernel, ops  # noqa: E402
 
-CANDIDATES = {
-    "seqprog 128x256 s3": kernel.TileConfig(128, 256, 64, 8, 8, 3, seq_programs=True),
-    "persistent 128x256 s3": kernel.TileConfig(128, 256, 64, 8, 8, 3, persistent=True),
-    "persistent 128x256 s4": kernel.TileConfig(128, 256, 64, 8, 8, 4, persistent=True),
-    "persistent 128x128 w8 s4": kernel.TileConfig(128, 128, 64, 8, 8, 4, persistent=True),
-}
+CANDIDATES = {"committed": kernel.DEFAULT_CONFIG}  # the working tree's configurations to time
 
 
 def load_ops(folder: Path):
@@ -39,10 +33,6 @@ def load_ops(folder: Path):
     spec = importlib.util.spec_from_file_location(f"{folder.name}_kernel", folder / "kernel.py")
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
-    if "num_sms" not in inspect.signature(old.launch_plan).parameters:
-        plan = old.launch_plan
-        old.launch_plan = lambda *args, num_sms=None, **kw: plan(*args, **kw)
-        old.H200_SMS = kernel.H200_SMS
     spec = importlib.util.spec_from_file_location(f"{folder.name}_ops", ops.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

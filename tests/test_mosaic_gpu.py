@@ -88,13 +88,18 @@ RAGGED = [
     (96, 40, 70, 24, dataclasses.replace(SMALL_PP, epi_tile_n=32, epi_slots=4), jnp.bfloat16),
     # h stored from registers, f32 (the bf16x3 split), padding rows and columns
     (160, 64, 200, 80, dataclasses.replace(SMALL_N, h_store="direct"), jnp.float32),
+    # ordered mainloops: 4 tiles per CTA (warpgroup 1's last "done" left over), D = 3 steps
+    (256, 192, 256, 64, dataclasses.replace(SMALL_PP, ordered=True), jnp.bfloat16),
+    # ordered, an odd number of tiles per CTA (warpgroup 0's last left over), f32
+    (96, 40, 70, 24, dataclasses.replace(SMALL_PP3, ordered=True), jnp.float32),
 ]
 
 
 @pytest.mark.parametrize("case", RAGGED, ids=["segments", "f32-aligned", "straddle-wgN",
                                               "pingpong", "pingpong-segments",
                                               "pingpong-3-stages", "all-slots",
-                                              "direct-h-f32"])
+                                              "direct-h-f32", "ordered-even",
+                                              "ordered-odd-f32"])
 def test_interpreter_matches_reference(case):
     T, D, F, seq_len, config, dtype = case
     x, w1, b1 = inputs(T, D, F, dtype)

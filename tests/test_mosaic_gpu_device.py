@@ -12,6 +12,7 @@ from backend_checks import (
     random_inputs,
 )
 from relu_sparsity.kernels.mosaic_gpu import kernel, ops
+from relu_sparsity.kernels.reference import stats_from_h
 
 pytestmark = pytest.mark.gpu
 
@@ -19,6 +20,8 @@ CONFIGS = {
     "split-m": kernel.TileConfig(64, 256, 64, 4, "m", 32, "m", 8),
     "split-n": kernel.TileConfig(128, 128, 64, 4, "n", 32, "m", 8),
     "pingpong": kernel.TileConfig(128, 128, 64, 6, "pingpong", 32, "m", 16),
+    "pingpong-ordered": kernel.TileConfig(128, 128, 64, 6, "pingpong", 32, "m", 16,
+                                          ordered=True),
 }
 # (n_seq, seq_len, D, F): tiles spanning sequences, sequences spanning tiles, ragged F and D.
 SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024, 4096)]
@@ -58,3 +61,21 @@ def test_compiled_gradients_match_plain_expression(live):
     x, w1, b1 = random_inputs(1024, 256, 1000, jnp.float32, seed=3)
     assert_grads_match_plain_expression("mosaic_gpu", x, w1, b1, seq_len=256, live=live,
                                         tol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_nonfinite_h_follows_the_exactness_rule(dtype):
+    # inf and NaN in h: `used` is h > 0 on h as returned, so inf is used and NaN is not (bf16
+    # packs by a PTX compare of both halves of a register, f32 by a JAX compare).
+    seq_len, d, f = 128, 64, 256
+    x, w1, b1 = random_inputs(2 * seq_len, d, f, dtype, seed=11)
+    x = x.at[0:40, 0].set(jnp.inf)  # pre = +-inf where w1[0] is nonzero
+    x = x.at[20:60, 1].set(-jnp.inf)  # rows 20..39: inf - inf = NaN where w1[0], w1[1] > 0
+    h, stats = compiled(kernel.DEFAULT_CONFIG, seq_len=seq_len)(x, w1, b1)
+    hf = h.astype(jnp.float32)
+    assert bool(jnp.any(jnp.isnan(hf)))
+    if dtype == jnp.bfloat16:  # (f32 inputs are split into bf16 pieces: inf - inf makes NaN)
+        assert bool(jnp.any(jnp.isposinf(hf)))
+    own = stats_from_h(h, seq_len=seq_len, num_units=f, live=None, with_token_mask=True)
+    for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
+        assert bool(jnp.array_equal(getattr(stats, name), getattr(own, name))), name

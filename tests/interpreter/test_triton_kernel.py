@@ -48,17 +48,16 @@ pytestmark = pytest.mark.filterwarnings(
 SMALL = K.TileConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
 SEQ_PROGRAMS = K.TileConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4,
                             num_stages=1, seq_programs=True)
-PERSISTENT = dataclasses.replace(SMALL, persistent=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SENTINEL = 0x5A5A5A5A  # fills outputs that the kernel must overwrite (or must leave alone)
 GUARD = 64  # sentinel elements behind every output buffer
 
 
-def run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask, num_sms=K.H200_SMS):
+def run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask):
     """Launches the kernel as the JAX wrapper does: everything from launch_plan."""
     T, D = x.shape
     F = w.shape[1]
-    plan = K.launch_plan(T, D, F, seq_len, config, with_stats, with_token_mask, num_sms)
+    plan = K.launch_plan(T, D, F, seq_len, config, with_stats, with_token_mask)
     outs, guards = [], []
     for o in plan.outputs:
         # Each output is the front of a buffer with GUARD sentinel elements behind it, which
@@ -116,9 +115,9 @@ def make_inputs(T, D, F, dtype, seed):
     return x.to(DTYPES[dtype]), w.to(DTYPES[dtype]), b.to(DTYPES[dtype])
 
 
-def check(x, w, b, seq_len, config, with_stats=True, with_token_mask=True, num_sms=K.H200_SMS):
+def check(x, w, b, seq_len, config, with_stats=True, with_token_mask=True):
     F = w.shape[1]
-    plan, out = run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask, num_sms)
+    plan, out = run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask)
     h = to_np(out["h"])
     ref = np.maximum(x.double().numpy() @ w.double().numpy() + b.double().numpy(), 0.0)
     tol = 1e-5 if x.dtype == torch.float32 else 2e-2
@@ -178,26 +177,6 @@ def test_seq_programs(T, D, F, seq_len, dtype):
     assert plan.grid == ((T // seq_len) * triton.cdiv(F, 32),)
     # seq_count and seq_mask are written with plain stores: no zero-initialisation asked for.
     assert [o.name for o in plan.outputs if o.zeroed] == ["token_count"]
-
-
-@pytest.mark.parametrize("T,D,F,seq_len", [(48, 24, 70, 6), (64, 20, 45, 32), (40, 8, 33, 20)])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_persistent(T, D, F, seq_len, dtype):
-    # 5 programs over 9-12 tiles: programs do 1, 2 or 3 tiles, through every epilogue path.
-    x, w, b = make_inputs(T, D, F, dtype, seed=6)
-    for with_stats in (False, True):
-        plan, _ = check(x, w, b, seq_len, PERSISTENT, with_stats=with_stats, num_sms=5)
-        assert plan.constexprs["NUM_PROGRAMS"] == 5 and plan.grid == (5,)
-
-
-def test_persistent_grid_is_capped_by_the_tiles():
-    plan = K.launch_plan(32, 8, 64, 16, PERSISTENT, num_sms=132)
-    assert plan.grid == (2 * 2,) and plan.constexprs["NUM_PROGRAMS"] == 4
-    # seq_programs takes precedence: its programs are whole sequences.
-    both = dataclasses.replace(PERSISTENT, seq_programs=True)
-    plan = K.launch_plan(32, 8, 64, 16, both, num_sms=3)
-    assert plan.constexprs["SEQ_PROGRAMS"] and plan.constexprs["NUM_PROGRAMS"] == 0
-    assert plan.grid == (2 * 2,)
 
 
 @pytest.mark.parametrize("config", [SMALL, SEQ_PROGRAMS], ids=["tiles", "seq-programs"])

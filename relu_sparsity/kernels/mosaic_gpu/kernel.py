@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, vector
+from jax._src.lib.mlir.dialects import arith, llvm, vector
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -107,6 +107,9 @@ class TileConfig:
     # memory (no SMEM, so more room for ring stages; 4-byte stores of bf16 pairs).
     epi_slots: int = 2
     h_store: str = "tma"
+    # Ping-pong only: a warpgroup starts its mainloop only once the other's has finished (its
+    # last wgmma done), so the two never share the tensor cores and their epilogues alternate.
+    ordered: bool = False
 
     @property
     def cta_m(self) -> int:
@@ -137,6 +140,8 @@ class TileConfig:
             problems.append(f"epi_slots={self.epi_slots} must be >= 1")
         if self.h_store not in ("tma", "direct"):
             problems.append("h_store must be 'tma' or 'direct'")
+        if self.ordered and self.wg_dim != "pingpong":
+            problems.append("ordered needs wg_dim='pingpong'")
         if self.tile_m * self.tile_n > 64 * 256:
             problems.append(f"tile {self.tile_m}x{self.tile_n} needs more than 128 accumulator "
                             "registers per thread (at most 64x256 or 128x128)")
@@ -293,6 +298,70 @@ def _store_warp_col_sums(values: jax.Array, out_ref, interpret: bool) -> None:
     store(values, out_ref)
 
 
+# PTX for one pair of packed registers (columns c and c + 1 of a row) from four registers of h,
+# each the bf16 pair of columns i * lane_cols + c, + 1 (i = 0..3): `set` compares both halves
+# with 0 (NaN compares false, as h > 0 does) into 0xFFFF / 0 masks; `prmt` gathers the low byte
+# of each half, column c's four into one word and column c + 1's into another; the AND leaves
+# 1 / 0 bytes. Ten instructions for eight elements.
+_PACK_BF16_PAIRS_PTX = """{
+.reg .b32 z, m0, m1, m2, m3, x, y, p0, p1;
+mov.b32 z, 0;
+set.gt.u32.bf16x2 m0, $1, z;
+set.gt.u32.bf16x2 m1, $2, z;
+set.gt.u32.bf16x2 m2, $3, z;
+set.gt.u32.bf16x2 m3, $4, z;
+prmt.b32 x, m0, m1, 0x6240;
+prmt.b32 y, m2, m3, 0x6240;
+prmt.b32 p0, x, y, 0x5410;
+prmt.b32 p1, x, y, 0x7632;
+and.b32 p0, p0, 0x01010101;
+and.b32 p1, p1, 0x01010101;
+mov.b64 $0, {p0, p1};
+}"""
+
+
+def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array:
+    """packed[r, c] = sum over i < 4 of (h[r, i * lane_cols + off + c] > 0) << (8 i), for
+    c < chunk, lane_cols = tile_n / 4: int32 [tile_m, chunk] (WGMMA layout) from h [tile_m,
+    tile_n] (WGMMA layout). For bf16 h, compiled, ten PTX instructions per eight elements
+    (`_PACK_BF16_PAIRS_PTX`); otherwise, and in the interpreter (which cannot run inline Mosaic
+    GPU), the same in plain JAX."""
+    tm, tn = h.shape
+    n_lanes = 32 // LANE_BITS
+    lane_cols = tn // n_lanes
+    if interpret or h.dtype != jnp.bfloat16:
+        packed = None
+        for i in range(n_lanes):
+            c0 = i * lane_cols + off
+            # The exactness rule on the value as stored, compared in h's dtype.
+            used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
+            term = jnp.where(used, 1 << (i * LANE_BITS), 0)
+            packed = term if packed is None else packed | term
+        return packed
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct((tm, chunk), jnp.int32,
+                                                          layout=plgpu.Layout.WGMMA))
+    def pack(ctx, arr):
+        del ctx
+        # Registers as in _store_warp_col_sums: (i, j, .., r, ..) holds columns 8 j + 2 (l % 4)
+        # + {0, 1} as vector<2xbf16>, so register j of column group i is j + (i lane_cols +
+        # off) / 8, and the packed register has the same rows and lanes.
+        assert arr.layout == fa.WGMMA_LAYOUT, arr.layout
+        regs = arr.registers
+        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+        pair_ty = ir.VectorType.get((2,), i32)
+        out = np.empty((tm // 64, chunk // 8) + regs.shape[2:], dtype=object)
+        for idx in np.ndindex(out.shape):
+            srcs = [llvm.bitcast(i32, regs[(idx[0], idx[1] + (i * lane_cols + off) // 8)
+                                           + idx[2:]]) for i in range(n_lanes)]
+            words = llvm.inline_asm(i64, srcs, _PACK_BF16_PAIRS_PTX, "=l,r,r,r,r")
+            out[idx] = llvm.bitcast(pair_ty, words)
+        return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=True)
+
+    return pack(h)
+
+
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
                num_sms: int, interpret=None, profile_dir: str | None = None,
                profile_ranges: int = 200):
@@ -406,22 +475,18 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             # Piece (i, off) is columns i * lane_cols + off .. + chunk - 1: lane i of the packed
             # words off .. off + chunk - 1.
             for off in range(0, lane_cols, chunk):
-                packed = None
-                for i in range(n_lanes):
-                    c0 = i * lane_cols + off
-                    with jax.named_scope("used"):
-                        # The exactness rule on the value as stored, compared in h's dtype.
-                        used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
-                    if with_token_mask:
-                        with jax.named_scope("token_mask"):
+                if with_token_mask:
+                    with jax.named_scope("token_mask"):
+                        for i in range(n_lanes):
+                            c0 = i * lane_cols + off
+                            used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
                             # used << (c % 32) summed over a word's columns: their OR.
                             w = c0 // BITS_PER_WORD
                             part = jnp.sum(jnp.where(
                                 used, lax.shift_left(1, bit + c0 % BITS_PER_WORD), 0), axis=1)
                             mask_words[w] = part if w not in mask_words else mask_words[w] + part
-                    with jax.named_scope("pack"):
-                        term = jnp.where(used, 1 << (i * LANE_BITS), 0)
-                        packed = term if packed is None else packed | term
+                with jax.named_scope("pack"):
+                    packed = _pack_used(h, off, chunk, is_interpret)
                 with jax.named_scope("token_count"):
                     lanes = jnp.sum(packed, axis=1)  # four counts of up to 64 per row
                     token_count = lanes if token_count is None else token_count + lanes
@@ -530,6 +595,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             # waits go by phase parity).
             loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * S)
             consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * S)
+            # cfg.ordered: "mainloop done", one per compute warpgroup, arrived after each of its
+            # mainloops; the other waits on each phase in turn before its next mainloop.
+            done = plgpu.Barrier(num_arrivals=1, num_barriers=2)
 
             def owner(step):
                 """The compute warpgroup of this CTA's step `step` (its tiles in order, k_iters
@@ -537,8 +605,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                 return lax.rem(lax.div(step, k_iters), 2)
 
             @functools.partial(pl.run_scoped, ring_x=ring_x, ring_w=ring_w, loaded=loaded,
-                               consumed=consumed, **epi_scoped, collective_axes="wg")
-            def _scope(ring_x, ring_w, loaded, consumed, **epi):
+                               consumed=consumed, done=done, **epi_scoped,
+                               collective_axes="wg")
+            def _scope(ring_x, ring_w, loaded, consumed, done, **epi):
                 wg = lax.axis_index("wg")
 
                 @pl.when(wg == 2)
@@ -616,11 +685,32 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
 
                                     return carry
 
+                                if cfg.ordered:
+                                    @pl.when(loop_info.local_index > 0)
+                                    def _():  # the other's mainloop of the tile before
+                                        plgpu.barrier_wait(done.at[1 - wg])
+
                                 with jax.named_scope("mainloop"):
                                     lax.fori_loop(0, k_iters, mma, None)
                                     plgpu.wgmma_wait(0)
                                     release(first_step + k_iters - 1)
+                                if cfg.ordered:
+                                    plgpu.barrier_arrive(done.at[wg])
                                 epilogue(acc_ref[...], bias, wg, m_idx, n_idx, epi)
+
+                    if cfg.ordered:
+                        # Observe the other's last arrival too, when no tile of ours followed
+                        # it: warpgroup 0 waits once per tile of its own after the first, so
+                        # for an even count of local tiles warpgroup 1's last is left over;
+                        # warpgroup 1 waits once per own tile, leaving 0's last when odd.
+                        n_local = jnp.maximum(m_iters * n_iters - lax.axis_index("sm")
+                                              + num_sms - 1, 0) // num_sms
+                        left_over = jnp.where(wg == 0, (n_local > 0) & (n_local % 2 == 0),
+                                              n_local % 2 == 1)
+
+                        @pl.when(left_over)
+                        def _():
+                            plgpu.barrier_wait(done.at[1 - wg])
 
         if cfg.wg_dim == "pingpong":
             pingpong()

@@ -33,19 +33,6 @@ import triton
 import triton.language as tl
 
 BITS_PER_WORD = 32
-H200_SMS = 132  # the persistent grid's default size (lowering without a GPU)
-
-
-@triton.jit
-def grouped_tile(unit, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of work unit `unit` in grouped ordering (Triton tutorial 03): GROUP_M row
-    blocks sweep the column tiles together, so their x rows and w columns stay in L2."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (unit // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((unit % num_pid_in_group) % group_size_m)
-    pid_n = (unit % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 def fused_mlp_up_kernel(
@@ -60,84 +47,73 @@ def fused_mlp_up_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     WITH_STATS: tl.constexpr, WITH_TOKEN_MASK: tl.constexpr, SEQ_ALIGNED: tl.constexpr,
-    SEQ_PROGRAMS: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 0,
-    F32_DOT_PRECISION: tl.constexpr = "ieee",
+    SEQ_PROGRAMS: tl.constexpr = False, F32_DOT_PRECISION: tl.constexpr = "ieee",
 ):
     WORDS_N: tl.constexpr = BLOCK_N // 32  # mask words per column tile
     num_words = tl.cdiv(F, 32)
 
-    # Work units: one output tile each, or with SEQ_PROGRAMS one whole sequence for one column
-    # tile (seq_len // BLOCK_M row tiles). A program does one unit, or with NUM_PROGRAMS > 0
-    # (persistent) units pid, pid + NUM_PROGRAMS, ...; SEQ_PROGRAMS walks its unit's row tiles.
-    # Either way its tiles form one loop that Triton flattens with the K loop inside, so the
-    # next tile's loads are in flight while this tile's epilogue runs.
+    # Grouped ordering (Triton tutorial 03): GROUP_M row blocks sweep the column tiles together,
+    # so their x rows and w columns stay in L2. A "row block" is one tile of BLOCK_M rows, or,
+    # with SEQ_PROGRAMS, one whole sequence (seq_len // BLOCK_M tiles walked by one program).
     pid = tl.program_id(axis=0)
-    num_pid_n = tl.cdiv(F, BLOCK_N)
     if SEQ_PROGRAMS:
         num_pid_m = T // seq_len
-        tiles_per_unit = seq_len // BLOCK_M
-        num_tiles = tiles_per_unit
+        tiles_per_program = seq_len // BLOCK_M
     else:
         num_pid_m = tl.cdiv(T, BLOCK_M)
-        tiles_per_unit = 1
-        if NUM_PROGRAMS > 0:
-            num_tiles = tl.cdiv(num_pid_m * num_pid_n - pid, NUM_PROGRAMS)
-        else:
-            num_tiles = 1
+        tiles_per_program = 1
+    num_pid_n = tl.cdiv(F, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < F
+    # Wrapped indices keep the loads in bounds without masks (tutorial 03); wrapped rows and
+    # columns are masked out of the stores.
+    offs_bn = offs_n % F
     offs_k = tl.arange(0, BLOCK_K)
-    tile_cols = tl.arange(0, BLOCK_N)
-    # Column pairs (2c, 2c+1), see `pairs` below: where the pair's two mask bits go in its word
-    # (bits 2(c % 16) and 2(c % 16) + 1).
+    offs_w = pid_n * WORDS_N + tl.arange(0, WORDS_N)  # this column tile's mask words
+    mask_w = offs_w < num_words
+    # Column pairs (2c, 2c+1), see `pairs` below: the first column of each, and where the pair's
+    # two mask bits go in its word (bits 2(c % 16) and 2(c % 16) + 1).
+    offs_p = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
     pair_shift = 2 * (tl.arange(0, BLOCK_N // 2) % 16).to(tl.uint32)
+    bias = tl.load(b_ptr + offs_bn).to(tl.float32)
+    if WITH_STATS:
+        # Columns past F get bias -inf: their h is 0, so no statistic needs a column mask.
+        bias = tl.where(mask_n, bias, float("-inf"))
     seq_pairs = tl.zeros([BLOCK_N // 2], dtype=tl.int32)  # SEQ_PROGRAMS: packed column counts
 
-    for tile in tl.range(num_tiles, flatten=True):
-        if SEQ_PROGRAMS:
-            pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
-            row0 = (pid_m * tiles_per_unit + tile) * BLOCK_M
-        else:
-            pid_m, pid_n = grouped_tile(pid + tile * NUM_PROGRAMS, num_pid_m, num_pid_n, GROUP_M)
-            row0 = pid_m * BLOCK_M
+    for tile in range(tiles_per_program):
+        row0 = (pid_m * tiles_per_program + tile) * BLOCK_M
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < T
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < F
-        # Wrapped indices keep the loads in bounds without masks (tutorial 03); wrapped rows and
-        # columns are masked out of the stores.
         offs_am = (offs_m % T).to(tl.int64)
-        offs_bn = offs_n % F
-        bias = tl.load(b_ptr + offs_bn).to(tl.float32)
-        if WITH_STATS:
-            # Columns past F get bias -inf: their h is 0, so no statistic needs a column mask.
-            bias = tl.where(mask_n, bias, float("-inf"))
+        a_ptrs = x_ptr + offs_am[:, None] * D + offs_k[None, :]
+        b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * F + offs_bn[None, :]
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, tl.cdiv(D, BLOCK_K)):
-            # Pointers from k, not carried across iterations: the flattened loop's pipeliner
-            # only prefetches loads whose addresses it can compute ahead.
-            offs_kk = k * BLOCK_K + offs_k
-            a = tl.load(x_ptr + offs_am[:, None] * D + offs_kk[None, :],
-                        mask=offs_kk[None, :] < D, other=0.0)
-            # (Columns from pid_n here too: values the flattened loop carries from the tile's
-            # start lose their contiguity, and w's loads would then not be pipelined.)
-            w_cols = w_ptr + tl.multiple_of(pid_n * BLOCK_N, BLOCK_N)
-            b = tl.load(w_cols + offs_kk[:, None].to(tl.int64) * F + tile_cols[None, :],
-                        mask=(offs_kk[:, None] < D) & (tile_cols[None, :] < F - pid_n * BLOCK_N),
-                        other=0.0)
+            k_left = D - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             if x_ptr.dtype.element_ty == tl.float32:
                 # f32 inputs: tl.dot would default to tf32; the contract is an f32 product.
                 acc = tl.dot(a, b, acc, input_precision=F32_DOT_PRECISION)
             else:
                 acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * F
 
         h = tl.maximum(acc + bias[None, :], 0.0).to(h_ptr.dtype.element_ty)
         in_bounds = mask_m[:, None] & mask_n[None, :]
         tl.store(h_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :], h, mask=in_bounds)
 
         if WITH_STATS:
-            offs_w = pid_n * WORDS_N + tl.arange(0, WORDS_N)  # this column tile's mask words
-            mask_w = offs_w < num_words
-            offs_p = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)  # first column of each pair
             # "Used" is h > 0 on h as stored (exactness rule), never on the f32 accumulator. h is
             # relu'd, so as a signed integer of its own width it is > 0 exactly when h > 0 (-0.0
             # is negative; on the GPU relu never returns NaN): one integer compare, also right
@@ -207,10 +183,7 @@ def fused_mlp_up_kernel(
     if WITH_STATS:
         if SEQ_PROGRAMS:
             # This program owns sequence pid_m for its column tile: plain stores.
-            pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
             s = pid_m.to(tl.int64)
-            offs_w = pid_n * WORDS_N + tl.arange(0, WORDS_N)
-            offs_p = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
             c_lo = seq_pairs & 0xFFFF
             c_hi = seq_pairs >> 16
             tl.store(seq_count_ptr + s * F + offs_p, c_lo, mask=offs_p < F)
@@ -218,7 +191,7 @@ def fused_mlp_up_kernel(
             two_bits = (c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)
             two_bits = two_bits << pair_shift
             tl.store(seq_mask_ptr + s * num_words + offs_w,
-                     tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1), mask=offs_w < num_words)
+                     tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1), mask=mask_w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,8 +209,6 @@ class TileConfig:
     # One program per (sequence, column tile), when seq_len % block_m == 0 and with stats;
     # otherwise launch_plan falls back to one program per tile.
     seq_programs: bool = False
-    # One program per SM, each looping over tiles (used where seq_programs is not).
-    persistent: bool = False
 
 
 # Measured on an H200 (bf16, T = 8192, seq_len 512; ms per launch with statistics, zeroing
@@ -281,10 +252,8 @@ class LaunchPlan:
 
 
 def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAULT_CONFIG,
-                with_stats: bool = True, with_token_mask: bool = False,
-                num_sms: int = H200_SMS) -> LaunchPlan:
-    """Grid, arguments and outputs for one launch of `fused_mlp_up_kernel`; `num_sms` sizes
-    the persistent grid."""
+                with_stats: bool = True, with_token_mask: bool = False) -> LaunchPlan:
+    """Grid, arguments and outputs for one launch of `fused_mlp_up_kernel`."""
     for name, v in (("T", T), ("D", D), ("F", F), ("seq_len", seq_len)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -307,8 +276,6 @@ def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAU
     W = (F + BITS_PER_WORD - 1) // BITS_PER_WORD
     num_pid_n = triton.cdiv(F, c.block_n)
     num_pid_m = n_seq if seq_programs else triton.cdiv(T, c.block_m)
-    num_units = num_pid_m * num_pid_n
-    num_programs = min(num_sms, num_units) if c.persistent and not seq_programs else 0
 
     def out(name, shape, dtype, zeroed, wanted):
         if not wanted:
@@ -325,9 +292,8 @@ def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAU
     constexprs = dict(
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         WITH_STATS=with_stats, WITH_TOKEN_MASK=with_stats and with_token_mask,
-        SEQ_ALIGNED=seq_aligned, SEQ_PROGRAMS=seq_programs, NUM_PROGRAMS=num_programs,
-        F32_DOT_PRECISION="ieee",
+        SEQ_ALIGNED=seq_aligned, SEQ_PROGRAMS=seq_programs, F32_DOT_PRECISION="ieee",
     )
     constexprs.update(T=T, D=D, F=F, seq_len=seq_len)
-    return LaunchPlan(grid=(num_programs or num_units,), scalars=(), outputs=outputs,
+    return LaunchPlan(grid=(num_pid_m * num_pid_n,), scalars=(), outputs=outputs,
                       constexprs=constexprs, num_warps=c.num_warps, num_stages=c.num_stages)

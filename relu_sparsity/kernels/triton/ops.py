@@ -34,12 +34,6 @@ def _device_kind() -> str:
     return device.device_kind if device.platform == "gpu" else "NVIDIA H200"
 
 
-def _num_sms() -> int:
-    """Streaming multiprocessors of GPU 0: the persistent grid's size."""
-    device = jax.devices()[0]
-    return device.core_count if device.platform == "gpu" else triton_kernel.H200_SMS
-
-
 def triton_dense_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mask,
                          config: triton_kernel.TileConfig | None = None):
     """Every column of w1; `live` is handled by `triton_forward`."""
@@ -48,8 +42,7 @@ def triton_dense_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mas
     F = w1.shape[1]
     if config is None:
         config = tile_config(_device_kind(), T, D, F, jnp.dtype(x.dtype).name)
-    plan = triton_kernel.launch_plan(T, D, F, seq_len, config, with_stats, with_token_mask,
-                                     num_sms=_num_sms())
+    plan = triton_kernel.launch_plan(T, D, F, seq_len, config, with_stats, with_token_mask)
     dtypes = {"same-as-x": x.dtype, "int32": jnp.int32, "uint32": jnp.uint32}
     out_shape = [jax.ShapeDtypeStruct(o.shape, dtypes[o.dtype]) for o in plan.outputs]
     h, token_count, seq_count, seq_mask, token_mask = jax_triton.triton_call(
