@@ -7,7 +7,7 @@
 Each folder holds a kernel.py and ops.py (named in the table by the folder's name); the working
 tree's version is "tree". An argument `tree:FIELD=VALUE,...` adds the working tree's kernel with
 those TileConfig fields changed (Python literals, e.g. `tree:ordered=True,stages=5`), checked at
-full size like the tree.
+full size like the tree. SHAPES=TxDxF[,...] in the environment limits the run to those shapes.
 At each benchmark shape (bf16, seq_len 512) with the working tree's committed configuration:
 checks the working tree's kernel at full size (h against the reference, integer outputs by the
 own-h exactness rule, with and without the token mask), then times XLA dot+bias+ReLU and every
@@ -61,8 +61,11 @@ def main():
     versions.append(("tree", ops, {}))
     kind = jax.devices()[0].device_kind
     rows = []
+    only = os.environ.get("SHAPES")
     for T, D, F in dm.SHAPES:
         shape = f"{T}x{D}x{F}"
+        if only and shape not in only.split(","):
+            continue
         x, w1, b1 = dm.inputs(T, D, F)
         config = ops.tile_config(kind, T, D, F, "bfloat16")
         ref_h, _ = jax.jit(functools.partial(reference_forward, seq_len=dm.SEQ_LEN, live=None,
