@@ -5,14 +5,14 @@
 For each benchmark shape (bf16, seq_len 512, committed tiles) with and without statistics, one
 profiled call records, per compute warpgroup and output tile, the phases named in kernel.py:
 `mainloop` (waiting for and issuing the wgmmas of one tile), `epilogue_h` (bias, ReLU, h through
-SMEM to TMA), and, once per column piece of the statistics, `used` (h > 0), `pack` (four columns
-to an int32), `token_count`, `seq_count` (the per-warp column sums and their store) and
-`token_mask`. Times are SM clock cycles (%clock). Printed per
-variant:
+SMEM to TMA), and, once per column piece of the statistics, `pack` (h > 0, four columns to an
+int32), `token_count`, `seq_count` (the per-warp column sums and their store) and `token_mask`.
+(Before 48bfbc5 the comparison was its own phase, `used`, four ranges per 128 x 128 tile.) Times
+are SM clock cycles (%clock). Printed per variant:
   * cycles per range of each phase (median over ranges and warpgroups: one range per tile for
-    mainloop and epilogue_h, one per piece for the statistics' phases, 4 per 128 x 128 tile for
-    used / pack / token_mask) and its share of the warpgroup's span (all its ranges, first range
-    start to last range end);
+    mainloop and epilogue_h, one per piece for the statistics' phases, a piece being a 128 x 128
+    tile's [128, 32] columns of packed words) and its share of the warpgroup's span (all its
+    ranges, first range start to last range end);
   * how far apart the two compute warpgroups of a CTA start their epilogues (median |delta|, in
     cycles): ~0 means lockstep, i.e. the tensor cores idle through both epilogues at once
     (split schedule; with ping-pong the i-th epilogues of the two belong to consecutive tiles,

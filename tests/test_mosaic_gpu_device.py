@@ -1,6 +1,7 @@
 """The mosaic_gpu backend compiled on a real Hopper GPU (marked `gpu`; run on the device): both
-schedules (the CTA tile split between the compute warpgroups, and ping-pong) against the
-reference on ragged shapes with the own-h exactness rule, live columns, and gradients."""
+schedules (the CTA tile split between the compute warpgroups, and ping-pong, with and without
+ordered mainloops) against the reference on ragged shapes with the own-h exactness rule, live
+columns, non-finite h, and gradients."""
 
 import jax
 import jax.numpy as jnp

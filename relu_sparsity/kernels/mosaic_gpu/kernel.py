@@ -377,8 +377,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     mask, tm_part [Tp, Fp / 32] (int32).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
-    named phases below (mainloop, epilogue_h, and per piece of the statistics used, pack,
-    token_count, seq_count, token_mask) per warpgroup, the first `profile_ranges` of each (their
+    named phases below (mainloop, epilogue_h, and per piece of the statistics pack (the
+    comparison with 0 included), token_count, seq_count, token_mask) per warpgroup, the first `profile_ranges` of each (their
     buffer takes 16 bytes per range and warpgroup of shared memory); for
     bench/profile_mosaic.py."""
     cfg = plan.config
