@@ -1,0 +1,57 @@
+"""How much of mosaic_gpu's "+stats" time is the kernel, and how much the JAX steps after it.
+
+    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/mosaic_kernel_only.py
+
+At each benchmark shape (bf16, seq_len 512, committed tiles), in one process: XLA dot+bias+ReLU,
+the backend forward without and with statistics (what `relu-sparsity bench` times: the kernel,
+then the partials' reductions, unpacking and mask packing in JAX), and the Pallas kernel alone
+(`build_call` on the same operands) without and with statistics. Median of 5 x 50 launches.
+The forward with statistics is first checked at full size (h against the reference, integer
+outputs by the own-h exactness rule).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import device_mosaic as dm
+from relu_sparsity.kernels.mosaic_gpu import kernel as mk
+from relu_sparsity.kernels.mosaic_gpu import ops
+from relu_sparsity.kernels.reference import reference_forward
+
+
+def main():
+    device = jax.devices()[0]
+    rows = []
+    for T, D, F in dm.SHAPES:
+        shape = f"{T}x{D}x{F}"
+        x, w1, b1 = dm.inputs(T, D, F)
+        config = ops.tile_config(device.device_kind, T, D, F, "bfloat16")
+        plan = mk.make_plan(T, D, F, dm.SEQ_LEN, config)
+        assert (plan.Tp, plan.Dp, plan.Fp) == (T, D, F), "no padding at the benchmark shapes"
+        b32 = b1.astype(jnp.float32)
+        ref_h, _ = jax.jit(functools.partial(reference_forward, seq_len=dm.SEQ_LEN, live=None,
+                                             with_stats=False, with_token_mask=False))(x, w1, b1)
+        dm.check(config, x, w1, b1, ref_h, False)  # raises on a mismatch
+        print(f"{shape}: checked", flush=True)
+        times = {"xla dot+bias+relu": dm.time_ms(
+            jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)}
+        for with_stats in (False, True):
+            label = "+stats" if with_stats else "no stats"
+            times[f"forward {label}"] = dm.time_ms(
+                dm.mosaic_fn(config, with_stats, False), x, w1, b1)
+            call = mk.build_call(plan, jnp.bfloat16, jnp.bfloat16, with_stats=with_stats,
+                                 with_token_mask=False, num_sms=device.core_count)
+            times[f"kernel alone {label}"] = dm.time_ms(jax.jit(call), x, w1, b32)
+        base = times["xla dot+bias+relu"]
+        for name, ms in times.items():
+            rows.append((shape, name, ms, ms / base))
+            print(f"{shape} {name}: {ms:.4f} ms", flush=True)
+    print(f"\n{'shape':16s} {'variant':24s} {'ms':>7s} {'/ xla':>6s}")
+    for shape, name, ms, ratio in rows:
+        print(f"{shape:16s} {name:24s} {ms:7.4f} {ratio:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
