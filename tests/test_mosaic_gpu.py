@@ -314,3 +314,29 @@ def test_f32_split_keeps_the_low_part():
     assert (np.asarray(lo) != 0).mean() > 0.9
     assert err.max() <= 2.0 ** -16 * np.abs(np.asarray(a)).max()
     assert err.mean() < err_hi.mean() / 100
+
+
+@pytest.mark.parametrize("seq_len, T", [(1024, 2048), (192, 384)])
+def test_sequence_counts_match_unpacking_each_byte(seq_len, T):
+    # Per-warp counts of up to tile_m / 4 = 32 in every byte: a 1024-token sequence sums 32 of
+    # them per column (up to 1024, past an 8-bit lane), summed packed in 16-bit lanes (aligned);
+    # seq_len 192 is not a multiple of tile_m = 128 (the scatter path).
+    config = kernel.TileConfig(tile_m=128, tile_n=128, tile_k=64, stages=2, wg_dim="pingpong")
+    plan = kernel.make_plan(T, 64, 256, seq_len, config)
+    assert plan.aligned == (seq_len % 128 == 0)
+    rng = np.random.default_rng(seq_len)
+    shape = (plan.row_tiles, plan.n_seg, kernel.WARPS, plan.Fp)
+    counts = rng.integers(0, 33, shape).astype(np.int64)
+    if not plan.aligned:  # segments that hold no sequence's rows count nothing
+        counts[plan.segment_ids() == plan.n_seq] = 0
+    # Pack: lane i of word (tile t, c) is column t * tile_n + i * tile_n / 4 + c.
+    per_tile = counts.reshape(*shape[:3], plan.col_tiles, 4, config.tile_n // 4)
+    words = sum(per_tile[..., i, :] << (8 * i) for i in range(4))
+    sc_part = jnp.asarray(words.reshape(*shape[:3], plan.Fp // 4).astype(np.uint32).view(np.int32))
+    want = np.zeros((plan.n_seq, plan.Fp), np.int64)
+    for r in range(plan.row_tiles):
+        for s in range(plan.n_seg):
+            if (n := plan.segment_ids()[r, s]) < plan.n_seq:
+                want[n] += counts[r, s].sum(axis=0)
+    assert want.max() > 255 or not plan.aligned
+    np.testing.assert_array_equal(np.asarray(ops.sequence_counts(sc_part, plan)), want)

@@ -44,9 +44,10 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                was the largest piece of the statistics (2300 of ~9000 epilogue cycles per tile at
                8192x1024x32768), so it is left to JAX: sc_part [Tp / tile_m, n_seg, 4, Fp / 4]
                int32, one byte per warp and column, as many bytes as one int32 per column
-               (unpacked and summed by ops.py: with seq_len a multiple of tile_m, as in the
-               benchmarks, a [n_seq, seq_len / tile_m * 4, F] byte sum, 4 / tile_m bytes per
-               element of h read once: 1.6% of a bf16 h's bytes at tile_m = 128).
+               (summed and unpacked by ops.sequence_counts: with seq_len a multiple of
+               tile_m, as in the benchmarks, the words are summed per sequence in 16-bit lanes
+               first, 4 / tile_m bytes per element of h read once: 1.6% of a bf16 h's bytes at
+               tile_m = 128).
                Sequences need not align with tiles: a tile meets at most `n_seg` sequences
                (static), and segment s of a tile counts the rows of sequence
                floor(row0 / seq_len) + s, masked by a row iota (padding rows belong to no

@@ -20,8 +20,8 @@ splitting pass (`split_bf16`, which rounds with reduce_precision: see there why)
 statistics follow the exactness rule on that returned f32 h as always.
 
 What is left to plain JAX (all small next to h): the sum of the per-column-tile token counts
-([F / tile_n, T]), the unpacking and sum of the per-warp sequence counts (one byte per warp,
-row tile and column: [T / tile_m, n_seg, 4, F / 4] int32 -> [n_seq, F]),
+([F / tile_n, T]), the sum and unpacking of the per-warp sequence counts (one byte per warp,
+row tile and column: [T / tile_m, n_seg, 4, F / 4] int32 -> [n_seq, F], `sequence_counts`),
 `seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding calls for it, slicing
 h / the mask words.
 """
@@ -140,14 +140,7 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
         return h, None
     tc_part, sc_part = outs[1], outs[2]
     token_count = jnp.sum(tc_part, axis=0, dtype=jnp.int32)[:T]
-    seq_part = unpack_seq_part(sc_part, config.tile_n)  # [row_tiles, n_seg, WARPS, Fp]
-    n_seq = T // seq_len
-    if plan.aligned:  # n_seg = 1: one reduction over each sequence's row tiles and warps
-        seq_count = seq_part.reshape(n_seq, -1, plan.Fp).sum(axis=1, dtype=jnp.int32)
-    else:
-        ids = jnp.asarray(plan.segment_ids().reshape(-1))
-        seq_count = jnp.zeros((n_seq + 1, plan.Fp), jnp.int32).at[ids].add(
-            seq_part.sum(axis=2, dtype=jnp.int32).reshape(-1, plan.Fp))[:n_seq]
+    seq_count = sequence_counts(sc_part, plan)
     seq_count = seq_count[:, :F] if plan.Fp != F else seq_count
     seq_mask = pack_bits(seq_count > 0)
     token_mask = None
@@ -160,19 +153,42 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     return h, SparsityStats(token_count, seq_count, seq_mask, token_mask)
 
 
-def unpack_seq_part(sc_part: jax.Array, tile_n: int) -> jax.Array:
-    """The kernel's per-warp column counts [row_tiles, n_seg, WARPS, Fp / 4] (four 8-bit lanes
-    per int32; lane i of a tile's word c is column i * tile_n / 4 + c of that tile) ->
-    [row_tiles, n_seg, WARPS, Fp] int32, left unsummed so that the caller's one reduction (over
-    the warps and a sequence's row tiles) can take the unpacking as its input fusion.
-    (The bench's "+stats" time includes this step.)"""
-    r, n, warps, words = sc_part.shape
+def sequence_counts(sc_part: jax.Array, plan: mgpu_kernel.Plan) -> jax.Array:
+    """seq_count [n_seq, Fp] int32 from the kernel's per-warp column counts sc_part [row_tiles,
+    n_seg, WARPS, Fp / 4]: four 8-bit lanes per int32, lane i of a tile's word c being column
+    i * tile_n / 4 + c of that tile.
+
+    When every row tile lies in one sequence (plan.aligned) and a count fits 16 bits, the words
+    are summed over each sequence's row tiles and warps before they are unpacked: split into
+    lanes 0 and 2 and lanes 1 and 3, each sum has two 16-bit lanes. One pass over sc_part with
+    the masking fused into the reduction, then a [n_seq, Fp / 4] unpacking; unpacking first
+    meant a [row_tiles, WARPS, Fp] temporary that cost 14% of the kernel's time at
+    8192x512x8192 (bench/RESULTS.md). Otherwise each segment's counts are unpacked and
+    scattered into its sequence."""
+    n_seq = plan.T // plan.seq_len
+    tile_n = plan.config.tile_n
+    if plan.aligned and plan.seq_len < 2 ** 16:
+        words = sc_part.reshape(n_seq, -1, sc_part.shape[-1])  # [n_seq, tiles x WARPS, Fp / 4]
+        even = jnp.sum(words & 0x00FF00FF, axis=1, dtype=jnp.int32)  # lanes 0 and 2
+        odd = jnp.sum(lax.shift_right_logical(words, 8) & 0x00FF00FF, axis=1, dtype=jnp.int32)
+        lanes = [even & 0xFFFF, odd & 0xFFFF, lax.shift_right_logical(even, 16),
+                 lax.shift_right_logical(odd, 16)]
+        return _lanes_to_columns(lanes, tile_n)
+    lanes = [lax.shift_right_logical(sc_part, 8 * i) & 0xFF for i in range(4)]
+    seq_part = _lanes_to_columns(lanes, tile_n)  # [row_tiles, n_seg, WARPS, Fp]
+    ids = jnp.asarray(plan.segment_ids().reshape(-1))
+    return jnp.zeros((n_seq + 1, plan.Fp), jnp.int32).at[ids].add(
+        seq_part.sum(axis=2, dtype=jnp.int32).reshape(-1, plan.Fp))[:n_seq]
+
+
+def _lanes_to_columns(lanes: list[jax.Array], tile_n: int) -> jax.Array:
+    """Four lane arrays [..., Fp / 4] (lane i of a tile's word c) -> [..., Fp], column
+    tile * tile_n + i * tile_n / 4 + c."""
+    lead, words = lanes[0].shape[:-1], lanes[0].shape[-1]
     lane_cols = tile_n // 4
     tiles = words // lane_cols
-    lanes = [lax.shift_right_logical(sc_part, 8 * i) & 0xFF for i in range(4)]
-    # [.., tiles, lane i, c] -> column tile * tile_n + i * lane_cols + c
-    per_warp = jnp.stack([a.reshape(r, n, warps, tiles, lane_cols) for a in lanes], axis=4)
-    return per_warp.reshape(r, n, warps, tiles * tile_n)
+    per_tile = jnp.stack([a.reshape(*lead, tiles, lane_cols) for a in lanes], axis=-2)
+    return per_tile.reshape(*lead, tiles * tile_n)
 
 
 # The backend forward of the kernel contract (see api.fused_mlp_up): with `live`, the live columns
