@@ -3,9 +3,10 @@
     mkdir -p /tmp/before && git show REV:relu_sparsity/kernels/triton/kernel.py > /tmp/before/kernel.py
     OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_triton.py /tmp/before [/tmp/other ...]
 
-Each folder holds a kernel.py (named in the table by the folder's name), timed at its committed
-configuration; the working tree's kernel ("tree") is timed at every configuration of CANDIDATES
-after each was checked at full size (h against the reference, integer outputs exact by the
+Each folder holds a kernel.py (named in the table by the folder's name), timed at the committed
+configuration (relu_sparsity/kernels/configs/triton.json); the working tree's kernel ("tree") is
+timed at every configuration of CANDIDATES (None: the committed one) after each was checked at
+full size (h against the reference, integer outputs exact by the
 own-h rule, with the token mask). At each benchmark shape (bf16, seq_len 512): XLA dot+bias+ReLU,
 XLA ReLU plus statistics, then every version and configuration without and with statistics
 (median of 5 x 50 launches), ms and ratios to XLA. Writes $OUT/ab_triton.json.
@@ -23,9 +24,9 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 import device_triton as dt  # noqa: E402
 from relu_sparsity.kernels import api, fused_mlp_up  # noqa: E402
-from relu_sparsity.kernels.triton import kernel, ops  # noqa: E402
+from relu_sparsity.kernels.triton import ops  # noqa: E402
 
-CANDIDATES = {"committed": kernel.DEFAULT_CONFIG}  # the working tree's configurations to time
+CANDIDATES = {"committed": None}  # the working tree's TileConfigs to time; None: committed
 
 
 def load_ops(folder: Path):
@@ -49,7 +50,6 @@ def forward(module, config, with_stats):
 
 def main():
     api.load_backend("triton")
-    kind = jax.devices()[0].device_kind
     versions = [(Path(a).name, load_ops(Path(a))) for a in sys.argv[1:]]
     rows = []
     for T, D, F in dt.SHAPES:
@@ -58,8 +58,7 @@ def main():
         x = jax.random.normal(kx, (T, D), "bfloat16")
         w1 = (jax.random.normal(kw, (D, F)) / D ** 0.5).astype("bfloat16")
         b1 = (0.1 * jax.random.normal(kb, (F,))).astype("bfloat16")
-        runs = [(name, ops.tile_config(kind, T, D, F, "bfloat16"), module)
-                for name, module in versions]
+        runs = [(name, None, module) for name, module in versions]
         for name, config in CANDIDATES.items():
             err, exact = dt.check(x, w1, b1, config)
             print(f"{shape} {name}: max h error {err}, integer outputs exact: {exact}",
