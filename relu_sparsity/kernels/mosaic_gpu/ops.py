@@ -160,8 +160,8 @@ def sequence_counts(sc_part: jax.Array, plan: mgpu_kernel.Plan) -> jax.Array:
 
     When every row tile lies in one sequence (plan.aligned) and a count fits 16 bits, the words
     are summed over each sequence's row tiles and warps before they are unpacked: split into
-    lanes 0 and 2 and lanes 1 and 3, each sum has two 16-bit lanes. One pass over sc_part with
-    the masking fused into the reduction, then a [n_seq, Fp / 4] unpacking, instead of
+    lanes 0 and 2 and lanes 1 and 3, each sum has two 16-bit lanes. Reductions over sc_part
+    with the masking as their elementwise input, then a [n_seq, Fp / 4] unpacking, instead of
     unpacking a [row_tiles, WARPS, Fp] array first (the JAX steps after the kernel took 14% of
     XLA's GEMM time at 8192x512x8192: bench/RESULTS.md). Otherwise each segment's counts are
     unpacked and scattered into its sequence."""
