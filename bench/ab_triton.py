@@ -1,6 +1,7 @@
 """A/B of Triton kernel versions and tile configurations in one process on an NVIDIA GPU.
 
-    mkdir -p /tmp/before && git show REV:relu_sparsity/kernels/triton/kernel.py > /tmp/before/kernel.py
+    mkdir -p /tmp/before
+    git show REV:relu_sparsity/kernels/triton/kernel.py > /tmp/before/kernel.py
     OUT=/tmp/out PYTHONPATH=$PWD python3 bench/ab_triton.py /tmp/before [/tmp/other ...]
 
 Each folder holds a kernel.py (named in the table by the folder's name), timed at the committed
@@ -42,22 +43,13 @@ def load_ops(folder: Path):
     return module
 
 
-def forward(module, config, with_stats):
-    return jax.jit(lambda x, w, b: module.triton_dense_forward(
-        x, w, b, seq_len=dt.SEQ_LEN, live=None, with_stats=with_stats, with_token_mask=False,
-        config=config))
-
-
 def main():
     api.load_backend("triton")
     versions = [(Path(a).name, load_ops(Path(a))) for a in sys.argv[1:]]
     rows = []
     for T, D, F in dt.SHAPES:
         shape = f"{T}x{D}x{F}"
-        kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(kx, (T, D), "bfloat16")
-        w1 = (jax.random.normal(kw, (D, F)) / D ** 0.5).astype("bfloat16")
-        b1 = (0.1 * jax.random.normal(kb, (F,))).astype("bfloat16")
+        x, w1, b1 = dt.inputs(T, D, F)
         runs = [(name, None, module) for name, module in versions]
         for name, config in CANDIDATES.items():
             err, exact = dt.check(x, w1, b1, config)
@@ -73,7 +65,8 @@ def main():
         rows.append(dict(shape=shape, version="xla relu+stats", ms=None, ms_stats=xla_stats))
         for name, config, module in runs:
             print(f"timing {shape} {name}", flush=True)
-            ms = [dt.time_ms(forward(module, config, s), (x, w1, b1)) for s in (False, True)]
+            ms = [dt.time_ms(dt.triton_fn(config, s, module), (x, w1, b1))
+                  for s in (False, True)]
             rows.append(dict(shape=shape, version=name, ms=ms[0], ms_stats=ms[1]))
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)

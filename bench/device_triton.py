@@ -30,6 +30,23 @@ CANDIDATES = [
 ]
 
 
+def inputs(t, d, f):
+    """bf16 x [t, d], w1 [d, f] (variance 1 / d) and b1 [f] (std 0.1), the same at every call."""
+    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (t, d), jnp.bfloat16)
+    w1 = (jax.random.normal(kw, (d, f), jnp.float32) / d ** 0.5).astype(jnp.bfloat16)
+    b1 = (0.1 * jax.random.normal(kb, (f,), jnp.float32)).astype(jnp.bfloat16)
+    return x, w1, b1
+
+
+def triton_fn(config, with_stats, ops_module=ops):
+    """The backend's forward without the token mask, jitted; `ops_module`: another version of
+    ops.py (ab_triton.py); config None: the committed one."""
+    return jax.jit(lambda x, w, b: ops_module.triton_dense_forward(
+        x, w, b, seq_len=SEQ_LEN, live=None, with_stats=with_stats, with_token_mask=False,
+        config=config))
+
+
 def time_ms(fn, args):
     return time_fn(fn, args, repeats=5, launches=50)
 
@@ -56,10 +73,7 @@ def main():
     device = jax.devices()[0].device_kind
     rows, best = [], {}
     for t, d, f in SHAPES:
-        kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(kx, (t, d), jnp.bfloat16)
-        w1 = (jax.random.normal(kw, (d, f), jnp.float32) / d ** 0.5).astype(jnp.bfloat16)
-        b1 = (0.1 * jax.random.normal(kb, (f,), jnp.float32)).astype(jnp.bfloat16)
+        x, w1, b1 = inputs(t, d, f)
         flops = 2.0 * t * d * f
         base = time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), (x, w1, b1))
         xla_stats = time_ms(jax.jit(lambda x, w, b: fused_mlp_up(
@@ -74,10 +88,7 @@ def main():
                 err, exact = check(x, w1, b1, cfg)
                 times = {}
                 for with_stats in (False, True):
-                    fn = jax.jit(lambda x, w, b, s=with_stats, c=cfg: ops.triton_dense_forward(
-                        x, w, b, seq_len=SEQ_LEN, live=None, with_stats=s,
-                        with_token_mask=False, config=c))
-                    times[with_stats] = time_ms(fn, (x, w1, b1))
+                    times[with_stats] = time_ms(triton_fn(cfg, with_stats), (x, w1, b1))
             except Exception as e:  # a config that does not fit: record it, go on
                 rows.append(dict(shape=shape, variant=name, error=str(e).splitlines()[0][:120]))
                 continue

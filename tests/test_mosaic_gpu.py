@@ -3,9 +3,9 @@
 h), gradients through api.fused_mlp_up, and the CUDA lowering at the benchmark shapes with the
 committed tile configurations (Mosaic GPU rejects a kernel that overflows shared memory there).
 
-The interpreter cannot run inline Mosaic GPU (the per-warp column sums); for it the kernel takes
-a plain-JAX stand-in with the same arithmetic in interpret mode (see kernel.py), and the lowering
-tests cover the compiled form."""
+The interpreter cannot run inline Mosaic GPU (the per-warp column sums, the PTX packing of bf16
+use bits); for it the kernel takes plain-JAX stand-ins with the same arithmetic in interpret mode
+(see kernel.py), and the lowering tests cover the compiled forms."""
 
 import dataclasses
 import functools
@@ -333,10 +333,11 @@ def test_sequence_counts_match_unpacking_each_byte(seq_len, T):
     per_tile = counts.reshape(*shape[:3], plan.col_tiles, 4, config.tile_n // 4)
     words = sum(per_tile[..., i, :] << (8 * i) for i in range(4))
     sc_part = jnp.asarray(words.reshape(*shape[:3], plan.Fp // 4).astype(np.uint32).view(np.int32))
+    ids = plan.segment_ids()
     want = np.zeros((plan.n_seq, plan.Fp), np.int64)
     for r in range(plan.row_tiles):
         for s in range(plan.n_seg):
-            if (n := plan.segment_ids()[r, s]) < plan.n_seq:
-                want[n] += counts[r, s].sum(axis=0)
+            if ids[r, s] < plan.n_seq:
+                want[ids[r, s]] += counts[r, s].sum(axis=0)
     assert want.max() > 255 or not plan.aligned
     np.testing.assert_array_equal(np.asarray(ops.sequence_counts(sc_part, plan)), want)

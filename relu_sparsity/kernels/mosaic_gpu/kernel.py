@@ -235,10 +235,10 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int) -> int:
     """Shared memory the kernel allocates (pipeline ring, h staging, barriers; the statistics
     take none), an estimate within a few hundred bytes of Mosaic's own count."""
     ring = config.stages * (config.cta_m + config.cta_n) * config.tile_k * in_itemsize
-    out = 2 * config.epi_slots * 64 * config.epi_tile_n * out_itemsize
-    if config.h_store == "direct":
-        out = 0
-    barriers = 8 * (4 * config.stages + 4)  # (ping-pong: 2 warpgroups x 2 barriers per stage)
+    out = 0 if config.h_store == "direct" else (
+        2 * config.epi_slots * 64 * config.epi_tile_n * out_itemsize)
+    # ping-pong: 2 warpgroups x 2 barriers per stage, and 2 "done" barriers when ordered
+    barriers = 8 * (4 * config.stages + 4)
     return ring + out + barriers + 2048  # + Mosaic's own (~1 KiB measured)
 
 
@@ -326,6 +326,12 @@ mov.b64 $0, {p0, p1};
 }"""
 
 
+def _used(h: jax.Array, c0: int, width: int) -> jax.Array:
+    """The exactness rule, h > 0 on the value as stored (compared in h's dtype), for columns
+    c0 .. c0 + width - 1 of h."""
+    return h[:, c0:c0 + width] > jnp.zeros((), h.dtype)
+
+
 def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array:
     """packed[r, c] = sum over i < 4 of (h[r, i * lane_cols + off + c] > 0) << (8 i), for
     c < chunk, lane_cols = tile_n / 4: int32 [tile_m, chunk] (WGMMA layout) from h [tile_m,
@@ -338,9 +344,7 @@ def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array
     if interpret or h.dtype != jnp.bfloat16:
         packed = None
         for i in range(n_lanes):
-            c0 = i * lane_cols + off
-            # The exactness rule on the value as stored, compared in h's dtype.
-            used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
+            used = _used(h, i * lane_cols + off, chunk)
             term = jnp.where(used, 1 << (i * LANE_BITS), 0)
             packed = term if packed is None else packed | term
         return packed
@@ -379,9 +383,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
     named phases below (mainloop, epilogue_h, and per piece of the statistics pack (the
-    comparison with 0 included), token_count, seq_count, token_mask) per warpgroup, the first `profile_ranges` of each (their
-    buffer takes 16 bytes per range and warpgroup of shared memory); for
-    bench/profile_mosaic.py."""
+    comparison with 0 included), token_count, seq_count, token_mask) per warpgroup, the first
+    `profile_ranges` of each (their buffer takes 16 bytes per range and warpgroup of shared
+    memory); for bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
     check_smem(cfg, in_dtype, out_dtype)
@@ -485,7 +489,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     with jax.named_scope("token_mask"):
                         for i in range(n_lanes):
                             c0 = i * lane_cols + off
-                            used = h[:, c0:c0 + chunk] > jnp.zeros((), h.dtype)
+                            used = _used(h, c0, chunk)
                             # used << (c % 32) summed over a word's columns: their OR.
                             w = c0 // BITS_PER_WORD
                             part = jnp.sum(jnp.where(
@@ -602,7 +606,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * S)
             consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * S)
             # cfg.ordered: "mainloop done", one per compute warpgroup, arrived after each of its
-            # mainloops; the other waits on each phase in turn before its next mainloop.
+            # mainloops; the other waits on each phase in turn before its next mainloop. (Also
+            # allocated, unused, when not ordered: 16 bytes, and the kernels timed and tested on
+            # the H200 have them.)
             done = plgpu.Barrier(num_arrivals=1, num_barriers=2)
 
             def local_tile_count():
