@@ -4,11 +4,16 @@
 
 At each benchmark shape (bf16, seq_len 512, committed tiles), in one process: XLA dot+bias+ReLU,
 the backend forward without and with statistics (what `relu-sparsity bench` times: the kernel,
-then the partials' reductions, unpacking and mask packing in JAX), and the Pallas kernel alone
-(`build_call` on the same operands) without and with statistics. Median of 5 x 50 launches.
-The forward with statistics is first checked at full size (h against the reference, integer
-outputs by the own-h exactness rule).
+then the JAX steps after it), and the Pallas kernel alone
+(`build_call` on the same operands) without and with statistics, and the JAX steps after the
+kernel alone on its outputs (`ops.finish_statistics`; launched alone, this times the host's
+dispatch more than the device). Median of 5 x 50 launches. The forward with
+statistics is first checked at full size (h against the reference, integer outputs by the own-h
+exactness rule). Also prints the forward's compiled HLO: its fusions and custom calls are the
+kernels it launches.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +44,13 @@ def main():
             call = mk.build_call(plan, jnp.bfloat16, jnp.bfloat16, with_stats=with_stats,
                                  with_token_mask=False, num_sms=device.core_count)
             times[f"kernel alone {label}"] = dm.time_ms(jax.jit(call), x, w1, b32)
+        parts = jax.jit(call)(x, w1, b32)[1:]
+        times["steps after the kernel"] = dm.time_ms(
+            jax.jit(functools.partial(ops.finish_statistics, plan=plan, T=T, F=F)), parts)
+        if (T, D, F) == dm.SHAPES[-1]:
+            hlo = dm.mosaic_fn(config, True, False).lower(x, w1, b1).compile().as_text()
+            print("\n".join(line.strip()[:140] for line in hlo.splitlines()
+                            if "fusion(" in line or "custom-call(" in line or "ENTRY" in line))
         base = times["xla dot+bias+relu"]
         for name, ms in times.items():
             rows.append((shape, name, ms, ms / base))

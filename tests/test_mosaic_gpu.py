@@ -317,10 +317,10 @@ def test_f32_split_keeps_the_low_part():
 
 
 @pytest.mark.parametrize("seq_len, T", [(1024, 2048), (192, 384)])
-def test_sequence_counts_match_unpacking_each_byte(seq_len, T):
-    # Per-warp counts of up to tile_m / 4 = 32 in every byte: a 1024-token sequence sums 32 of
-    # them per column (up to 1024, past an 8-bit lane), summed packed in 16-bit lanes (aligned);
-    # seq_len 192 is not a multiple of tile_m = 128 (the scatter path).
+def test_interpreted_sequence_counts_match_unpacking_each_byte(seq_len, T):
+    # The interpreted kernel's per-warp counts (up to tile_m / 4 = 32 in every byte) unpacked,
+    # summed and scattered into their sequences: a 1024-token sequence sums 32 of them per
+    # column, past an 8-bit lane; seq_len 192 is not a multiple of tile_m = 128 (two segments).
     config = kernel.TileConfig(tile_m=128, tile_n=128, tile_k=64, stages=2, wg_dim="pingpong")
     plan = kernel.make_plan(T, 64, 256, seq_len, config)
     assert plan.aligned == (seq_len % 128 == 0)
@@ -340,4 +340,31 @@ def test_sequence_counts_match_unpacking_each_byte(seq_len, T):
             if ids[r, s] < plan.n_seq:
                 want[ids[r, s]] += counts[r, s].sum(axis=0)
     assert want.max() > 255 or not plan.aligned
-    np.testing.assert_array_equal(np.asarray(ops.sequence_counts(sc_part, plan)), want)
+    np.testing.assert_array_equal(
+        np.asarray(kernel._interpreted_sequence_counts(sc_part, plan)), want)
+
+
+def test_sequence_count_words_unpack_to_columns():
+    # The compiled kernel's [n_seq, Fp / 2] words: per tile, word p * lane_cols + c holds column
+    # p * lane_cols + c in its low 16 bits and column (p + 2) * lane_cols + c in its high bits.
+    tile_n, n_tiles = 128, 3
+    lane_cols = tile_n // 4
+    counts = np.random.default_rng(0).integers(0, 2 ** 16, (5, n_tiles * tile_n))
+    per_tile = counts.reshape(5, n_tiles, tile_n)
+    words = per_tile[..., :2 * lane_cols] | (per_tile[..., 2 * lane_cols:] << 16)
+    words = jnp.asarray(words.reshape(5, -1).astype(np.uint32).view(np.int32))
+    np.testing.assert_array_equal(np.asarray(kernel._unpack_col_counts(words, tile_n)), counts)
+
+
+def test_sequences_longer_than_16_bit_counts_are_rejected():
+    # Compiled, the sequence counts are added in 16-bit lanes: a longer sequence is refused
+    # with its reason, not counted modulo 2^16.
+    T = 2 * (kernel.MAX_SEQ_LEN + 1)
+    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=T // 2, live=None, with_stats=True,
+                           with_token_mask=False, config=SMALL_PP, interpret=False)
+    with pytest.raises(ValueError, match="16-bit"):
+        lower_for_cuda(fn, ((T, 64), jnp.bfloat16), ((64, 256), jnp.bfloat16),
+                       ((256,), jnp.bfloat16))
+    fn = functools.partial(fn, seq_len=kernel.MAX_SEQ_LEN, with_stats=True)
+    assert "mosaic_gpu" in lower_for_cuda(fn, ((kernel.MAX_SEQ_LEN, 64), jnp.bfloat16),
+                                          ((64, 256), jnp.bfloat16), ((256,), jnp.bfloat16))

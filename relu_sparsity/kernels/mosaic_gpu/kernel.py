@@ -33,21 +33,20 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                are sums of packed words, four columns per add; no lane can carry into the next
                (a lane sums at most 64 ones: tile_n / 4 columns of a row, or tile_m / 4 rows).
   token_count  row sums of packed (a reduction within a quad's lanes: no SMEM), the four lanes
-               of each row added at the end -> one partial [tile_m] per column tile: tc_part
-               [Fp / tile_n, Tp] int32, stored from registers. JAX adds the Fp / tile_n partials.
+               of each row added at the end -> [tile_m] per column tile, added atomically
+               (`red.global.add`, one lane per row) into token_count [Tp] int32, zeroed by
+               XLA before the kernel (`_add_row_counts`).
   seq_count    column sums of packed over the rows of each sequence segment that meets the row
-               tile, one partial per warp: a warp holds tile_m / 4 of the tile's rows, so its
-               sum needs only register adds and shuffles within the warp (`_store_warp_col_sums`,
-               inline Mosaic GPU: its lanes store their packed words straight to global memory;
-               the interpreter, which cannot run inline Mosaic GPU, takes a plain-JAX sum of the
-               same rows). The cross-warp sum, through SMEM with two warpgroup barriers per round,
-               was the largest piece of the statistics (2300 of ~9000 epilogue cycles per tile at
-               8192x1024x32768), so it is left to JAX: sc_part [Tp / tile_m, n_seg, 4, Fp / 4]
-               int32, one byte per warp and column, as many bytes as one int32 per column
-               (summed and unpacked by ops.sequence_counts: with seq_len a multiple of
-               tile_m, as in the benchmarks, the words are summed per sequence in 16-bit lanes
-               first, 4 / tile_m bytes per element of h read once: 1.6% of a bf16 h's bytes at
-               tile_m = 128).
+               tile, per warp: a warp holds tile_m / 4 of the tile's rows, so its sum needs only
+               register adds and shuffles within the warp; the cross-warp sum through SMEM, with
+               two warpgroup barriers per round, was the largest piece of the statistics (2300
+               of ~9000 epilogue cycles per tile at 8192x1024x32768). Each warp's sums are added
+               atomically into the sequence's row of zeroed int32 words [n_seq, Fp / 2], two
+               columns per word in 16-bit lanes (so seq_len <= 65535), one add per two columns
+               and only where nonzero (`_add_col_counts`); JAX unpacks the words. Adding in
+               the kernel replaced per-warp partials that XLA summed and unpacked in four small
+               fusions after the kernel, which cost 0.015 ms at 8192x512x8192, 14% of XLA's
+               GEMM (bench/RESULTS.md).
                Sequences need not align with tiles: a tile meets at most `n_seg` sequences
                (static), and segment s of a tile counts the rows of sequence
                floor(row0 / seq_len) + s, masked by a row iota (padding rows belong to no
@@ -58,7 +57,9 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                from registers into its column of tm_part [Tp, Fp / 32] int32, which is the mask
                (bitcast to uint32) once padding is sliced off.
   seq_mask     left to JAX: pack_bits(seq_count > 0) on the [n_seq, F] counts (tiny).
-Nothing is atomic; every partial is written exactly once, so the results are deterministic.
+The atomic adds are of integers, so the counts do not depend on their order: the results are
+deterministic. The interpreter runs neither inline Mosaic GPU nor atomics: there, the kernel
+writes per-tile partials (plain-JAX sums of the same packed words) and JAX adds them.
 
 Padding (done by the caller, ops.py): Tp, Fp, Dp are multiples of the CTA tile and tile_k. Zero
 columns of w1 and b1 give h = 0 (never used); zero rows of x give h = relu(b1), which may be > 0,
@@ -76,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, llvm, vector
+from jax._src.lib.mlir.dialects import arith, llvm
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -87,6 +88,7 @@ BITS_PER_WORD = 32
 SMEM_LIMIT_BYTES = 232448
 WARPS = 4  # per warpgroup; the WGMMA layout gives warp w rows 16 w .. 16 w + 15 of each 64
 LANE_BITS = 8  # the statistics' packing: four 8-bit lanes per int32
+MAX_SEQ_LEN = 0xFFFF  # sequence counts are added in 16-bit lanes (`_add_col_counts`)
 MEMORY_REGISTERS = 40
 # Registers per thread of a compute warpgroup when the memory warpgroup keeps 40: (512 - 40) / 2
 # rounded down to a multiple of 8 (what emit_pipeline_warp_specialized gives them too).
@@ -264,17 +266,93 @@ def fit_stages(config: TileConfig, in_dtype, out_dtype) -> TileConfig:
     return fitted
 
 
-def _store_warp_col_sums(values: jax.Array, out_ref, interpret: bool) -> None:
-    """out_ref[w, c] = the sum of values[:, c] over the rows warp w holds (rows 64 i + 16 w ..
-    64 i + 16 w + 15): int32 values [tile_m, n] (WGMMA layout), out_ref [WARPS, n] in global
-    memory. Register adds and shuffles within each warp, no SMEM and no barrier."""
-    tm, n = values.shape
-    if interpret:
-        out_ref[...] = jnp.sum(values.reshape(tm // 64, WARPS, 16, n), axis=(0, 2))
-        return
+def _lane_and_warp():
+    """(lane in the warp, warp in the warpgroup) of this thread, i32."""
+    i32 = ir.IntegerType.get_signless(32)
+    tid = mgpu_utils.thread_idx()
+    lane = arith.remui(tid, mgpu_utils.c(32, i32))
+    warp = arith.remui(arith.divui(tid, mgpu_utils.c(32, i32)), mgpu_utils.c(WARPS, i32))
+    return lane, warp
+
+
+def _global_i32_ptr(ref):
+    """An LLVM global-space pointer to the first int32 of the global-memory ref `ref`."""
+    ptr = mgpu_utils.memref_ptr(ref)
+    if ptr.type.address_space != 1:
+        ptr = llvm.addrspacecast(llvm.PointerType.get(address_space=1), ptr)
+    return ptr
+
+
+# ptr[0] += $1 in global memory, by the lanes where $2 == $3 (relaxed, device scope: the counts
+# are only read after the kernel; integer adds, so the sums do not depend on their order).
+_RED_ADD_IF_EQ_PTX = ("{ .reg .pred p; setp.eq.u32 p, $2, $3; "
+                      "@p red.relaxed.gpu.global.add.s32 [$0], $1; }")
+
+
+def _red_add_if(ptr, index, value, a, b) -> None:
+    """ptr[index] += value (int32, atomically) where a == b (i32 values)."""
+    i32 = ir.IntegerType.get_signless(32)
+    llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                    [mgpu_utils.getelementptr(ptr, [index], i32), value, a, b],
+                    _RED_ADD_IF_EQ_PTX, "l,r,r,r", has_side_effects=True)
+
+
+def _add_row_counts(counts: jax.Array, acc_ref) -> None:
+    """acc_ref[r] += counts[r], atomically: int32 counts [tile_m] (WGMMA row layout, each row in
+    the four lanes of a quad), acc_ref [tile_m] in global memory. Lane q of a quad adds the
+    rows of its registers k with k % 4 == q, so each row is added once."""
+    tm, = counts.shape
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA.reduce(1), plgpu.RefType()))
+    def add(ctx, arr, ref):
+        del ctx
+        # WGMMA row layout of [tm]: registers [tm / 64, 1, 2, 1, 1] of vector<1xi32>; register
+        # (i, .., r, ..) of lane l in warp w holds row 64 i + 16 w + 8 r + l // 4.
+        assert arr.layout == fa.WGMMA_ROW_LAYOUT, arr.layout
+        regs = arr.registers
+        assert regs.shape == (tm // 64, 1, 2, 1, 1), regs.shape
+        i32 = ir.IntegerType.get_signless(32)
+        lane, warp = _lane_and_warp()
+        quad = arith.remui(lane, mgpu_utils.c(4, i32))
+        row = arith.addi(arith.muli(warp, mgpu_utils.c(16, i32)),
+                         arith.divui(lane, mgpu_utils.c(4, i32)))
+        ptr = _global_i32_ptr(ref)
+        for k, idx in enumerate(np.ndindex(regs.shape)):
+            i, r = idx[0], idx[2]
+            index = arith.addi(row, mgpu_utils.c(64 * i + 8 * r, i32))
+            _red_add_if(ptr, index, llvm.bitcast(i32, regs[idx]), quad, mgpu_utils.c(k % 4, i32))
+
+    add(counts, acc_ref)
+
+
+def _warp_column_totals(regs, tm: int, j: int):
+    """The sum over the rows a warp holds of register column j (vector<2xi32>, columns 8 j +
+    2 (l % 4) + {0, 1}) of int32 [tm, n] WGMMA-layout registers `regs`: register adds, then
+    shuffles across the lanes of the same columns. Every lane ends with its columns' sums."""
+    parts = [regs[i, j, 0, 0, r, 0, 0, 0, 0] for i in range(tm // 64) for r in range(2)]
+    while len(parts) > 1:  # a tree: independent adds
+        parts = [arith.addi(a, b) for a, b in zip(parts[::2], parts[1::2])] + (
+            [parts[-1]] if len(parts) % 2 else [])
+    total = parts[0]
+    for stride in (4, 8, 16):  # the lanes of the same columns (l // 4 varies)
+        total = arith.addi(total, mgpu_utils.shfl_bfly(total, stride))
+    return total
+
+
+def _add_col_counts(packed: jax.Array, acc_ref, off: int, lane_cols: int) -> None:
+    """Adds the sums of packed over the rows of each warp into acc_ref, atomically, two columns
+    per int32 in 16-bit lanes: packed int32 [tile_m, n] in 8-bit lanes (WGMMA layout; lane i
+    of word c is column i * lane_cols + off + c), acc_ref [tile_n / 2] int32 in global memory,
+    word p * lane_cols + off + c holding column p * lane_cols + off + c in its low half and
+    column (p + 2) * lane_cols + off + c in its high half (p = 0, 1; `_unpack_col_counts`).
+    Register adds and shuffles within each warp (no SMEM, no barrier), then one atomic add per
+    lane for every two register columns: the 8 lane groups holding a column pair's sums take
+    (register column, word of the pair, p). Zero sums are not added."""
+    tm, n = packed.shape
+    assert n % 16 == 0, n
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
-    def store(ctx, arr, ref):
+    def add(ctx, arr, ref):
         del ctx
         # WGMMA layout of [tm, n]: registers [tm / 64, n / 8, 1, 1, 2, 1, 1, 1, 1] of
         # vector<2xi32>; register (i, j, .., r, ..) of lane l in warp w holds row
@@ -282,26 +360,46 @@ def _store_warp_col_sums(values: jax.Array, out_ref, interpret: bool) -> None:
         assert arr.layout == fa.WGMMA_LAYOUT, arr.layout
         regs = arr.registers
         assert regs.shape == (tm // 64, n // 8, 1, 1, 2, 1, 1, 1, 1), regs.shape
-        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-        tid = mgpu_utils.thread_idx()
-        lane = arith.remui(tid, mgpu_utils.c(32, i32))
-        warp = arith.remui(arith.divui(tid, mgpu_utils.c(32, i32)), mgpu_utils.c(WARPS, i32))
-        col_in_group = arith.muli(arith.remui(lane, mgpu_utils.c(4, i32)),
-                                  mgpu_utils.c(2, i32))
-        for j in range(n // 8):
-            parts = [regs[i, j, 0, 0, r, 0, 0, 0, 0] for i in range(tm // 64) for r in range(2)]
-            while len(parts) > 1:  # a tree: independent adds
-                parts = [arith.addi(a, b) for a, b in zip(parts[::2], parts[1::2])] + (
-                    [parts[-1]] if len(parts) % 2 else [])
-            total = parts[0]
-            for stride in (4, 8, 16):  # the lanes of the same columns (l // 4 varies)
-                total = arith.addi(total, mgpu_utils.shfl_bfly(total, stride))
-            col = arith.addi(mgpu_utils.c(8 * j, i32), col_in_group)
-            # The eight lanes of a column pair hold the same sum and store it alike.
-            vector.store(total, ref, [arith.index_cast(index, warp),
-                                      arith.index_cast(index, col)])
+        i32 = ir.IntegerType.get_signless(32)
+        c = functools.partial(mgpu_utils.c, ty=i32)
+        lane, _ = _lane_and_warp()
+        group = arith.divui(lane, c(4))
+        second = arith.cmpi(arith.CmpIPredicate.uge, group, c(4))  # the odd register column
+        element = arith.remui(group, c(2))  # which word of the pair
+        p = arith.remui(arith.divui(group, c(2)), c(2))  # 8-bit lanes p and p + 2
+        shift = arith.muli(p, c(LANE_BITS))
+        # word of (register column 0, element, p) in acc_ref
+        index0 = arith.addi(
+            arith.addi(arith.muli(p, c(lane_cols)), c(off)),
+            arith.addi(arith.muli(arith.remui(lane, c(4)), c(2)), element))
+        index0 = arith.addi(index0, arith.muli(arith.extui(i32, second), c(8)))
+        ptr = _global_i32_ptr(ref)
+        for j in range(0, n // 8, 2):
+            pair = arith.select(second, _warp_column_totals(regs, tm, j + 1),
+                                _warp_column_totals(regs, tm, j))
+            word = llvm.extractelement(pair, element)
+            counts = arith.andi(arith.shrui(word, shift), c(0x00FF00FF))
+            nonzero = arith.extui(i32, arith.cmpi(arith.CmpIPredicate.ne, counts, c(0)))
+            _red_add_if(ptr, arith.addi(index0, c(8 * j)), counts, nonzero, c(1))
 
-    store(values, out_ref)
+    add(packed, acc_ref)
+
+
+def _unpack_col_counts(words: jax.Array, tile_n: int) -> jax.Array:
+    """[..., Fp] int32 counts from the [..., Fp / 2] words `_add_col_counts` fills: per tile, the
+    low halves are its first tile_n / 2 columns and the high halves the rest."""
+    *lead, half = words.shape
+    tiles = words.reshape(*lead, half // (tile_n // 2), tile_n // 2)
+    cols = jnp.concatenate([tiles & 0xFFFF, lax.shift_right_logical(tiles, 16)], axis=-1)
+    return cols.reshape(*lead, 2 * half)
+
+
+def _store_warp_col_sums_interpreted(values: jax.Array, out_ref) -> None:
+    """out_ref[w, c] = the sum of values[:, c] over the rows warp w holds (rows 64 i + 16 w ..
+    64 i + 16 w + 15) in plain JAX: the interpreter's stand-in for `_add_col_counts` (it can
+    run neither inline Mosaic GPU nor atomics), one partial per warp as the kernel's."""
+    tm, n = values.shape
+    out_ref[...] = jnp.sum(values.reshape(tm // 64, WARPS, 16, n), axis=(0, 2))
 
 
 # PTX for one pair of packed registers (columns c and c + 1 of a row) from four registers of h,
@@ -354,7 +452,7 @@ def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array
                                                           layout=plgpu.Layout.WGMMA))
     def pack(ctx, arr):
         del ctx
-        # Registers as in _store_warp_col_sums: (i, j, .., r, ..) holds columns 8 j + 2 (l % 4)
+        # Registers as in _add_col_counts: (i, j, .., r, ..) holds columns 8 j + 2 (l % 4)
         # + {0, 1} as vector<2xbf16>, so register j of column group i is j + (i lane_cols +
         # off) / 8, and the packed register has the same rows and lanes.
         assert arr.layout == fa.WGMMA_LAYOUT, arr.layout
@@ -375,11 +473,13 @@ def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
                num_sms: int, interpret=None, profile_dir: str | None = None,
                profile_ranges: int = 200):
-    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] f32) -> outputs.
+    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] bf16 or f32) -> outputs.
 
-    Outputs: h [Tp, Fp] out_dtype; with stats also tc_part [col_tiles, Tp], sc_part
-    [row_tiles, n_seg, WARPS, Fp / 4] (packed: see the module docstring) and, with the token
-    mask, tm_part [Tp, Fp / 32] (int32).
+    Outputs: h [Tp, Fp] out_dtype; with stats also token_count [Tp], seq_count [n_seq, Fp]
+    and, with the token mask, tm_part [Tp, Fp / 32] (int32; see the module docstring). Compiled,
+    the kernel adds the counts atomically into zeroed arrays it is given; interpreted, it writes
+    per-tile partials (tc_part [col_tiles, Tp], sc_part [row_tiles, n_seg, WARPS, Fp / 4]) that
+    JAX reduces here (the interpreter runs neither inline Mosaic GPU nor atomics).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
     named phases below (mainloop, epilogue_h, and per piece of the statistics pack (the
@@ -396,7 +496,12 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     epi_m, epi_n = 64, cfg.epi_tile_n
     n_epi = (tm // epi_m) * (tn // epi_n)
     L, T, n_seg, aligned = plan.seq_len, plan.T, plan.n_seg, plan.aligned
+    n_seq = plan.n_seq
     is_interpret = interpret is not None
+    if with_stats and not is_interpret and plan.seq_len > MAX_SEQ_LEN:
+        raise ValueError(
+            f"mosaic_gpu: seq_len={plan.seq_len} > {MAX_SEQ_LEN}: the kernel's sequence counts "
+            "are 16-bit; use backend='triton' or 'xla' for longer sequences")
     n_lanes = 32 // LANE_BITS
     lane_cols = tn // n_lanes
     chunk = min(lane_cols, BITS_PER_WORD)  # columns of one piece of the statistics
@@ -411,11 +516,16 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     wgmma_layout = plgpu.Layout.WGMMA
 
     def body(x_gmem, w_gmem, b_gmem, *refs):
+        # compiled: the zeroed accumulators (inputs) tc [Tp], sc [n_seq, Fp], then the outputs
+        # h and tm_part; interpreted: the outputs h, tc_part, sc_part, tm_part
         refs = list(refs)
-        h_gmem = refs.pop(0)
         tc_gmem = sc_gmem = tm_gmem = None
-        if with_stats:
+        if with_stats and not is_interpret:
             tc_gmem, sc_gmem = refs.pop(0), refs.pop(0)
+        h_gmem = refs.pop(0)
+        if with_stats:
+            if is_interpret:
+                tc_gmem, sc_gmem = refs.pop(0), refs.pop(0)
             if with_token_mask:
                 tm_gmem = refs.pop(0)
 
@@ -424,8 +534,11 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             return plgpu.planar_snake(lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
 
         def load_bias(col_tile):
-            return plgpu.load(b_gmem.at[pl.ds(col_tile * tn, tn)],
+            # b1 in its own dtype (bf16 or f32): converting here spares a launch before the
+            # kernel (~2 us, 2% of XLA's GEMM at 8192x512x8192)
+            bias = plgpu.load(b_gmem.at[pl.ds(col_tile * tn, tn)],
                               layout=wgmma_layout.reduce(0), optimized=False)
+            return bias.astype(jnp.float32)
 
         def store_h_by_tma(h, h_tile, out_smem):
             """h [tm, tn] (registers) -> h_tile (global) in [64, epi_n] pieces through this
@@ -506,15 +619,25 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                         start, stop = seg
                         vals = jnp.where((local >= start) & (local < stop), packed, 0)
                     with jax.named_scope("seq_count"):
-                        _store_warp_col_sums(
-                            vals, sc_gmem.at[row_tile, s, :,
-                                             pl.ds(col_tile * lane_cols + off, chunk)],
-                            is_interpret)
+                        if is_interpret:
+                            _store_warp_col_sums_interpreted(
+                                vals, sc_gmem.at[row_tile, s, :,
+                                                 pl.ds(col_tile * lane_cols + off, chunk)])
+                        else:
+                            # A segment past the last sequence has no rows (all masked): its
+                            # zeros go to the last sequence's row, so any index is in bounds.
+                            seq = jnp.minimum(lax.div(row0, L) + s, n_seq - 1)
+                            _add_col_counts(
+                                vals, sc_gmem.at[seq, pl.ds(col_tile * (tn // 2), tn // 2)],
+                                off, lane_cols)
             with jax.named_scope("token_count"):  # add each row's four lanes
                 pairs = ((token_count & 0x00FF00FF)
                          + (lax.shift_right_logical(token_count, 8) & 0x00FF00FF))
-                tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = (
-                    (pairs & 0xFFFF) + lax.shift_right_logical(pairs, 16))
+                counts = (pairs & 0xFFFF) + lax.shift_right_logical(pairs, 16)
+                if is_interpret:
+                    tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = counts
+                else:
+                    _add_row_counts(counts, tc_gmem.at[pl.ds(row0, tm)])
             if with_token_mask:
                 with jax.named_scope("token_mask"):
                     words = tn // BITS_PER_WORD
@@ -733,14 +856,13 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_type = [jax.ShapeDtypeStruct((plan.Tp, plan.Fp), out_dtype)]
-    if with_stats:
+    if with_stats and is_interpret:
         out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
                      jax.ShapeDtypeStruct((plan.row_tiles, n_seg, WARPS, plan.Fp // 4),
                                           jnp.int32)]
-        if with_token_mask:
-            out_type.append(jax.ShapeDtypeStruct((plan.Tp, plan.Fp // BITS_PER_WORD),
-                                                 jnp.int32))
-    return plgpu.kernel(
+    if with_stats and with_token_mask:
+        out_type.append(jax.ShapeDtypeStruct((plan.Tp, plan.Fp // BITS_PER_WORD), jnp.int32))
+    kernel = plgpu.kernel(
         body,
         out_type=tuple(out_type),
         grid=(num_sms,),
@@ -753,3 +875,34 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
     )
+    if not with_stats:
+        return kernel
+    if is_interpret:
+        def call(x, w, b):
+            h, tc_part, sc_part, *token_mask = kernel(x, w, b)
+            return (h, jnp.sum(tc_part, axis=0, dtype=jnp.int32),
+                    _interpreted_sequence_counts(sc_part, plan), *token_mask)
+        return call
+
+    def call(x, w, b):
+        token_count = jax.new_ref(jnp.zeros((plan.Tp,), jnp.int32))
+        seq_words = jax.new_ref(jnp.zeros((n_seq, plan.Fp // 2), jnp.int32))
+        h, *token_mask = kernel(x, w, b, token_count, seq_words)
+        return (h, jax.freeze(token_count), _unpack_col_counts(jax.freeze(seq_words), tn),
+                *token_mask)
+    return call
+
+
+def _interpreted_sequence_counts(sc_part: jax.Array, plan: Plan) -> jax.Array:
+    """seq_count [n_seq, Fp] from the interpreted kernel's per-warp column counts sc_part
+    [row_tiles, n_seg, WARPS, Fp / 4]: four 8-bit lanes per int32, lane i of a tile's word c
+    being column i * tile_n / 4 + c of that tile; segment s of row tile t is sequence
+    plan.segment_ids()[t, s] (n_seq: none)."""
+    tn, n_seq = plan.config.tile_n, plan.n_seq
+    lanes = [lax.shift_right_logical(sc_part, LANE_BITS * i) & 0xFF for i in range(4)]
+    lead, words = sc_part.shape[:-1], sc_part.shape[-1]
+    per_tile = jnp.stack([a.reshape(*lead, words * 4 // tn, tn // 4) for a in lanes], axis=-2)
+    seq_part = per_tile.reshape(*lead, plan.Fp).sum(axis=2, dtype=jnp.int32)
+    ids = jnp.asarray(plan.segment_ids().reshape(-1))
+    return jnp.zeros((n_seq + 1, plan.Fp), jnp.int32).at[ids].add(
+        seq_part.reshape(-1, plan.Fp))[:n_seq]

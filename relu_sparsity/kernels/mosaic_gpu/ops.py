@@ -19,11 +19,10 @@ product (`bf16x3`), f32 tolerance for our purposes, at three times the bf16 GEMM
 splitting pass (`split_bf16`, which rounds with reduce_precision: see there why). The
 statistics follow the exactness rule on that returned f32 h as always.
 
-What is left to plain JAX (all small next to h): the sum of the per-column-tile token counts
-([F / tile_n, T]), the sum and unpacking of the per-warp sequence counts (one byte per warp,
-row tile and column: [T / tile_m, n_seg, 4, F / 4] int32 -> [n_seq, F], `sequence_counts`),
-`seq_mask = pack_bits(seq_count > 0)` ([n_seq, F]) and, only where padding calls for it, slicing
-h / the mask words.
+The compiled kernel adds the token and sequence counts atomically into zeroed int32 arrays
+(`kernel.build_call`), so what is left to plain JAX is `seq_mask = pack_bits(seq_count > 0)`
+([n_seq, F], one small fusion) and, only where padding calls for it, slicing h, the counts and
+the mask words (`finish_statistics`).
 """
 
 import functools
@@ -127,7 +126,9 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
     plan = mgpu_kernel.make_plan(T, xk.shape[1], F, seq_len, config)
     xp = _pad2(xk, plan.Tp, plan.Dp)
     wp = _pad2(wk, plan.Dp, plan.Fp)
-    bp = jnp.pad(b1.astype(jnp.float32), (0, plan.Fp - F))
+    if b1.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        b1 = b1.astype(jnp.float32)
+    bp = b1 if plan.Fp == F else jnp.pad(b1, (0, plan.Fp - F))
     args = [xp, wp, bp]
     call = mgpu_kernel.build_call(plan, jnp.bfloat16, out_dtype, with_stats=with_stats,
                                   with_token_mask=with_token_mask, num_sms=num_sms,
@@ -138,57 +139,25 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
         h = h[:T, :F]
     if not with_stats:
         return h, None
-    tc_part, sc_part = outs[1], outs[2]
-    token_count = jnp.sum(tc_part, axis=0, dtype=jnp.int32)[:T]
-    seq_count = sequence_counts(sc_part, plan)
+    return h, finish_statistics(outs[1:], plan, T, F)
+
+
+def finish_statistics(parts, plan: mgpu_kernel.Plan, T: int, F: int) -> SparsityStats:
+    """The statistics from the kernel's `parts` (token counts [Tp], sequence counts [n_seq,
+    Fp] and, with the token mask, its words [Tp, Fp / 32]; `build_call`): padding sliced off
+    and seq_mask packed, the JAX steps after the kernel."""
+    token_count, seq_count = parts[0], parts[1]
+    token_count = token_count[:T] if plan.Tp != T else token_count
     seq_count = seq_count[:, :F] if plan.Fp != F else seq_count
     seq_mask = pack_bits(seq_count > 0)
     token_mask = None
-    if with_token_mask:
-        words = outs[3]
+    if len(parts) > 2:
+        words = parts[2]
         W = num_words(F)
         if words.shape != (T, W):
             words = words[:T, :W]
         token_mask = jax.lax.bitcast_convert_type(words, jnp.uint32)
-    return h, SparsityStats(token_count, seq_count, seq_mask, token_mask)
-
-
-def sequence_counts(sc_part: jax.Array, plan: mgpu_kernel.Plan) -> jax.Array:
-    """seq_count [n_seq, Fp] int32 from the kernel's per-warp column counts sc_part [row_tiles,
-    n_seg, WARPS, Fp / 4]: four 8-bit lanes per int32, lane i of a tile's word c being column
-    i * tile_n / 4 + c of that tile.
-
-    When every row tile lies in one sequence (plan.aligned) and a count fits 16 bits, the words
-    are summed over each sequence's row tiles and warps before they are unpacked: split into
-    lanes 0 and 2 and lanes 1 and 3, each sum has two 16-bit lanes. Reductions over sc_part
-    with the masking as their elementwise input, then a [n_seq, Fp / 4] unpacking, instead of
-    unpacking a [row_tiles, WARPS, Fp] array first (the JAX steps after the kernel took 14% of
-    XLA's GEMM time at 8192x512x8192: bench/RESULTS.md). Otherwise each segment's counts are
-    unpacked and scattered into its sequence."""
-    n_seq = plan.T // plan.seq_len
-    tile_n = plan.config.tile_n
-    if plan.aligned and plan.seq_len < 2 ** 16:
-        words = sc_part.reshape(n_seq, -1, sc_part.shape[-1])  # [n_seq, tiles x WARPS, Fp / 4]
-        even = jnp.sum(words & 0x00FF00FF, axis=1, dtype=jnp.int32)  # lanes 0 and 2
-        odd = jnp.sum(lax.shift_right_logical(words, 8) & 0x00FF00FF, axis=1, dtype=jnp.int32)
-        lanes = [even & 0xFFFF, odd & 0xFFFF, lax.shift_right_logical(even, 16),
-                 lax.shift_right_logical(odd, 16)]
-        return _lanes_to_columns(lanes, tile_n)
-    lanes = [lax.shift_right_logical(sc_part, 8 * i) & 0xFF for i in range(4)]
-    seq_part = _lanes_to_columns(lanes, tile_n)  # [row_tiles, n_seg, WARPS, Fp]
-    ids = jnp.asarray(plan.segment_ids().reshape(-1))
-    return jnp.zeros((n_seq + 1, plan.Fp), jnp.int32).at[ids].add(
-        seq_part.sum(axis=2, dtype=jnp.int32).reshape(-1, plan.Fp))[:n_seq]
-
-
-def _lanes_to_columns(lanes: list[jax.Array], tile_n: int) -> jax.Array:
-    """Four lane arrays [..., Fp / 4] (lane i of a tile's word c) -> [..., Fp], column
-    tile * tile_n + i * tile_n / 4 + c."""
-    lead, words = lanes[0].shape[:-1], lanes[0].shape[-1]
-    lane_cols = tile_n // 4
-    tiles = words // lane_cols
-    per_tile = jnp.stack([a.reshape(*lead, tiles, lane_cols) for a in lanes], axis=-2)
-    return per_tile.reshape(*lead, tiles * tile_n)
+    return SparsityStats(token_count, seq_count, seq_mask, token_mask)
 
 
 # The backend forward of the kernel contract (see api.fused_mlp_up): with `live`, the live columns
