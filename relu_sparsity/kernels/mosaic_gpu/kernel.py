@@ -516,8 +516,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     wgmma_layout = plgpu.Layout.WGMMA
 
     def body(x_gmem, w_gmem, b_gmem, *refs):
-        # compiled: the zeroed accumulators (inputs) tc [Tp], sc [n_seq, Fp], then the outputs
-        # h and tm_part; interpreted: the outputs h, tc_part, sc_part, tm_part
+        # compiled: the zeroed accumulators (inputs) token counts [Tp] and sequence-count words
+        # [n_seq, Fp / 2], then the outputs h and tm_part; interpreted: the outputs h, tc_part,
+        # sc_part, tm_part
         refs = list(refs)
         tc_gmem = sc_gmem = tm_gmem = None
         if with_stats and not is_interpret:
@@ -534,8 +535,8 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
             return plgpu.planar_snake(lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
 
         def load_bias(col_tile):
-            # b1 in its own dtype (bf16 or f32): converting here spares a launch before the
-            # kernel (~2 us, 2% of XLA's GEMM at 8192x512x8192)
+            # b1 in its own dtype (bf16 or f32): converting here spares XLA a convert fusion
+            # launched before the kernel
             bias = plgpu.load(b_gmem.at[pl.ds(col_tile * tn, tn)],
                               layout=wgmma_layout.reduce(0), optimized=False)
             return bias.astype(jnp.float32)
