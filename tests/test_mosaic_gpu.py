@@ -356,15 +356,26 @@ def test_sequence_count_words_unpack_to_columns():
     np.testing.assert_array_equal(np.asarray(kernel._unpack_col_counts(words, tile_n)), counts)
 
 
-def test_sequences_longer_than_16_bit_counts_are_rejected():
-    # Compiled, the sequence counts are added in 16-bit lanes: a longer sequence is refused
-    # with its reason, not counted modulo 2^16.
+def test_long_sequences_are_counted_in_parts(monkeypatch):
+    # The kernel's sequence counts are 16-bit, so build_call refuses a longer sequence; the
+    # forward counts it in parts (the largest divisor that fits) and adds them: exact against
+    # the reference, shown here in the interpreter with the limit lowered to 16 (seq_len 48 in
+    # parts of 16, across row tiles of 64 rows).
     T = 2 * (kernel.MAX_SEQ_LEN + 1)
+    plan = kernel.make_plan(T, 64, 256, T // 2, SMALL_PP)
+    with pytest.raises(ValueError, match="16-bit"):
+        kernel.build_call(plan, jnp.bfloat16, jnp.bfloat16, with_stats=True,
+                          with_token_mask=False, num_sms=132)
+    assert ops.counting_seq_len(T // 2) == 2 ** 15
     fn = functools.partial(ops.mosaic_gpu_forward, seq_len=T // 2, live=None, with_stats=True,
                            with_token_mask=False, config=SMALL_PP, interpret=False)
-    with pytest.raises(ValueError, match="16-bit"):
-        lower_for_cuda(fn, ((T, 64), jnp.bfloat16), ((64, 256), jnp.bfloat16),
-                       ((256,), jnp.bfloat16))
-    fn = functools.partial(fn, seq_len=kernel.MAX_SEQ_LEN, with_stats=True)
-    assert "mosaic_gpu" in lower_for_cuda(fn, ((kernel.MAX_SEQ_LEN, 64), jnp.bfloat16),
-                                          ((64, 256), jnp.bfloat16), ((256,), jnp.bfloat16))
+    assert "mosaic_gpu" in lower_for_cuda(fn, ((T, 64), jnp.bfloat16), ((64, 256), jnp.bfloat16),
+                                          ((256,), jnp.bfloat16))
+    with pytest.raises(ValueError, match="no divisor"):
+        ops.counting_seq_len(65537)  # a prime
+
+    monkeypatch.setattr(kernel, "MAX_SEQ_LEN", 16)
+    monkeypatch.setattr(ops, "MIN_COUNT_PART", 8)
+    assert ops.counting_seq_len(48) == 16
+    x, w1, b1 = inputs(192, 64, 130, jnp.bfloat16)
+    check_against_reference(x, w1, b1, seq_len=48, config=SMALL_PP)

@@ -42,7 +42,8 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                two warpgroup barriers per round, was the largest piece of the statistics (2300
                of ~9000 epilogue cycles per tile at 8192x1024x32768). Each warp's sums are added
                atomically into the sequence's row of zeroed int32 words [n_seq, Fp / 2], two
-               columns per word in 16-bit lanes (so seq_len <= 65535), one add per two columns
+               columns per word in 16-bit lanes (so seq_len <= 65535: ops.counting_seq_len
+               splits longer sequences into parts the kernel counts), one add per two columns
                and only where nonzero (`_add_col_counts`); JAX unpacks the words. Adding in
                the kernel replaced per-warp partials that XLA summed and unpacked in four small
                fusions after the kernel, which cost 0.015 ms at 8192x512x8192, 14% of XLA's
@@ -88,7 +89,9 @@ BITS_PER_WORD = 32
 SMEM_LIMIT_BYTES = 232448
 WARPS = 4  # per warpgroup; the WGMMA layout gives warp w rows 16 w .. 16 w + 15 of each 64
 LANE_BITS = 8  # the statistics' packing: four 8-bit lanes per int32
-MAX_SEQ_LEN = 0xFFFF  # sequence counts are added in 16-bit lanes (`_add_col_counts`)
+# Sequence counts are added in 16-bit lanes (`_add_col_counts`); ops counts longer sequences in
+# parts of at most this length and adds the parts.
+MAX_SEQ_LEN = 0xFFFF
 MEMORY_REGISTERS = 40
 # Registers per thread of a compute warpgroup when the memory warpgroup keeps 40: (512 - 40) / 2
 # rounded down to a multiple of 8 (what emit_pipeline_warp_specialized gives them too).
@@ -501,7 +504,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     if with_stats and not is_interpret and plan.seq_len > MAX_SEQ_LEN:
         raise ValueError(
             f"mosaic_gpu: seq_len={plan.seq_len} > {MAX_SEQ_LEN}: the kernel's sequence counts "
-            "are 16-bit; use backend='triton' or 'xla' for longer sequences")
+            "are 16-bit (ops.mosaic_gpu_forward counts a longer sequence in parts)")
     n_lanes = 32 // LANE_BITS
     lane_cols = tn // n_lanes
     chunk = min(lane_cols, BITS_PER_WORD)  # columns of one piece of the statistics

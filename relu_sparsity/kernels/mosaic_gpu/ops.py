@@ -22,7 +22,8 @@ statistics follow the exactness rule on that returned f32 h as always.
 The compiled kernel adds the token and sequence counts atomically into zeroed int32 arrays
 (`kernel.build_call`), so what is left to plain JAX is `seq_mask = pack_bits(seq_count > 0)`
 ([n_seq, F], one small fusion) and, only where padding calls for it, slicing h, the counts and
-the mask words (`finish_statistics`).
+the mask words (`finish_statistics`). The kernel's sequence counts are 16-bit: a sequence longer
+than 65535 tokens is counted in parts that JAX adds (`counting_seq_len`).
 """
 
 import functools
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DEVICE_KIND = "NVIDIA H200"  # the config key used when lowering on a machine without one
 H200_NUM_SMS = 132
+# Parts shorter than this would give row tiles many sequence segments, each unrolled in the kernel.
+MIN_COUNT_PART = 64
 INTERPRET_NUM_SMS = 2  # CTAs the interpreter simulates (each runs three warpgroup threads)
 
 
@@ -123,7 +126,10 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
         wk = jnp.concatenate([w_hi, w_hi, w_lo], axis=0)
     else:
         xk, wk = x, w1
-    plan = mgpu_kernel.make_plan(T, xk.shape[1], F, seq_len, config)
+    if T % seq_len:
+        raise ValueError(f"seq_len={seq_len} must divide T={T}")
+    count_len = counting_seq_len(seq_len) if with_stats else seq_len
+    plan = mgpu_kernel.make_plan(T, xk.shape[1], F, count_len, config)
     xp = _pad2(xk, plan.Tp, plan.Dp)
     wp = _pad2(wk, plan.Dp, plan.Fp)
     if b1.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
@@ -139,14 +145,36 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
         h = h[:T, :F]
     if not with_stats:
         return h, None
-    return h, finish_statistics(outs[1:], plan, T, F)
+    return h, finish_statistics(outs[1:], plan, T, F, parts_per_seq=seq_len // count_len)
 
 
-def finish_statistics(parts, plan: mgpu_kernel.Plan, T: int, F: int) -> SparsityStats:
-    """The statistics from the kernel's `parts` (token counts [Tp], sequence counts [n_seq,
-    Fp] and, with the token mask, its words [Tp, Fp / 32]; `build_call`): padding sliced off
-    and seq_mask packed, the JAX steps after the kernel."""
+def counting_seq_len(seq_len: int) -> int:
+    """The sequence length the kernel counts by: seq_len itself, or for a sequence longer than
+    its 16-bit sequence counts allow (`kernel.MAX_SEQ_LEN`) the largest divisor of seq_len that
+    fits, whose counts JAX then adds up per sequence (exact: int32 sums of parts)."""
+    if seq_len <= mgpu_kernel.MAX_SEQ_LEN:
+        return seq_len
+    fits = [d for d in range(MIN_COUNT_PART, mgpu_kernel.MAX_SEQ_LEN + 1) if seq_len % d == 0]
+    if not fits:
+        raise ValueError(
+            f"mosaic_gpu: seq_len={seq_len} is longer than the kernel's 16-bit sequence counts "
+            f"allow ({mgpu_kernel.MAX_SEQ_LEN}) and has no divisor in [{MIN_COUNT_PART}, "
+            f"{mgpu_kernel.MAX_SEQ_LEN}] to count it in parts by; use backend='triton' or 'xla'")
+    part = fits[-1]
+    log.info("mosaic_gpu: seq_len %d counted in %d parts of %d tokens (16-bit sequence counts)",
+             seq_len, seq_len // part, part)
+    return part
+
+
+def finish_statistics(parts, plan: mgpu_kernel.Plan, T: int, F: int,
+                      parts_per_seq: int = 1) -> SparsityStats:
+    """The statistics from the kernel's `parts` (token counts [Tp], sequence counts [n_seq *
+    parts_per_seq, Fp] and, with the token mask, its words [Tp, Fp / 32]; `build_call`): each
+    sequence's parts added (`counting_seq_len`), padding sliced off and seq_mask packed, the
+    JAX steps after the kernel."""
     token_count, seq_count = parts[0], parts[1]
+    if parts_per_seq > 1:
+        seq_count = seq_count.reshape(-1, parts_per_seq, plan.Fp).sum(axis=1, dtype=jnp.int32)
     token_count = token_count[:T] if plan.Tp != T else token_count
     seq_count = seq_count[:, :F] if plan.Fp != F else seq_count
     seq_mask = pack_bits(seq_count > 0)
