@@ -3,9 +3,11 @@
 h), gradients through api.fused_mlp_up, and the CUDA lowering at the benchmark shapes with the
 committed tile configurations (Mosaic GPU rejects a kernel that overflows shared memory there).
 
-The interpreter cannot run inline Mosaic GPU (the per-warp column sums, the PTX packing of bf16
-use bits); for it the kernel takes plain-JAX stand-ins with the same arithmetic in interpret mode
-(see kernel.py), and the lowering tests cover the compiled forms."""
+The interpreter runs neither inline Mosaic GPU (the PTX packing of bf16 use bits, the per-warp
+column sums) nor atomics (the counts' adds); for it the kernel takes plain-JAX stand-ins with the
+same arithmetic in interpret mode and writes per-tile partials that JAX adds (see kernel.py). The
+lowering tests cover the compiled forms, the gpu-marked tests (test_mosaic_gpu_device.py) their
+results."""
 
 import dataclasses
 import functools
