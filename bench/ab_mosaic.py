@@ -19,6 +19,7 @@ spills after the "timing ..." line that compiles it.
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -26,10 +27,11 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).parent))
-import device_mosaic as dm  # noqa: E402
-from relu_sparsity.kernels.mosaic_gpu import ops  # noqa: E402
+from relu_sparsity.kernels.mosaic_gpu import ops
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
 
 VARIANTS = (("no stats", False, False), ("stats", True, False), ("stats+token mask", True, True))
 
@@ -46,6 +48,18 @@ def load_version(folder: Path):
     return modules["ops"]
 
 
+def time_ms(fn, *args) -> float:
+    return time_fn(fn, args, repeats=5, launches=50)
+
+
+@functools.cache
+def forward_fn(ops_module, config, with_stats, with_token_mask):
+    """One version's backend forward, jitted."""
+    return jax.jit(functools.partial(ops_module.forward, seq_len=SEQ_LEN, with_stats=with_stats,
+                                     with_token_mask=with_token_mask, config=config,
+                                     interpret=False))
+
+
 def parse_version(arg: str):
     """(name, ops module, TileConfig overrides) of one command-line argument."""
     if arg.startswith("tree:"):
@@ -60,26 +74,28 @@ def main():
     kind = jax.devices()[0].device_kind
     rows = []
     only = os.environ.get("SHAPES")
-    for T, D, F in dm.SHAPES:
+    for T, D, F in BENCH_SHAPES:
         shape = f"{T}x{D}x{F}"
         if only and shape not in only.split(","):
             continue
-        x, w1, b1 = dm.inputs(T, D, F)
-        config = ops.tile_config(kind, T, D, F, "bfloat16")
-        ref_h = dm.reference_h(x, w1, b1)
+        x, w1, b1 = random_inputs(T, D, F, jnp.bfloat16)
+        config = ops.tile_config(kind, (T, D, F), "bfloat16")
         for name, module, overrides in versions:
             if module is ops:
                 checked = dataclasses.replace(config, **overrides)
                 for with_token_mask in (False, True):  # raises on a mismatch
-                    dm.check(checked, x, w1, b1, ref_h, with_token_mask)
+                    h, stats = forward_fn(ops, checked, True, with_token_mask)(x, w1, b1)
+                    full_size_check(h, stats, x, w1, b1, seq_len=SEQ_LEN,
+                                    with_token_mask=with_token_mask)
                 print(f"{shape}: {name} checked ({checked})", flush=True)
-        base = dm.time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)
+        base = time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)
         rows.append(dict(shape=shape, variant="xla dot+bias+relu", version="", ms=base))
         for label, with_stats, with_token_mask in VARIANTS:
             for version, module, overrides in versions:
                 print(f"timing {shape} {label} {version}", flush=True)
-                ms = dm.time_ms(dm.mosaic_fn(dataclasses.replace(config, **overrides),
-                                             with_stats, with_token_mask, module), x, w1, b1)
+                fn = forward_fn(module, dataclasses.replace(config, **overrides), with_stats,
+                                with_token_mask)
+                ms = time_ms(fn, x, w1, b1)
                 rows.append(dict(shape=shape, variant=label, version=version, ms=ms))
     for row in rows:
         base = next(r["ms"] for r in rows if r["shape"] == row["shape"] and not r["version"])

@@ -20,12 +20,13 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import triton
 
-sys.path.insert(0, str(Path(__file__).parent))
-import device_triton as dt  # noqa: E402
-from relu_sparsity.kernels import api, fused_mlp_up  # noqa: E402
-from relu_sparsity.kernels.triton import ops  # noqa: E402
+from relu_sparsity.kernels import backends, fused_mlp_up
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
+from relu_sparsity.kernels.triton import ops
 
 CANDIDATES = {"committed": None}  # the working tree's TileConfigs to time; None: committed
 
@@ -43,29 +44,39 @@ def load_ops(folder: Path):
     return module
 
 
+def time_ms(fn, args):
+    return time_fn(fn, args, repeats=5, launches=50)
+
+
+def forward_fn(ops_module, config, with_stats, with_token_mask=False):
+    """One version's backend forward, jitted; config None: the committed one."""
+    return jax.jit(lambda x, w, b: ops_module.forward(
+        x, w, b, seq_len=SEQ_LEN, with_stats=with_stats, with_token_mask=with_token_mask,
+        config=config))
+
+
 def main():
-    api.load_backend("triton")
+    backends.load_backend("triton")
     versions = [(Path(a).name, load_ops(Path(a))) for a in sys.argv[1:]]
     rows = []
-    for T, D, F in dt.SHAPES:
+    for T, D, F in BENCH_SHAPES:
         shape = f"{T}x{D}x{F}"
-        x, w1, b1 = dt.inputs(T, D, F)
+        x, w1, b1 = random_inputs(T, D, F, jnp.bfloat16)
         runs = [(name, None, module) for name, module in versions]
         for name, config in CANDIDATES.items():
-            err, exact = dt.check(x, w1, b1, config)
-            print(f"{shape} {name}: max h error {err}, integer outputs exact: {exact}",
-                  flush=True)
-            if not exact:
-                raise SystemExit(f"{shape} {name}: integer outputs differ from the own-h rule")
+            h, stats = forward_fn(ops, config, True, True)(x, w1, b1)
+            figures = full_size_check(h, stats, x, w1, b1, seq_len=SEQ_LEN,
+                                      with_token_mask=True)  # raises on a mismatch
+            print(f"{shape} {name}: checked {figures}", flush=True)
             runs.append((f"tree {name}", config, ops))
-        base = dt.time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), (x, w1, b1))
-        xla_stats = dt.time_ms(jax.jit(lambda x, w, b: fused_mlp_up(
-            x, w, b, seq_len=dt.SEQ_LEN, backend="reference")), (x, w1, b1))
+        base = time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), (x, w1, b1))
+        xla_stats = time_ms(jax.jit(lambda x, w, b: fused_mlp_up(
+            x, w, b, seq_len=SEQ_LEN, backend="reference")), (x, w1, b1))
         rows.append(dict(shape=shape, version="xla dot+bias+relu", ms=base, ms_stats=None))
         rows.append(dict(shape=shape, version="xla relu+stats", ms=None, ms_stats=xla_stats))
         for name, config, module in runs:
             print(f"timing {shape} {name}", flush=True)
-            ms = [dt.time_ms(dt.triton_fn(config, s, module), (x, w1, b1))
+            ms = [time_ms(forward_fn(module, config, s), (x, w1, b1))
                   for s in (False, True)]
             rows.append(dict(shape=shape, version=name, ms=ms[0], ms_stats=ms[1]))
     out = Path(os.environ.get("OUT", "/tmp/out"))

@@ -13,13 +13,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from relu_sparsity.bench.kernels import time_fn
-from relu_sparsity.kernels import api, fused_mlp_up
-from relu_sparsity.kernels.reference import stats_from_h
+from relu_sparsity.kernels import backends, fused_mlp_up
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
 from relu_sparsity.kernels.triton import kernel, ops
 
-SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
-SEQ_LEN = 512
 CANDIDATES = [
     kernel.TileConfig(128, 128, 64, 8, 8, 3),
     kernel.TileConfig(128, 256, 64, 8, 8, 3),
@@ -30,20 +28,10 @@ CANDIDATES = [
 ]
 
 
-def inputs(t, d, f):
-    """bf16 x [t, d], w1 [d, f] (variance 1 / d) and b1 [f] (std 0.1), the same at every call."""
-    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (t, d), jnp.bfloat16)
-    w1 = (jax.random.normal(kw, (d, f), jnp.float32) / d ** 0.5).astype(jnp.bfloat16)
-    b1 = (0.1 * jax.random.normal(kb, (f,), jnp.float32)).astype(jnp.bfloat16)
-    return x, w1, b1
-
-
-def triton_fn(config, with_stats, ops_module=ops):
-    """The backend's forward without the token mask, jitted; `ops_module`: another version of
-    ops.py (ab_triton.py); config None: the committed one."""
-    return jax.jit(lambda x, w, b: ops_module.triton_dense_forward(
-        x, w, b, seq_len=SEQ_LEN, live=None, with_stats=with_stats, with_token_mask=False,
+def triton_fn(config, with_stats, with_token_mask=False):
+    """The backend's forward, jitted; config None: the committed one."""
+    return jax.jit(lambda x, w, b: ops.forward(
+        x, w, b, seq_len=SEQ_LEN, with_stats=with_stats, with_token_mask=with_token_mask,
         config=config))
 
 
@@ -51,17 +39,11 @@ def time_ms(fn, args):
     return time_fn(fn, args, repeats=5, launches=50)
 
 
-def check(x, w1, b1, config):
-    """h against the reference (tolerance) and the integer outputs by the own-h rule (exact)."""
-    h, stats = jax.jit(lambda x, w, b: ops.triton_dense_forward(
-        x, w, b, seq_len=SEQ_LEN, live=None, with_stats=True, with_token_mask=True,
-        config=config))(x, w1, b1)
-    h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=SEQ_LEN, with_stats=False, backend="reference")
-    err = float(jnp.max(jnp.abs(h.astype(jnp.float32) - h_ref.astype(jnp.float32))))
-    own = stats_from_h(h, seq_len=SEQ_LEN, num_units=w1.shape[1], live=None, with_token_mask=True)
-    exact = all(bool(jnp.array_equal(getattr(stats, k), getattr(own, k)))
-                for k in ("token_count", "seq_count", "seq_mask", "token_mask"))
-    return err, exact
+def check(x, w1, b1, config) -> dict:
+    """h against the reference and the integer outputs by the own-h rule, with the token mask;
+    raises on a mismatch."""
+    h, stats = triton_fn(config, True, True)(x, w1, b1)
+    return full_size_check(h, stats, x, w1, b1, seq_len=SEQ_LEN, with_token_mask=True)
 
 
 def main():
@@ -69,11 +51,11 @@ def main():
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     out = Path(args.out)
-    api.load_backend("triton")
+    backends.load_backend("triton")
     device = jax.devices()[0].device_kind
     rows, best = [], {}
-    for t, d, f in SHAPES:
-        x, w1, b1 = inputs(t, d, f)
+    for t, d, f in BENCH_SHAPES:
+        x, w1, b1 = random_inputs(t, d, f, jnp.bfloat16)
         flops = 2.0 * t * d * f
         base = time_ms(jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), (x, w1, b1))
         xla_stats = time_ms(jax.jit(lambda x, w, b: fused_mlp_up(
@@ -85,7 +67,7 @@ def main():
             name = (f"triton {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "
                     f"s{cfg.num_stages}" + (" seqprog" if cfg.seq_programs else ""))
             try:
-                err, exact = check(x, w1, b1, cfg)
+                figures = check(x, w1, b1, cfg)
                 times = {}
                 for with_stats in (False, True):
                     times[with_stats] = time_ms(triton_fn(cfg, with_stats), (x, w1, b1))
@@ -93,8 +75,8 @@ def main():
                 rows.append(dict(shape=shape, variant=name, error=str(e).splitlines()[0][:120]))
                 continue
             rows.append(dict(shape=shape, variant=name, ms=times[False], ms_stats=times[True],
-                             max_err=err, exact=exact))
-            if exact and (shape not in best or times[True] < best[shape][1]):
+                             max_err=figures["h_max_abs_diff"], exact=figures["ok"]))
+            if shape not in best or times[True] < best[shape][1]:
                 best[shape] = (cfg, times[True])
         for r in rows:
             if r["shape"] == shape:

@@ -12,36 +12,49 @@ the reference, integer outputs by the own-h exactness rule). Also prints, at the
 forward's compiled HLO: its fusions and custom calls are the kernels it launches.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-import device_mosaic as dm
 from relu_sparsity.kernels.mosaic_gpu import kernel as mk
 from relu_sparsity.kernels.mosaic_gpu import ops
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
+
+
+def time_ms(fn, *args) -> float:
+    return time_fn(fn, args, repeats=5, launches=50)
+
+
+def forward_fn(config, with_stats):
+    return jax.jit(functools.partial(ops.forward, seq_len=SEQ_LEN, with_stats=with_stats,
+                                     with_token_mask=False, config=config, interpret=False))
 
 
 def main():
     device = jax.devices()[0]
     rows = []
-    for T, D, F in dm.SHAPES:
+    for T, D, F in BENCH_SHAPES:
         shape = f"{T}x{D}x{F}"
-        x, w1, b1 = dm.inputs(T, D, F)
-        config = ops.tile_config(device.device_kind, T, D, F, "bfloat16")
-        plan = mk.make_plan(T, D, F, dm.SEQ_LEN, config)
+        x, w1, b1 = random_inputs(T, D, F, jnp.bfloat16)
+        config = ops.tile_config(device.device_kind, (T, D, F), "bfloat16")
+        plan = mk.make_plan(T, D, F, SEQ_LEN, config)
         assert (plan.Tp, plan.Dp, plan.Fp) == (T, D, F), "no padding at the benchmark shapes"
-        dm.check(config, x, w1, b1, dm.reference_h(x, w1, b1), False)  # raises on a mismatch
+        h, stats = forward_fn(config, True)(x, w1, b1)
+        full_size_check(h, stats, x, w1, b1, seq_len=SEQ_LEN, with_token_mask=False)
         print(f"{shape}: checked", flush=True)
-        times = {"xla dot+bias+relu": dm.time_ms(
+        times = {"xla dot+bias+relu": time_ms(
             jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w1, b1)}
         for with_stats in (False, True):
             label = "+stats" if with_stats else "no stats"
-            times[f"forward {label}"] = dm.time_ms(
-                dm.mosaic_fn(config, with_stats, False), x, w1, b1)
+            times[f"forward {label}"] = time_ms(
+                forward_fn(config, with_stats), x, w1, b1)
             call = mk.build_call(plan, jnp.bfloat16, jnp.bfloat16, with_stats=with_stats,
                                  with_token_mask=False, num_sms=device.core_count)
-            times[f"kernel alone {label}"] = dm.time_ms(jax.jit(call), x, w1, b1)
-        if (T, D, F) == dm.SHAPES[-1]:
-            hlo = dm.mosaic_fn(config, True, False).lower(x, w1, b1).compile().as_text()
+            times[f"kernel alone {label}"] = time_ms(jax.jit(call), x, w1, b1)
+        if (T, D, F) == BENCH_SHAPES[-1]:
+            hlo = forward_fn(config, True).lower(x, w1, b1).compile().as_text()
             print("\n".join(line.strip()[:140] for line in hlo.splitlines()
                             if "fusion(" in line or "custom-call(" in line or "ENTRY" in line))
         base = times["xla dot+bias+relu"]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from relu_sparsity.kernels import fused_mlp_up
+from relu_sparsity.kernels.testing import random_inputs
 
 ON_GPU = jax.default_backend() == "gpu"
 SHAPE = (8192, 1024, 32768) if ON_GPU else (512, 128, 512)
@@ -15,11 +16,7 @@ DTYPE = jnp.bfloat16 if ON_GPU else jnp.float32
 
 @pytest.fixture(scope="module")
 def operands():
-    t, d, f = SHAPE
-    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-    return (jax.random.normal(kx, (t, d), DTYPE),
-            (jax.random.normal(kw, (d, f), jnp.float32) / d ** 0.5).astype(DTYPE),
-            (0.1 * jax.random.normal(kb, (f,), jnp.float32)).astype(DTYPE))
+    return random_inputs(*SHAPE, DTYPE)
 
 
 def run(benchmark, fn, operands):

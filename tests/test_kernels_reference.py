@@ -82,35 +82,16 @@ def test_small_integer_inputs_are_exact():
     np.testing.assert_array_equal(stats.seq_count, numpy_stats(want_h, 3)["seq_count"])
 
 
-def test_live_columns():
-    x, w1, b1 = random_inputs(3, 8, 6, 50, jnp.float32)
-    live = np.array([0, 7, 31, 32, 49])
-    h_live, stats = fused_mlp_up(x, w1, b1, seq_len=4, live=live, with_token_mask=True)
-    h_full, _ = fused_mlp_up(x, w1, b1, seq_len=4)
-    np.testing.assert_allclose(h_live, np.asarray(h_full)[:, live], rtol=1e-6, atol=1e-6)
-    dead = np.setdiff1d(np.arange(50), live)
-    assert stats.seq_count.shape == (2, 50)
-    assert not np.asarray(stats.seq_count)[:, dead].any()
-    used = np.zeros((8, 50), bool)
-    used[:, live] = np.asarray(h_live) > 0
-    want = numpy_stats(used.astype(np.float32), 4)
-    for name, value in want.items():
-        np.testing.assert_array_equal(getattr(stats, name), value, err_msg=name)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("live", [None, np.array([1, 2, 5, 30, 33])])
-def test_vjp_matches_plain_expression(dtype, live):
+def test_vjp_matches_plain_expression(dtype):
     x, w1, b1 = random_inputs(7, 12, 10, 40, dtype)
-    cot = jax.random.normal(jax.random.key(9), (12, 40 if live is None else len(live)))
+    cot = jax.random.normal(jax.random.key(9), (12, 40))
 
     def fused(x, w1, b1):
-        h, _ = fused_mlp_up(x, w1, b1, seq_len=4, live=live)
+        h, _ = fused_mlp_up(x, w1, b1, seq_len=4)
         return jnp.sum(h.astype(jnp.float32) * cot)
 
     def plain(x, w1, b1):
-        if live is not None:
-            w1, b1 = w1[:, live], b1[live]
         pre = jnp.dot(x.astype(jnp.float32), w1.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST) + b1.astype(jnp.float32)
         return jnp.sum(jax.nn.relu(pre).astype(dtype).astype(jnp.float32) * cot)
@@ -122,9 +103,6 @@ def test_vjp_matches_plain_expression(dtype, live):
         assert g.dtype == arg.dtype and g.shape == arg.shape
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                    rtol=tol, atol=tol)
-    if live is not None:
-        dead = np.setdiff1d(np.arange(40), live)
-        assert not np.asarray(got[1])[:, dead].any() and not np.asarray(got[2])[dead].any()
 
 
 def test_relu_derivative_at_zero_is_zero():
@@ -162,12 +140,8 @@ def test_bit_helpers_round_trip():
     (dict(x=jnp.zeros((4, 3), jnp.int32)), "x must be"),
     (dict(seq_len=3), "seq_len"),
     (dict(seq_len=0), "seq_len"),
-    (dict(live=np.array([3, 1])), "live"),
-    (dict(live=np.array([3, 1], np.uint32)), "live"),  # unsigned: a wrapped difference
-    (dict(live=np.array([1, 1, 2])), "live"),
-    (dict(live=np.array([0, 8])), "live"),
-    (dict(live=np.array([-1, 2])), "live"),
-    (dict(live=np.zeros((2, 2), int)), "live"),
+    (dict(seq_len=2.0), "seq_len"),
+    (dict(seq_len=True), "seq_len"),
     (dict(backend="cuda"), "backend"),
 ])
 def test_bad_input_raises(kwargs, match):
@@ -178,35 +152,7 @@ def test_bad_input_raises(kwargs, match):
         fused_mlp_up(x, w1, b1, **args)
 
 
-def test_traced_live_raises():
-    x, w1, b1 = jnp.zeros((4, 3)), jnp.zeros((3, 8)), jnp.zeros((8,))
-    with pytest.raises(ValueError, match="live"):
-        jax.jit(lambda live: fused_mlp_up(x, w1, b1, seq_len=2, live=live)[0])(jnp.arange(3))
-
-
 def test_unbuilt_backend_is_an_error_not_a_fallback():
     x, w1, b1 = jnp.zeros((4, 3)), jnp.zeros((3, 8)), jnp.zeros((8,))
     with pytest.raises(BackendUnavailableError, match="triton"):
         fused_mlp_up(x, w1, b1, seq_len=2, backend="triton")
-
-
-@pytest.mark.parametrize("with_token_mask", [False, True])
-def test_live_columns_wrapper_matches_reference_live(with_token_mask):
-    # Backends that compute dense columns get `live` from this wrapper; the reference's own
-    # live path is the oracle.
-    from relu_sparsity.kernels.live import with_live_columns
-    from relu_sparsity.kernels.reference import reference_forward
-
-    x, w1, b1 = random_inputs(11, 12, 8, 70, jnp.float32)
-    live = (0, 5, 31, 32, 33, 40, 63, 64, 69)  # words 0, 1 and 2, with gaps
-    h, stats = with_live_columns(reference_forward)(x, w1, b1, seq_len=4, live=live,
-                                                    with_stats=True,
-                                                    with_token_mask=with_token_mask)
-    h_ref, ref = reference_forward(x, w1, b1, seq_len=4, live=live, with_stats=True,
-                                   with_token_mask=with_token_mask)
-    np.testing.assert_array_equal(h, h_ref)
-    for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
-        a, b = getattr(stats, name), getattr(ref, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            np.testing.assert_array_equal(a, b, err_msg=name)

@@ -1,16 +1,10 @@
-"""bench/mosaic_fingerprint.py: the hash names the kernel, not the Python source positions."""
-
-import importlib.util
-from pathlib import Path
+"""relu_sparsity.bench.mosaic_fingerprint: the hash names the kernel, not the Python source
+positions."""
 
 import jax.numpy as jnp
 
-from test_mosaic_gpu import SMALL_PP
-
-spec = importlib.util.spec_from_file_location(
-    "mosaic_fingerprint", Path(__file__).parents[1] / "bench" / "mosaic_fingerprint.py")
-mosaic_fingerprint = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mosaic_fingerprint)
+from relu_sparsity.bench import mosaic_fingerprint
+from relu_sparsity.kernels.mosaic_gpu.testing import SMALL_PP
 
 
 def test_same_kernel_same_fingerprint_other_kernel_other():

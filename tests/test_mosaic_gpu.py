@@ -19,47 +19,34 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from backend_checks import (
+from relu_sparsity.kernels import api, backends
+from relu_sparsity.kernels.mosaic_gpu import kernel, ops
+from relu_sparsity.kernels.mosaic_gpu.testing import SMALL, SMALL_N, SMALL_PP, SMALL_PP3
+from relu_sparsity.kernels.reference import reference_forward, stats_from_h
+from relu_sparsity.kernels.testing import (
+    BENCH_SHAPES,
     assert_grads_match_plain_expression,
     assert_matches_reference,
     random_inputs,
+    tolerance,
 )
-from relu_sparsity.kernels import api
 from relu_sparsity.kernels.tile_configs import tuned_entry
-from relu_sparsity.kernels.mosaic_gpu import kernel, ops
-from relu_sparsity.kernels.reference import reference_forward, stats_from_h
 
-BENCH_SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
 INTERPRET = plgpu.InterpretGPUParams()
-# Small tiles for the interpreter: CTA 128 x 128 (two 64 x 128 warpgroup tiles along M).
-SMALL = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="m",
-                          epi_tile_n=64)
-# Two warpgroups side by side along N, 64-wide column tiles (2 mask words per tile).
-SMALL_N = kernel.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, wg_dim="n",
-                            epi_tile_n=32, grid_minor="n", grid_tile_width=2)
-# Ping-pong: each warpgroup takes whole 64 x 128 tiles in turn, through one 2-stage ring.
-SMALL_PP = kernel.TileConfig(tile_m=64, tile_n=128, tile_k=64, stages=2, wg_dim="pingpong",
-                             epi_tile_n=64)
-# ... a 3-stage ring: with 2 or 3 steps per tile, a stage's owner changes irregularly.
-SMALL_PP3 = dataclasses.replace(SMALL_PP, stages=3)
 
 
 inputs = random_inputs
 
 
-def run(x, w1, b1, *, seq_len, live=None, with_stats=True, with_token_mask=True, config=SMALL):
-    return ops.mosaic_gpu_forward(x, w1, b1, seq_len=seq_len, live=live, with_stats=with_stats,
-                                  with_token_mask=with_token_mask, config=config,
-                                  interpret=INTERPRET)
+def run(x, w1, b1, *, seq_len, with_stats=True, with_token_mask=True, config=SMALL):
+    return ops.forward(x, w1, b1, seq_len=seq_len, with_stats=with_stats,
+                       with_token_mask=with_token_mask, config=config, interpret=INTERPRET)
 
 
-def check_against_reference(x, w1, b1, *, seq_len, live=None, with_token_mask=True,
-                            config=SMALL):
-    h, stats = run(x, w1, b1, seq_len=seq_len, live=live, with_token_mask=with_token_mask,
-                   config=config)
-    tol = 2e-2 if x.dtype == jnp.bfloat16 else 1e-4
-    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=live,
-                             with_token_mask=with_token_mask, tol=tol)
+def check_against_reference(x, w1, b1, *, seq_len, with_token_mask=True, config=SMALL):
+    h, stats = run(x, w1, b1, seq_len=seq_len, with_token_mask=with_token_mask, config=config)
+    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len,
+                             with_token_mask=with_token_mask, tol=tolerance(x.dtype))
     return h, stats
 
 
@@ -115,21 +102,11 @@ def test_stats_equal_reference_on_exact_inputs():
     w1 = jnp.asarray(rng.integers(-2, 3, (24, 100)), jnp.bfloat16)
     b1 = jnp.asarray(rng.integers(-2, 3, (100,)), jnp.bfloat16)
     h, stats = check_against_reference(x, w1, b1, seq_len=16)
-    ref_h, ref = reference_forward(x, w1, b1, seq_len=16, live=None, with_stats=True,
+    ref_h, ref = reference_forward(x, w1, b1, seq_len=16, with_stats=True,
                                    with_token_mask=True)
     np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(ref_h, np.float32))
     for got, want in zip(stats, ref):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def test_live_units_keep_caller_ids():
-    T, D, F = 64, 32, 200
-    x, w1, b1 = inputs(T, D, F, jnp.bfloat16)
-    live = (0, 3, 5, 31, 32, 64, 100, 150, 199)
-    _, stats = check_against_reference(x, w1, b1, seq_len=32, live=live)
-    dead = np.setdiff1d(np.arange(F), live)
-    assert stats.seq_count.shape == (T // 32, F)
-    assert not np.asarray(stats.seq_count)[:, dead].any()
 
 
 def test_without_token_mask_and_without_stats():
@@ -140,13 +117,11 @@ def test_without_token_mask_and_without_stats():
     np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_stats, np.float32))
 
 
-@pytest.mark.parametrize("live", [None, (1, 2, 40, 99)])
-def test_gradients_match_plain_expression(monkeypatch, live):
-    monkeypatch.setitem(api.BACKENDS, "mosaic_gpu",
-                        functools.partial(ops.mosaic_gpu_forward, config=SMALL,
-                                          interpret=INTERPRET))
+def test_gradients_match_plain_expression(monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "mosaic_gpu",
+                        functools.partial(ops.forward, config=SMALL, interpret=INTERPRET))
     x, w1, b1 = inputs(32, 16, 100, jnp.float32)
-    assert_grads_match_plain_expression("mosaic_gpu", x, w1, b1, seq_len=8, live=live, tol=1e-3)
+    assert_grads_match_plain_expression("mosaic_gpu", x, w1, b1, seq_len=8, tol=1e-3)
 
 
 def lower_for_cuda(fn, *shapes):
@@ -158,12 +133,11 @@ def lower_for_cuda(fn, *shapes):
 def test_lowers_for_cuda_at_bench_shapes(shape):
     T, D, F = shape
     bf16 = jnp.bfloat16
-    assert tuned_entry("mosaic_gpu", "NVIDIA H200", T, D, F, "bfloat16") is not None
-    config = ops.tile_config("NVIDIA H200", T, D, F, "bfloat16")
+    assert tuned_entry("mosaic_gpu", "NVIDIA H200", (T, D, F), "bfloat16") is not None
+    config = ops.tile_config("NVIDIA H200", (T, D, F), "bfloat16")
     for with_stats, with_token_mask in ((False, False), (True, False), (True, True)):
-        fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None,
-                               with_stats=with_stats, with_token_mask=with_token_mask,
-                               config=config, interpret=False)
+        fn = functools.partial(ops.forward, seq_len=512, with_stats=with_stats,
+                               with_token_mask=with_token_mask, config=config, interpret=False)
         text = lower_for_cuda(fn, ((T, D), bf16), ((D, F), bf16), ((F,), bf16))
         assert "mosaic_gpu" in text
 
@@ -174,15 +148,14 @@ def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):
     for T, D, F, seq_len, dtype, config in ((600, 100, 1000, 24, jnp.float32, SMALL),
                                             (640, 64, 330, 80, jnp.bfloat16, SMALL_N),
                                             (640, 64, 330, 80, jnp.bfloat16, SMALL_PP)):
-        fn = functools.partial(ops.mosaic_gpu_forward, seq_len=seq_len, live=None,
-                               with_stats=True, with_token_mask=True, config=config,
-                               interpret=False)
+        fn = functools.partial(ops.forward, seq_len=seq_len, with_stats=True,
+                               with_token_mask=True, config=config, interpret=False)
         assert "mosaic_gpu" in lower_for_cuda(fn, ((T, D), dtype), ((D, F), dtype), ((F,), dtype))
-    monkeypatch.setitem(api.BACKENDS, "mosaic_gpu",
-                        functools.partial(ops.mosaic_gpu_forward, interpret=False))
+    monkeypatch.setitem(backends.BACKENDS, "mosaic_gpu",
+                        functools.partial(ops.forward, interpret=False))
 
     def loss(x, w1, b1):
-        h, stats = api._fused(x, w1, b1, 512, None, True, False, "mosaic_gpu")
+        h, stats = api._fused(x, w1, b1, 512, True, False, "mosaic_gpu")
         return jnp.sum(h.astype(jnp.float32)) + 0 * stats.token_count.sum()
 
     bf16 = jnp.bfloat16
@@ -200,7 +173,7 @@ def test_h_store_options_lower_for_cuda(config):
     # bench/RESULTS.md, 2026-11-29 fourth session).
     T, D, F = BENCH_SHAPES[0]
     assert kernel.smem_bytes(config, 2, 2) <= kernel.SMEM_LIMIT_BYTES
-    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None, with_stats=True,
+    fn = functools.partial(ops.forward, seq_len=512, with_stats=True,
                            with_token_mask=True, config=config, interpret=False)
     bf16 = jnp.bfloat16
     assert "mosaic_gpu" in lower_for_cuda(fn, ((T, D), bf16), ((D, F), bf16), ((F,), bf16))
@@ -210,7 +183,7 @@ def test_oversized_config_is_rejected():
     too_big = kernel.TileConfig(tile_m=128, tile_n=128, tile_k=128, stages=4, wg_dim="n")
     x, w1, b1 = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1024, 512), (512, 1024),
                                                                   (1024,)))
-    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=512, live=None, with_stats=True,
+    fn = functools.partial(ops.forward, seq_len=512, with_stats=True,
                            with_token_mask=True, config=too_big, interpret=False)
     with pytest.raises(ValueError, match="shared memory"):
         jax.jit(fn).trace(x, w1, b1).lower(lowering_platforms=("cuda",))
@@ -235,7 +208,7 @@ def test_oversized_config_is_rejected():
 @pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_committed_configs_fit_estimate(shape):
     T, D, F = shape
-    config = ops.tile_config("NVIDIA H200", T, D, F, "bfloat16")
+    config = ops.tile_config("NVIDIA H200", (T, D, F), "bfloat16")
     assert kernel.smem_bytes(config, 2, 2) <= kernel.SMEM_LIMIT_BYTES
     plan = kernel.make_plan(T, D, F, 512, config)
     assert plan.aligned and plan.Tp == T and plan.Fp == F and plan.n_seg == 1
@@ -276,12 +249,12 @@ def test_interpreter_finds_no_races(config):
     # Two compute warpgroups, segments straddling tiles, the token mask: the SMEM ring, the
     # h staging slots, checked by the race detector.
     x, w1, b1 = inputs(160, 64, 200, jnp.bfloat16)
-    h, stats = ops.mosaic_gpu_forward(x, w1, b1, seq_len=80, live=None, with_stats=True,
+    h, stats = ops.forward(x, w1, b1, seq_len=80, with_stats=True,
                                       with_token_mask=True, config=config,
                                       interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready((h, stats))
     assert not gpu_callbacks.get_races().races_found
-    own = stats_from_h(h, seq_len=80, num_units=200, live=None, with_token_mask=True)
+    own = stats_from_h(h, seq_len=80, with_token_mask=True)
     np.testing.assert_array_equal(np.asarray(stats.token_mask), np.asarray(own.token_mask))
 
 
@@ -296,7 +269,7 @@ def test_f32_without_a_config_fits_shared_memory():
     kernel.check_smem(fitted, jnp.bfloat16, jnp.float32)
     with pytest.raises(ValueError, match="shared memory"):
         kernel.check_smem(bf16_sized, jnp.bfloat16, jnp.float32)
-    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=256, live=None, with_stats=True,
+    fn = functools.partial(ops.forward, seq_len=256, with_stats=True,
                            with_token_mask=True, interpret=False)
     f32 = jnp.float32
     assert "mosaic_gpu" in lower_for_cuda(fn, ((1024, 256), f32), ((256, 2048), f32),
@@ -369,7 +342,7 @@ def test_long_sequences_are_counted_in_parts(monkeypatch):
         kernel.build_call(plan, jnp.bfloat16, jnp.bfloat16, with_stats=True,
                           with_token_mask=False, num_sms=132)
     assert ops.counting_seq_len(T // 2) == 2 ** 15
-    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=T // 2, live=None, with_stats=True,
+    fn = functools.partial(ops.forward, seq_len=T // 2, with_stats=True,
                            with_token_mask=False, config=SMALL_PP, interpret=False)
     assert "mosaic_gpu" in lower_for_cuda(fn, ((T, 64), jnp.bfloat16), ((64, 256), jnp.bfloat16),
                                           ((256,), jnp.bfloat16))

@@ -1,19 +1,20 @@
 """The mosaic_gpu backend compiled on a real Hopper GPU (marked `gpu`; run on the device): both
 schedules (the CTA tile split between the compute warpgroups, and ping-pong, with and without
-ordered mainloops) against the reference on ragged shapes with the own-h exactness rule, live
-columns, non-finite h, and gradients."""
+ordered mainloops) against the reference on ragged shapes with the own-h exactness rule,
+non-finite h, and gradients. The model's live units on this backend: tests/test_model.py."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from backend_checks import (
+from relu_sparsity.kernels.mosaic_gpu import kernel, ops
+from relu_sparsity.kernels.reference import stats_from_h
+from relu_sparsity.kernels.testing import (
     assert_grads_match_plain_expression,
     assert_matches_reference,
     random_inputs,
+    tolerance,
 )
-from relu_sparsity.kernels.mosaic_gpu import kernel, ops
-from relu_sparsity.kernels.reference import stats_from_h
 
 pytestmark = pytest.mark.gpu
 
@@ -28,9 +29,9 @@ CONFIGS = {
 SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024, 4096)]
 
 
-def compiled(config, *, seq_len, live=None, with_token_mask=True):
-    return jax.jit(lambda x, w1, b1: ops.mosaic_gpu_forward(
-        x, w1, b1, seq_len=seq_len, live=live, with_stats=True,
+def compiled(config, *, seq_len, with_token_mask=True):
+    return jax.jit(lambda x, w1, b1: ops.forward(
+        x, w1, b1, seq_len=seq_len, with_stats=True,
         with_token_mask=with_token_mask, config=config, interpret=False))
 
 
@@ -43,25 +44,13 @@ def test_compiled_kernel_matches_reference(config, shape, dtype):
     # f32 writes an f32 h: fewer stages where the doubled epilogue buffers need the room.
     config = kernel.fit_stages(config, jnp.bfloat16, dtype)
     h, stats = compiled(config, seq_len=seq_len)(x, w1, b1)
-    tol = 1e-4 if dtype == jnp.float32 else 2e-2
-    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=None,
-                             with_token_mask=True, tol=tol)
+    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, with_token_mask=True,
+                             tol=tolerance(dtype))
 
 
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_compiled_live_columns(config):
-    x, w1, b1 = random_inputs(1024, 128, 700, jnp.bfloat16, seed=5)
-    live = tuple(range(3, 700, 4))
-    h, stats = compiled(config, seq_len=256, live=live, with_token_mask=False)(x, w1, b1)
-    assert_matches_reference(h, stats, x, w1, b1, seq_len=256, live=live,
-                             with_token_mask=False, tol=2e-2)
-
-
-@pytest.mark.parametrize("live", [None, (1, 2, 40, 99, 500)])
-def test_compiled_gradients_match_plain_expression(live):
+def test_compiled_gradients_match_plain_expression():
     x, w1, b1 = random_inputs(1024, 256, 1000, jnp.float32, seed=3)
-    assert_grads_match_plain_expression("mosaic_gpu", x, w1, b1, seq_len=256, live=live,
-                                        tol=2e-3)
+    assert_grads_match_plain_expression("mosaic_gpu", x, w1, b1, seq_len=256, tol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -77,6 +66,6 @@ def test_compiled_nonfinite_h_follows_the_exactness_rule(dtype):
     assert bool(jnp.any(jnp.isnan(hf)))
     if dtype == jnp.bfloat16:  # (f32 inputs are split into bf16 pieces: inf - inf makes NaN)
         assert bool(jnp.any(jnp.isposinf(hf)))
-    own = stats_from_h(h, seq_len=seq_len, num_units=f, live=None, with_token_mask=True)
+    own = stats_from_h(h, seq_len=seq_len, with_token_mask=True)
     for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
         assert bool(jnp.array_equal(getattr(stats, name), getattr(own, name))), name

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from backend_checks import (
+from relu_sparsity.kernels import backends
+from relu_sparsity.kernels.pallas_tpu import kernel, ops
+from relu_sparsity.kernels.reference import reference_forward, stats_from_h
+from relu_sparsity.kernels.testing import (
+    BENCH_SHAPES,
     assert_grads_match_plain_expression,
     assert_matches_reference,
     random_inputs,
+    tolerance,
 )
-from relu_sparsity.kernels import api
-from relu_sparsity.kernels.pallas_tpu import kernel, ops
-from relu_sparsity.kernels.reference import reference_forward, stats_from_h
 
-BENCH_SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
 # The smallest default scoped-VMEM limit of current TPUs: 16 MiB on v5e (v6e / v7x: 32 MiB);
 # physical VMEM per core is 128 MiB on v5e / v6e and 64 MiB on v5p / v7x
 # (jax/_src/tpu_info.py, TpuInfo.vmem_capacity_bytes). Export does not check VMEM.
@@ -33,13 +34,11 @@ INTERPRET = pltpu.InterpretParams()
 inputs = random_inputs
 
 
-def check_against_reference(x, w1, b1, *, seq_len, config, live=None, with_token_mask=True):
-    h, stats = ops.pallas_tpu_forward(x, w1, b1, seq_len=seq_len, live=live, with_stats=True,
-                                      with_token_mask=with_token_mask, config=config,
-                                      interpret=INTERPRET)
-    tol = 1e-5 if x.dtype == jnp.float32 else 2e-2
-    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=live,
-                             with_token_mask=with_token_mask, tol=tol)
+def check_against_reference(x, w1, b1, *, seq_len, config, with_token_mask=True):
+    h, stats = ops.forward(x, w1, b1, seq_len=seq_len, with_stats=True,
+                           with_token_mask=with_token_mask, config=config, interpret=INTERPRET)
+    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len,
+                             with_token_mask=with_token_mask, tol=tolerance(x.dtype))
     return h, stats
 
 
@@ -75,21 +74,10 @@ def test_stats_agree_with_reference_on_exact_inputs():
     b1 = jnp.asarray(rng.integers(-2, 3, (150,)), jnp.float32)
     h, stats = check_against_reference(x, w1, b1, seq_len=12,
                                        config=kernel.TileConfig(16, 128, 128))
-    _, ref = reference_forward(x, w1, b1, seq_len=12, live=None, with_stats=True,
+    _, ref = reference_forward(x, w1, b1, seq_len=12, with_stats=True,
                                with_token_mask=True)
     for got, want in zip(stats, ref):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def test_live_units_keep_caller_ids():
-    T, D, F = 48, 40, 200
-    x, w1, b1 = inputs(T, D, F, jnp.float32)
-    live = (0, 3, 5, 31, 32, 64, 100, 150, 199)
-    _, stats = check_against_reference(x, w1, b1, seq_len=12, live=live,
-                                       config=kernel.TileConfig(16, 128, 128))
-    dead = np.setdiff1d(np.arange(F), live)
-    assert stats.seq_count.shape == (T // 12, F)
-    assert not np.asarray(stats.seq_count)[:, dead].any()
 
 
 def test_without_token_mask_and_without_stats():
@@ -97,7 +85,7 @@ def test_without_token_mask_and_without_stats():
     config = kernel.TileConfig(16, 128, 128)
     h_stats, _ = check_against_reference(x, w1, b1, seq_len=12, config=config,
                                          with_token_mask=False)
-    h, stats = ops.pallas_tpu_forward(x, w1, b1, seq_len=12, live=None, with_stats=False,
+    h, stats = ops.forward(x, w1, b1, seq_len=12, with_stats=False,
                                       with_token_mask=False, config=config, interpret=INTERPRET)
     assert stats is None
     np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_stats, np.float32))
@@ -109,13 +97,13 @@ def test_no_races_with_two_cores():
     # tps = 2 (an accumulating "arbitrary" row axis) and 2 column tiles split over 2 cores.
     x, w1, b1 = inputs(32, 40, 256, jnp.float32)
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    h, stats = ops.pallas_tpu_forward(x, w1, b1, seq_len=16, live=None, with_stats=True,
+    h, stats = ops.forward(x, w1, b1, seq_len=16, with_stats=True,
                                       with_token_mask=True, config=kernel.TileConfig(8, 128, 128),
                                       interpret=params)
     jax.block_until_ready((h, stats))
     assert tpu_interpret.races is not None  # the detector ran
     assert not tpu_interpret.races.races_found
-    own = stats_from_h(h, seq_len=16, num_units=256, live=None, with_token_mask=True)
+    own = stats_from_h(h, seq_len=16, with_token_mask=True)
     np.testing.assert_array_equal(np.asarray(stats.seq_mask), np.asarray(own.seq_mask))
 
 
@@ -137,19 +125,17 @@ def test_race_detector_sees_a_planted_race():
     assert tpu_interpret.races.races_found
 
 
-@pytest.mark.parametrize("live", [None, (1, 2, 40, 99)])
-def test_gradients_match_plain_expression(live):
+def test_gradients_match_plain_expression():
     x, w1, b1 = inputs(24, 16, 100, jnp.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # interpreting: expected here
-        assert_grads_match_plain_expression("pallas_tpu", x, w1, b1, seq_len=8, live=live,
-                                            tol=1e-4)
+        assert_grads_match_plain_expression("pallas_tpu", x, w1, b1, seq_len=8, tol=1e-4)
 
 
 def test_interpreting_warns():
     x, w1, b1 = inputs(16, 8, 8, jnp.float32)
     with pytest.warns(UserWarning, match="interpret"):
-        ops.pallas_tpu_forward(x, w1, b1, seq_len=8, live=None, with_stats=False,
+        ops.forward(x, w1, b1, seq_len=8, with_stats=False,
                                with_token_mask=False)
 
 
@@ -163,12 +149,11 @@ def export_for_tpu(fn, *shapes):
 def test_exports_for_tpu_at_bench_shapes(shape):
     T, D, F = shape
     bf16 = jnp.bfloat16
-    config = ops.tile_config(T, D, F, "bfloat16")
+    config = ops.tile_config("tpu", (T, D, F), "bfloat16")
     assert config != kernel.DEFAULT_CONFIG  # the committed tiles are the ones exported
     for with_stats, with_token_mask in ((False, False), (True, False), (True, True)):
-        fn = functools.partial(ops.pallas_tpu_forward, seq_len=512, live=None,
-                               with_stats=with_stats, with_token_mask=with_token_mask,
-                               interpret=False)
+        fn = functools.partial(ops.forward, seq_len=512, with_stats=with_stats,
+                               with_token_mask=with_token_mask, interpret=False)
         text = export_for_tpu(fn, ((T, D), bf16), ((D, F), bf16), ((F,), bf16))
         assert "tpu_custom_call" in text
 
@@ -177,8 +162,8 @@ def test_exports_accumulating_paths_for_tpu():
     # Several tiles per sequence (tps = 4), D tiled (nk = 2), f32, ragged F, padded seq_len.
     for T, D, F, seq_len, dtype in ((4096, 2048, 1000, 2048, jnp.float32),
                                     (1100, 256, 300, 11, jnp.bfloat16)):
-        fn = functools.partial(ops.pallas_tpu_forward, seq_len=seq_len, live=None,
-                               with_stats=True, with_token_mask=True, interpret=False)
+        fn = functools.partial(ops.forward, seq_len=seq_len, with_stats=True,
+                               with_token_mask=True, interpret=False)
         text = export_for_tpu(fn, ((T, D), dtype), ((D, F), dtype), ((F,), dtype))
         assert "tpu_custom_call" in text
     plan = kernel.make_plan(4096, 2048, 1000, 2048, kernel.DEFAULT_CONFIG)
@@ -205,7 +190,7 @@ def test_export_rejects_illegal_block():
 @pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_committed_tiles_fit_vmem(shape):
     T, D, F = shape
-    plan = kernel.make_plan(T, D, F, 512, ops.tile_config(T, D, F, "bfloat16"))
+    plan = kernel.make_plan(T, D, F, 512, ops.tile_config("tpu", (T, D, F), "bfloat16"))
     footprint = kernel.vmem_footprint_bytes(plan, 2, with_stats=True, with_token_mask=True)
     assert footprint <= SMALLEST_SCOPED_VMEM, footprint / 2**20
     assert kernel.VMEM_LIMIT_BYTES <= SMALLEST_PHYSICAL_VMEM
@@ -235,10 +220,10 @@ def test_row_plan_is_legal(block_m):
 
 
 def test_registered_interpretable_but_not_benchmarked_off_tpu(monkeypatch):
-    monkeypatch.setattr(api, "BACKENDS", dict(api.BACKENDS))  # loading triton stays local
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))  # loading stays local
     # fused_mlp_up(backend="pallas_tpu") runs anywhere (interpreted); auto picks it on TPUs only,
     # and the benchmarks measure only kernels compiled for the platform.
-    assert api.load_backend("pallas_tpu", platform="cpu") is ops.pallas_tpu_forward
-    assert api.preferred_backends("tpu", "TPU v5 lite") == ("pallas_tpu",)
-    assert "pallas_tpu" not in api.compiled_backends("cpu")
-    assert "pallas_tpu" not in api.compiled_backends("gpu")
+    assert backends.load_backend("pallas_tpu", platform="cpu") is ops.forward
+    assert backends.preferred_backends("tpu", "TPU v5 lite") == ("pallas_tpu",)
+    assert "pallas_tpu" not in backends.compiled_backends("cpu")
+    assert "pallas_tpu" not in backends.compiled_backends("gpu")

@@ -1,14 +1,8 @@
-"""bench/profile_mosaic.py's trace summary on a synthetic Mosaic GPU profiler trace."""
-
-import importlib.util
-from pathlib import Path
+"""relu_sparsity.bench.profile_mosaic's trace summary on a synthetic Mosaic GPU profiler trace."""
 
 import pytest
 
-spec = importlib.util.spec_from_file_location(
-    "profile_mosaic", Path(__file__).parents[1] / "bench" / "profile_mosaic.py")
-profile_mosaic = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(profile_mosaic)
+from relu_sparsity.bench import profile_mosaic
 
 
 def _events(tid, ranges):

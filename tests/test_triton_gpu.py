@@ -1,14 +1,14 @@
 """The Triton backend on a real GPU (marked `gpu`; run on the device): against the reference on
-ragged shapes with the own-h exactness rule, gradients, and a training step."""
+ragged shapes with the own-h exactness rule, gradients, and a training step. The model's live
+units on this backend: tests/test_model.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backend_checks import assert_matches_reference
 from relu_sparsity.kernels import fused_mlp_up
-from relu_sparsity.kernels.reference import stats_from_h
+from relu_sparsity.kernels.testing import assert_matches_reference, random_inputs, tolerance
 
 pytestmark = pytest.mark.gpu
 
@@ -18,11 +18,7 @@ SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024,
 
 
 def inputs(seed, t, d, f, dtype):
-    kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (t, d), jnp.float32).astype(dtype)
-    w1 = (jax.random.normal(kw, (d, f), jnp.float32) / np.sqrt(d)).astype(dtype)
-    b1 = (0.2 * jax.random.normal(kb, (f,), jnp.float32)).astype(dtype)
-    return x, w1, b1
+    return random_inputs(t, d, f, dtype, seed=seed)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -31,15 +27,8 @@ def test_triton_matches_reference(shape, dtype):
     n_seq, seq_len, d, f = shape
     x, w1, b1 = inputs(sum(shape), n_seq * seq_len, d, f, dtype)
     h, stats = fused_mlp_up(x, w1, b1, seq_len=seq_len, with_token_mask=True, backend="triton")
-    h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=seq_len, backend="reference")
-    tol = 1e-4 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_ref, np.float32),
-                               atol=tol, rtol=tol)
-    own = stats_from_h(h, seq_len=seq_len, num_units=f, live=None, with_token_mask=True)
-    for name in ("token_count", "seq_count", "seq_mask", "token_mask"):
-        got, want = getattr(stats, name), getattr(own, name)
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, with_token_mask=True,
+                             tol=tolerance(dtype))
     h2, none = fused_mlp_up(x, w1, b1, seq_len=seq_len, with_stats=False, backend="triton")
     assert none is None
     np.testing.assert_array_equal(np.asarray(h2, np.float32), np.asarray(h, np.float32))
@@ -58,25 +47,11 @@ def test_triton_seq_programs_match_own_h(shape):
                    kernel.TileConfig(128, 128, 64, 8, 8, 3, seq_programs=True)):
         plan = kernel.launch_plan(n_seq * seq_len, d, f, seq_len, config, True, True)
         assert plan.constexprs["SEQ_PROGRAMS"]
-        h, stats = jax.jit(lambda x, w, b, c=config: ops.triton_dense_forward(
-            x, w, b, seq_len=seq_len, live=None, with_stats=True, with_token_mask=True,
+        h, stats = jax.jit(lambda x, w, b, c=config: ops.forward(
+            x, w, b, seq_len=seq_len, with_stats=True, with_token_mask=True,
             config=c))(x, w1, b1)
-        assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, live=None,
-                                 with_token_mask=True, tol=2e-2)
-
-
-def test_triton_live_columns():
-    x, w1, b1 = inputs(5, 1024, 128, 700, jnp.bfloat16)
-    live = np.arange(3, 700, 4)
-    h, stats = fused_mlp_up(x, w1, b1, seq_len=256, live=live, backend="triton")
-    h_ref, _ = fused_mlp_up(x, w1, b1, seq_len=256, live=live, backend="reference")
-    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_ref, np.float32),
-                               atol=2e-2, rtol=2e-2)
-    own = stats_from_h(h, seq_len=256, num_units=700, live=tuple(live.tolist()),
-                       with_token_mask=False)
-    for name in ("token_count", "seq_count", "seq_mask"):
-        np.testing.assert_array_equal(np.asarray(getattr(stats, name)),
-                                      np.asarray(getattr(own, name)), err_msg=name)
+        assert_matches_reference(h, stats, x, w1, b1, seq_len=seq_len, with_token_mask=True,
+                                 tol=2e-2)
 
 
 def test_triton_gradients_match_reference():

@@ -6,40 +6,18 @@ random (never zero) inputs; ratios are against XLA dot+bias+ReLU measured in the
 
 import json
 import logging
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 
 from relu_sparsity.kernels import fused_mlp_up
-from relu_sparsity.kernels.api import compiled_backends
+from relu_sparsity.kernels.backends import compiled_backends
+from relu_sparsity.kernels.testing import BENCH_SHAPES, parse_shape, random_inputs, time_fn
 
 log = logging.getLogger(__name__)
 
-PAPER_SHAPES = ("8192x1024x32768", "8192x2048x16384", "8192x512x8192")
+PAPER_SHAPES = tuple("x".join(map(str, shape)) for shape in BENCH_SHAPES)
 CPU_SHAPES = ("1024x256x1024", "2048x256x2048")
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        t, d, f = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape must be TxDxF, e.g. 8192x1024x32768, got {text!r}") from None
-    return t, d, f
-
-
-def time_fn(fn: Callable, args, *, repeats: int, launches: int) -> float:
-    """Median milliseconds per call."""
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(launches):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / launches * 1e3)
-    return statistics.median(times)
 
 
 def variants(seq_len: int) -> dict[str, Callable]:
@@ -66,10 +44,7 @@ def run(shapes, *, seq_len: int, dtype: str, repeats: int) -> list[dict]:
         t, d, f = parse_shape(shape)
         if t % seq_len:
             raise ValueError(f"seq_len {seq_len} must divide T = {t}")
-        kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(kx, (t, d), dtype)
-        w1 = (jax.random.normal(kw, (d, f), dtype) / d ** 0.5).astype(dtype)
-        b1 = (0.1 * jax.random.normal(kb, (f,), dtype)).astype(dtype)
+        x, w1, b1 = random_inputs(t, d, f, dtype)
         flops = 2.0 * t * d * f
         # 50 back-to-back launches a round on accelerators (GPU.md's method); fewer on a CPU.
         launches = 50 if jax.default_backend() != "cpu" else max(1, min(20, int(2e10 / flops)))

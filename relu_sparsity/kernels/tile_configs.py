@@ -14,7 +14,8 @@ def tuned_configs(backend: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def tuned_entry(backend: str, device_kind: str, T: int, D: int, F: int, dtype: str
+def tuned_entry(backend: str, device_kind: str, shape: tuple[int, int, int], dtype: str
                 ) -> dict | None:
-    """The committed configuration of `backend` for this device and shape, or None."""
+    """The committed configuration of `backend` for this device and shape (T, D, F), or None."""
+    T, D, F = shape
     return tuned_configs(backend).get(device_kind, {}).get(f"{T}x{D}x{F}:{dtype}")

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from relu_sparsity.kernels import SparsityStats, fused_mlp_up, resolve_fused_backend
-from relu_sparsity.kernels.bits import num_words
-from relu_sparsity.kernels.live import expand_live_stats, padded_width
+from relu_sparsity.model.live import check_live, live_weights, padded_width, stats_in_unit_ids
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
 
@@ -24,10 +23,10 @@ class ReluMLP(nn.Module):
     Attributes:
       d_ff: hidden width F.
       instrument: "off" (no statistics: XLA's plain expression), "xla" (the reference backend
-        computes them), "fused"
-        (a fused kernel backend computes them in the GEMM epilogue).
+        computes them), "fused" (a fused kernel backend computes them in the GEMM epilogue).
       backend: kernel backend for "fused" ("auto" or a name); "off"/"xla" use the reference.
-      live: optional sorted tuple of hidden-unit ids to compute; the others are dead (zero).
+      live: optional sorted tuple of hidden-unit ids to compute; the others are dead (zero),
+        and the statistics keep the layer's unit ids (model/live.py).
       live_multiple: the live units are computed at a width padded up to this multiple.
       dtype: compute dtype; parameters stay in `param_dtype`.
     """
@@ -53,15 +52,9 @@ class ReluMLP(nn.Module):
 
         tokens = x.reshape(batch * seq_len, d_model).astype(self.dtype)
         if self.live is not None:
-            # Only the live units, gathered and zero-padded to a multiple of `live_multiple`:
-            # GEMMs at a ragged width (rows not 16-byte aligned) run far below peak on GPUs. A
-            # zero padding unit has h = 0, so it passes no gradient and counts nowhere.
-            idx = jnp.asarray(self.live)
-            n = len(self.live)
-            pad = padded_width(n, self.live_multiple, self.d_ff) - n
-            wi = jnp.pad(wi[:, idx], ((0, 0), (0, pad)))
-            bi = jnp.pad(bi[idx], (0, pad))
-            wo = jnp.pad(wo[idx], ((0, pad), (0, 0)))
+            live = check_live(self.live, self.d_ff)
+            width = padded_width(len(live), self.live_multiple, self.d_ff)
+            wi, bi, wo = live_weights(wi, bi, wo, live, width)
         if self.instrument == "off":
             # The plain model, the baseline the instrumented modes are measured against: XLA's
             # own expression, which folds bias and ReLU into the GEMM's epilogue.
@@ -71,9 +64,8 @@ class ReluMLP(nn.Module):
                 else "reference"
             h, stats = self._hidden(tokens, wi.astype(self.dtype), bi.astype(self.dtype),
                                     seq_len=seq_len, backend=backend)
-            if self.live is not None:  # back to the layer's unit ids, dead units zero
-                stats = expand_live_stats(first_units(stats, len(self.live)), self.live,
-                                          self.d_ff)
+            if self.live is not None:
+                stats = stats_in_unit_ids(stats, live, self.d_ff)
             self.sow("intermediates", "stats", stats)
         y = jnp.dot(h, wo.astype(self.dtype), preferred_element_type=jnp.float32)
         y = y.astype(self.dtype) + bo.astype(self.dtype)
@@ -92,10 +84,3 @@ class ReluMLP(nn.Module):
         return jax.shard_map(call, mesh=mesh, in_specs=(data, replicated, replicated),
                              out_specs=(data, stats_spec), check_vma=False)(tokens, wi, bi)
 
-
-def first_units(stats: SparsityStats, n: int) -> SparsityStats:
-    """The statistics of units 0..n-1 only (drops zero padding units at the end)."""
-    words = num_words(n)
-    seq_count = stats.seq_count[:, :n]
-    token_mask = None if stats.token_mask is None else stats.token_mask[:, :words]
-    return SparsityStats(stats.token_count, seq_count, stats.seq_mask[:, :words], token_mask)

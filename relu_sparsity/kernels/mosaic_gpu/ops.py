@@ -1,13 +1,13 @@
-"""The `mosaic_gpu` backend: `kernel.build_call` with padding, dtype policy, the small reductions
-of the kernel's per-tile partial statistics, and `live`.
+"""The `mosaic_gpu` backend: `kernel.build_call` with padding, the dtype policy and the small
+JAX steps after the kernel.
 
 On a GPU the kernel is compiled by Mosaic GPU (Hopper: TMA, wgmma, warp specialization);
 anywhere else it runs in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), with a warning,
-so that CPUs can check it. `interpret=False` compiles regardless of the platform (to lower for
-CUDA from a CPU). Tile configurations are data (`kernels/configs/mosaic_gpu.json`, per device
-kind and shape); shapes not listed there use `kernel.DEFAULT_CONFIG`. Either gives up pipeline
-stages where an f32 h's doubled epilogue buffers need the shared memory (`kernel.fit_stages`,
-logged); a configuration passed explicitly is used as it is, or rejected if it does not fit.
+so that CPUs can check it (`interpret`: see kernels/backends.py). Tile configurations are data
+(`kernels/configs/mosaic_gpu.json`, per device kind and shape); shapes not listed there use
+`kernel.DEFAULT_CONFIG`. Either gives up pipeline stages where an f32 h's doubled epilogue
+buffers need the shared memory (`kernel.fit_stages`, logged); a configuration passed explicitly
+is used as it is, or rejected if it does not fit.
 
 Dtypes. bf16 inputs go to wgmma as they are (f32 accumulation), h is written in bf16.
 f32 inputs: wgmma would round f32 operands to TF32 (10-bit mantissa), far from the reference's
@@ -26,49 +26,32 @@ the mask words (`finish_statistics`). The kernel's sequence counts are 16-bit: a
 than 65535 tokens is counted in parts that JAX adds (`counting_seq_len`).
 """
 
-import functools
 import logging
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from relu_sparsity.kernels.backends import device_kind, resolve_interpret
 from relu_sparsity.kernels.bits import num_words, pack_bits
-from relu_sparsity.kernels.live import with_live_columns
+from relu_sparsity.kernels.contract import SparsityStats
 from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
-from relu_sparsity.kernels.reference import SparsityStats
 from relu_sparsity.kernels.tile_configs import tuned_entry
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEVICE_KIND = "NVIDIA H200"  # the config key used when lowering on a machine without one
 H200_NUM_SMS = 132
 # Parts shorter than this would give row tiles many sequence segments, each unrolled in the kernel.
 MIN_COUNT_PART = 64
 INTERPRET_NUM_SMS = 2  # CTAs the interpreter simulates (each runs three warpgroup threads)
 
 
-def tile_config(device_kind: str, T: int, D: int, F: int, dtype: str) -> mgpu_kernel.TileConfig:
-    """The committed configuration for this device and shape, else the default."""
-    entry = tuned_entry("mosaic_gpu", device_kind, T, D, F, dtype)
+def tile_config(device_kind: str, shape: tuple[int, int, int], dtype: str
+                ) -> mgpu_kernel.TileConfig:
+    """The committed configuration for this device and shape (T, D, F), else the default."""
+    entry = tuned_entry("mosaic_gpu", device_kind, shape, dtype)
     return mgpu_kernel.TileConfig(**entry) if entry else mgpu_kernel.DEFAULT_CONFIG
-
-
-def _gpu_device():
-    device = jax.devices()[0]
-    return device if device.platform == "gpu" else None
-
-
-def default_interpret():
-    """None (compile) on a GPU; elsewhere the interpreter's parameters, with a warning."""
-    if _gpu_device() is not None:
-        return None
-    warnings.warn("mosaic_gpu: no GPU here; interpreting the Mosaic GPU kernel on the "
-                  f"{jax.default_backend()} (plgpu.InterpretGPUParams), which is slow",
-                  stacklevel=3)
-    return plgpu.InterpretGPUParams()
 
 
 def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,37 +70,35 @@ def _pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
     return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
 
 
-def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_token_mask,
-                             config: mgpu_kernel.TileConfig | None = None, interpret=None,
-                             num_sms: int | None = None):
-    """Every column of w1 (`live` is handled by `mosaic_gpu_forward`).
+def fitted_tile_config(shape: tuple[int, int, int], out_dtype) -> mgpu_kernel.TileConfig:
+    """The committed configuration for this machine's GPU (or the H200 when lowering from a
+    CPU), with fewer pipeline stages where an f32 epilogue needs the shared memory."""
+    tuned = tile_config(device_kind("gpu"), shape, jnp.dtype(out_dtype).name)
+    config = mgpu_kernel.fit_stages(tuned, jnp.bfloat16, out_dtype)
+    if config != tuned:
+        log.info("mosaic_gpu: %d pipeline stages instead of %d so that the %s epilogue "
+                 "fits in shared memory", config.stages, tuned.stages, jnp.dtype(out_dtype).name)
+    return config
 
-    interpret: None picks by platform (compile on a GPU, interpret elsewhere); False compiles
-    (also to lower for CUDA from a CPU); an InterpretGPUParams interprets."""
-    assert live is None
+
+def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
+            config: mgpu_kernel.TileConfig | None = None, interpret=None,
+            num_sms: int | None = None):
+    """The backend forward (kernels/backends.py). num_sms: the CTAs of the persistent grid
+    (default: this GPU's SMs, an H200's when lowering from a CPU)."""
     T, D = x.shape
     F = w1.shape[1]
     out_dtype = jnp.dtype(x.dtype)
-    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        raise ValueError(f"mosaic_gpu: x must be bfloat16 or float32, got {x.dtype}")
     with_token_mask = with_stats and with_token_mask
-    device = _gpu_device()
     if config is None:
-        kind = device.device_kind if device is not None else DEFAULT_DEVICE_KIND
-        tuned = tile_config(kind, T, D, F, out_dtype.name)
-        config = mgpu_kernel.fit_stages(tuned, jnp.bfloat16, out_dtype)
-        if config != tuned:
-            log.info("mosaic_gpu: %d pipeline stages instead of %d so that the %s epilogue "
-                     "fits in shared memory", config.stages, tuned.stages, out_dtype.name)
-    if interpret is None:
-        interpret = default_interpret()
-    elif interpret is False:
-        interpret = None
+        config = fitted_tile_config((T, D, F), out_dtype)
+    interpret = resolve_interpret(interpret, backend="mosaic_gpu", platform="gpu",
+                                  make_params=plgpu.InterpretGPUParams)
     if num_sms is None:
-        if interpret is not None:
-            num_sms = INTERPRET_NUM_SMS
-        else:
-            num_sms = getattr(device, "core_count", None) or H200_NUM_SMS
+        device = jax.devices()[0]
+        on_gpu = device.platform == "gpu"
+        num_sms = INTERPRET_NUM_SMS if interpret is not None else (
+            device.core_count if on_gpu else H200_NUM_SMS)
 
     if out_dtype == jnp.float32:
         x_hi, x_lo = split_bf16(x)
@@ -126,8 +107,6 @@ def mosaic_gpu_dense_forward(x, w1, b1, *, seq_len, live=None, with_stats, with_
         wk = jnp.concatenate([w_hi, w_hi, w_lo], axis=0)
     else:
         xk, wk = x, w1
-    if T % seq_len:
-        raise ValueError(f"seq_len={seq_len} must divide T={T}")
     count_len = counting_seq_len(seq_len) if with_stats else seq_len
     plan = mgpu_kernel.make_plan(T, xk.shape[1], F, count_len, config)
     xp = _pad2(xk, plan.Tp, plan.Dp)
@@ -186,14 +165,3 @@ def finish_statistics(parts, plan: mgpu_kernel.Plan, T: int, F: int,
             words = words[:T, :W]
         token_mask = jax.lax.bitcast_convert_type(words, jnp.uint32)
     return SparsityStats(token_count, seq_count, seq_mask, token_mask)
-
-
-# The backend forward of the kernel contract (see api.fused_mlp_up): with `live`, the live columns
-# are gathered and the kernel runs at their width (live.with_live_columns).
-def mosaic_gpu_forward(x, w1, b1, *, seq_len, live, with_stats, with_token_mask,
-                       config: mgpu_kernel.TileConfig | None = None, interpret=None,
-                       num_sms: int | None = None):
-    dense = functools.partial(mosaic_gpu_dense_forward, config=config, interpret=interpret,
-                              num_sms=num_sms)
-    return with_live_columns(dense)(x, w1, b1, seq_len=seq_len, live=live,
-                                    with_stats=with_stats, with_token_mask=with_token_mask)

@@ -45,7 +45,7 @@ Tile configurations and why (committed in kernels/configs/pallas_tpu.json):
     8192x2048x16384: bm 512, bn  512: 410 flops/byte, 10.1 MiB (bn 1024 would need 15 MiB).
     8192x512x8192:   bm 512, bn 1024: 341 flops/byte, 6.1 MiB.
   bm = 512 = seq_len: one sequence per row tile, so i is parallel and no counts accumulate.
-  These are reasoned, not measured: no TPU was available when they were committed.
+  They are reasoned, not yet measured on a TPU.
 """
 
 import dataclasses
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-BITS_PER_WORD = 32
+from relu_sparsity.kernels.bits import BITS_PER_WORD
 LANES = 128
 VMEM_BUDGET_BYTES = 16 * 1024 * 1024  # smallest default scoped VMEM limit (v5e)
 VMEM_LIMIT_BYTES = 32 * 1024 * 1024  # passed to Mosaic; <= 64 MiB physical on v5p / v7x

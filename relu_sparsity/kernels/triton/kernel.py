@@ -11,7 +11,7 @@ and launch it with the arguments `launch_plan` lists. All arrays are row-major a
 x [T, D], w1 [D, F], b1 [F], h [T, F] (strides are D, F and F; no stride arguments). The sizes
 are constexprs, so every shape compiles its own kernel.
 
-Statistics (the kernel contract of DESIGN.md), all from `used = h > 0` on h as stored (x.dtype):
+Statistics (the kernel contract, docs/design.md §2), all from `used = h > 0` on h as stored (x.dtype):
   token_count [T] int32, seq_count [n_seq, F] int32, seq_mask [n_seq, W] uint32,
   token_mask [T, W] uint32, W = ceil(F / 32), unit j = bit j % 32 of word j // 32.
 
@@ -32,6 +32,8 @@ import dataclasses
 import triton
 import triton.language as tl
 
+# bits.BITS_PER_WORD, written again because this module imports only triton (see above);
+# tests/test_triton_lowering.py checks that the two agree.
 BITS_PER_WORD = 32
 
 
@@ -42,7 +44,7 @@ def fused_mlp_up_kernel(
     h_ptr, token_count_ptr, seq_count_ptr, seq_mask_ptr, token_mask_ptr,
     # sizes: constexprs, because jax-triton gives integer arguments no divisibility hints, and
     # without them Triton cannot prove 16-byte alignment and drops the cp.async pipeline
-    # (measured: 43 TF/s instead of ~600 on an H200)
+    # (bench/RESULTS.md has the measurement)
     T: tl.constexpr, D: tl.constexpr, F: tl.constexpr, seq_len: tl.constexpr,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -211,15 +213,9 @@ class TileConfig:
     seq_programs: bool = False
 
 
-# Measured on an H200 (bf16, T = 8192, seq_len 512; ms per launch with statistics, zeroing
-# included; bench/device_triton.py, bench/RESULTS.md):
-#   T x D x F            128x128 tiles   128x256 tiles   128x256 + seq_programs
-#   8192 x 1024 x 32768      1.224           1.173           1.143
-#   8192 x 2048 x 16384      1.092           1.010           1.003
-#   8192 x 512 x 8192        0.207           0.212           0.197
-# 128x256 tiles (144 KiB of shared memory at 3 stages, one program per SM) run the GEMM faster,
-# and seq_programs saves the atomics and two of the three zeroing memsets; its integer outputs
-# were exact on the H200 at those three shapes (full size, the own-h rule).
+# 128x256 tiles (144 KiB of shared memory at 3 stages, one program per SM) and seq_programs
+# (no sequence-count atomics, two fewer zeroing memsets) were the fastest with statistics in the
+# device sweep (bench/device_triton.py; figures in bench/RESULTS.md).
 DEFAULT_CONFIG = TileConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8,
                             num_stages=3, seq_programs=True)
 
@@ -235,15 +231,13 @@ class OutputSpec:
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     grid: tuple[int, ...]
-    scalars: tuple[int, ...]  # none: the sizes are constexprs (see the kernel's signature)
-    outputs: tuple[OutputSpec, ...]  # kernel order: h, token_count, seq_count, seq_mask, token_mask
+    # Kernel order: h, token_count, seq_count, seq_mask, token_mask. Outputs not asked for (all
+    # statistics without with_stats, token_mask without with_token_mask) are 1-element dummies
+    # the kernel never touches; the caller drops them.
+    outputs: tuple[OutputSpec, ...]
     constexprs: dict  # keyword meta-parameters
     num_warps: int
     num_stages: int
-    # Post-processing the caller must do: none. token_count is complete (atomics), and outputs
-    # not asked for (all stats without with_stats, token_mask without with_token_mask) are
-    # 1-element dummies the kernel never touches: drop them.
-    post: str = "none; drop the dummy outputs (shape (1,)) that were not asked for"
 
     @property
     def zeroed_outputs(self) -> tuple[int, ...]:
@@ -253,12 +247,11 @@ class LaunchPlan:
 
 def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAULT_CONFIG,
                 with_stats: bool = True, with_token_mask: bool = False) -> LaunchPlan:
-    """Grid, arguments and outputs for one launch of `fused_mlp_up_kernel`."""
+    """Grid, arguments and outputs for one launch of `fused_mlp_up_kernel`. T must be a whole
+    number of sequences (the kernel contract's check, kernels/contract.py)."""
     for name, v in (("T", T), ("D", D), ("F", F), ("seq_len", seq_len)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if T % seq_len:
-        raise ValueError(f"T={T} is not a multiple of seq_len={seq_len}")
     c = config
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(c, name)
@@ -273,7 +266,7 @@ def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAU
     seq_programs = c.seq_programs and with_stats and seq_aligned and seq_len < 2 ** 16
 
     n_seq = T // seq_len
-    W = (F + BITS_PER_WORD - 1) // BITS_PER_WORD
+    W = triton.cdiv(F, BITS_PER_WORD)
     num_pid_n = triton.cdiv(F, c.block_n)
     num_pid_m = n_seq if seq_programs else triton.cdiv(T, c.block_m)
 
@@ -295,5 +288,5 @@ def launch_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig = DEFAU
         SEQ_ALIGNED=seq_aligned, SEQ_PROGRAMS=seq_programs, F32_DOT_PRECISION="ieee",
     )
     constexprs.update(T=T, D=D, F=F, seq_len=seq_len)
-    return LaunchPlan(grid=(num_pid_m * num_pid_n,), scalars=(), outputs=outputs,
+    return LaunchPlan(grid=(num_pid_m * num_pid_n,), outputs=outputs,
                       constexprs=constexprs, num_warps=c.num_warps, num_stages=c.num_stages)

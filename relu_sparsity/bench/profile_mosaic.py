@@ -1,14 +1,13 @@
 """Where the mosaic_gpu kernel's time goes: Mosaic GPU's on-device profiler on the H200.
 
-    OUT=/tmp/out PYTHONPATH=$PWD python3 bench/profile_mosaic.py
+    OUT=/tmp/out PYTHONPATH=$PWD python3 -m relu_sparsity.bench.profile_mosaic
 
 For each benchmark shape (bf16, seq_len 512, committed tiles) with and without statistics, one
 profiled call records, per compute warpgroup and output tile, the phases named in kernel.py:
 `mainloop` (waiting for and issuing the wgmmas of one tile), `epilogue_h` (bias, ReLU, h through
 SMEM to TMA), and, once per column piece of the statistics, `pack` (h > 0, four columns to an
 int32), `token_count`, `seq_count` (the per-warp column sums and their store) and `token_mask`.
-(Before 48bfbc5 the comparison was its own phase, `used`, four ranges per 128 x 128 tile.) Times
-are SM clock cycles (%clock). Printed per variant:
+Times are SM clock cycles (%clock). Printed per variant:
   * cycles per range of each phase (median over ranges and warpgroups: one range per tile for
     mainloop and epilogue_h, one per piece for the statistics' phases, a piece being a 128 x 128
     tile's [128, 32] columns of packed words) and its share of the warpgroup's span (all its
@@ -30,13 +29,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from relu_sparsity.kernels.mosaic_gpu import kernel as mk
 from relu_sparsity.kernels.mosaic_gpu import ops as mops
-
-SHAPES = [(8192, 1024, 32768), (8192, 2048, 16384), (8192, 512, 8192)]
-SEQ_LEN = 512
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
+from relu_sparsity.kernels.testing import BENCH_SHAPES, random_inputs
 WARPGROUPS_PER_CTA = 3  # two compute warpgroups, then the memory warpgroup
 
 
@@ -94,10 +91,7 @@ def profile_once(T, D, F, config, with_stats, trace_dir: Path) -> dict:
     call = mk.build_call(plan, jnp.bfloat16, jnp.bfloat16, with_stats=with_stats,
                          with_token_mask=False, num_sms=jax.devices()[0].core_count,
                          profile_dir=str(trace_dir))
-    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (T, D), jnp.float32).astype(jnp.bfloat16)
-    w1 = (jax.random.normal(kw, (D, F), jnp.float32) / np.sqrt(D)).astype(jnp.bfloat16)
-    b1 = 0.1 * jax.random.normal(kb, (F,), jnp.float32)
+    x, w1, b1 = random_inputs(T, D, F, jnp.bfloat16)
     jax.block_until_ready(jax.jit(call)(x, w1, b1))
     jax.effects_barrier()  # the trace is written by a host callback
     new = sorted(set(trace_dir.glob("*.json")) - before, key=lambda p: p.stat().st_mtime)
@@ -111,8 +105,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     kind = jax.devices()[0].device_kind
     results, lines = {}, []
-    for T, D, F in SHAPES:
-        committed = mops.tile_config(kind, T, D, F, "bfloat16")
+    for T, D, F in BENCH_SHAPES:
+        committed = mops.tile_config(kind, (T, D, F), "bfloat16")
         variants = {"nostats": (committed, False), "stats": (committed, True)}
         for label, (config, with_stats) in variants.items():
             key = f"{T}x{D}x{F} {label}"

@@ -2,8 +2,8 @@
 kernel.py that leaves every fingerprint unchanged emits the same Mosaic GPU kernels, so it needs
 no new device measurement.
 
-    JAX_PLATFORMS=cpu python3 bench/mosaic_fingerprint.py before.txt   # at the old commit
-    JAX_PLATFORMS=cpu python3 bench/mosaic_fingerprint.py after.txt    # after the change
+    JAX_PLATFORMS=cpu python3 -m relu_sparsity.bench.mosaic_fingerprint before.txt  # old commit
+    JAX_PLATFORMS=cpu python3 -m relu_sparsity.bench.mosaic_fingerprint after.txt   # the change
     diff before.txt after.txt
 
 Each line: a case (the three benchmark shapes with the committed tiles, with and without
@@ -24,16 +24,15 @@ from jax._src.lib import mosaic_gpu_dialect
 from jax._src.lib.mlir import ir
 
 from relu_sparsity.kernels.mosaic_gpu import ops
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from test_mosaic_gpu import BENCH_SHAPES, SMALL, SMALL_N, SMALL_PP, SMALL_PP3  # noqa: E402
+from relu_sparsity.kernels.mosaic_gpu.testing import SMALL, SMALL_N, SMALL_PP, SMALL_PP3
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES
 
 
 def cases():
     """(T, D, F, seq_len, dtype, config or None for the committed one, with_stats, token_mask)"""
     for T, D, F in BENCH_SHAPES:
         for with_stats, with_token_mask in ((False, False), (True, False), (True, True)):
-            yield T, D, F, 512, jnp.bfloat16, None, with_stats, with_token_mask
+            yield T, D, F, BENCH_SEQ_LEN, jnp.bfloat16, None, with_stats, with_token_mask
     for config in (SMALL, SMALL_N, SMALL_PP, SMALL_PP3):
         yield 600, 100, 1000, 24, jnp.bfloat16, config, True, True
         yield 640, 64, 330, 80, jnp.float32, config, True, True
@@ -58,9 +57,8 @@ def kernel_blobs(module) -> list[bytes]:
 
 
 def fingerprint(T, D, F, seq_len, dtype, config, with_stats, with_token_mask) -> str:
-    fn = functools.partial(ops.mosaic_gpu_forward, seq_len=seq_len, live=None,
-                           with_stats=with_stats, with_token_mask=with_token_mask, config=config,
-                           interpret=False)
+    fn = functools.partial(ops.forward, seq_len=seq_len, with_stats=with_stats,
+                           with_token_mask=with_token_mask, config=config, interpret=False)
     args = [jax.ShapeDtypeStruct(s, dtype) for s in ((T, D), (D, F), (F,))]
     module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
     texts = []

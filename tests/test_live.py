@@ -1,0 +1,81 @@
+"""model/live.py: the live units' weights, their statistics back in the layer's unit ids (against
+a numpy oracle on the dense statistics), and the checks on `live`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from relu_sparsity.kernels.bits import np_pack_bits
+from relu_sparsity.kernels.reference import reference_forward, stats_from_h
+from relu_sparsity.kernels.testing import random_inputs
+from relu_sparsity.model.live import (
+    check_live,
+    live_weights,
+    padded_width,
+    scatter_token_mask,
+    stats_in_unit_ids,
+)
+
+
+@pytest.mark.parametrize("width_extra", [0, 9])  # exact width, and zero padding units after
+def test_stats_in_unit_ids_equal_the_dense_statistics_with_dead_units_off(width_extra):
+    T, D, F, seq_len = 12, 8, 70, 4
+    x, w1, b1 = random_inputs(T, D, F, jnp.float32, seed=11)
+    wo = jnp.ones((F, 3))
+    live = (0, 5, 31, 32, 33, 40, 63, 64, 69)  # words 0, 1 and 2, with gaps
+    wi, bi, _ = live_weights(w1, b1, wo, live, len(live) + width_extra)
+    h, stats = reference_forward(x, wi, bi, seq_len=seq_len, with_stats=True,
+                                 with_token_mask=True)
+    got = stats_in_unit_ids(stats, live, F)
+
+    full, _ = reference_forward(x, w1, b1, seq_len=seq_len, with_stats=False,
+                                with_token_mask=False)
+    np.testing.assert_allclose(np.asarray(h)[:, :len(live)], np.asarray(full)[:, live],
+                               rtol=1e-6, atol=1e-6)
+    assert not np.asarray(h)[:, len(live):].any()  # padding units never fire
+    # The oracle: the computed h placed at the layer's unit ids, dead units zero.
+    dense = np.zeros((T, F), np.float32)
+    dense[:, live] = np.asarray(h)[:, :len(live)]
+    want = stats_from_h(jnp.asarray(dense), seq_len=seq_len, with_token_mask=True)
+    for name, a, b in zip(want._fields, got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_scatter_token_mask_puts_each_bit_at_its_unit():
+    rng = np.random.default_rng(0)
+    live = (1, 2, 33, 34, 64, 95, 96, 99)
+    used_live = rng.random((5, len(live))) < 0.5
+    used = np.zeros((5, 100), bool)
+    used[:, live] = used_live
+    got = scatter_token_mask(jnp.asarray(np_pack_bits(used_live)), live, 100)
+    np.testing.assert_array_equal(np.asarray(got), np_pack_bits(used))
+
+
+def test_live_weights_gather_and_pad():
+    wi, bi, wo = jnp.arange(12.0).reshape(2, 6), jnp.arange(6.0), jnp.arange(18.0).reshape(6, 3)
+    a, b, c = live_weights(wi, bi, wo, (1, 4), 3)
+    np.testing.assert_array_equal(a, [[1, 4, 0], [7, 10, 0]])
+    np.testing.assert_array_equal(b, [1, 4, 0])
+    np.testing.assert_array_equal(c, [[3, 4, 5], [12, 13, 14], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("num_live, multiple, limit, want", [
+    (5, 256, 1024, 256), (256, 256, 1024, 256), (1000, 256, 1000, 1000), (900, 256, 1000, 1000),
+    (7, 1, 100, 7)])
+def test_padded_width(num_live, multiple, limit, want):
+    assert padded_width(num_live, multiple, limit) == want
+
+
+@pytest.mark.parametrize("live", [
+    np.array([3, 1]), np.array([3, 1], np.uint32),  # unsigned: a wrapped difference
+    np.array([1, 1, 2]), np.array([0, 8]), np.array([-1, 2]), np.zeros((2, 2), int), [],
+    np.array([0.0, 1.0])])
+def test_bad_live_raises(live):
+    with pytest.raises(ValueError, match="live"):
+        check_live(live, 8)
+
+
+def test_traced_live_is_refused_at_trace_time():
+    with pytest.raises((ValueError, jax.errors.TracerArrayConversionError)):
+        jax.jit(lambda live: check_live(live, 8))(jnp.arange(3))
