@@ -1,4 +1,4 @@
-"""The `relu-sparsity` console script: parse, then call train/ or bench/."""
+"""The `relu-sparsity` console script: parse, then call data/, train/, report/ or bench/."""
 
 import argparse
 import logging
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> None:
-    from relu_sparsity.train import data
+    from relu_sparsity import data
 
     source = [str(Path(s)) for s in args.sources] if args.sources else data.DEFAULT_CORPUS
     path = data.prepare(args.out, source, vocab_size=args.vocab_size,
@@ -127,9 +127,10 @@ def common_overrides(args) -> list[str]:
 def cmd_train(args) -> None:
     import json
 
+    from relu_sparsity.report import used_units, write_report
+    from relu_sparsity.runs.reader import read_metrics
     from relu_sparsity.train import config as config_lib
-    from relu_sparsity.train.loop import train
-    from relu_sparsity.train.report import load_metrics, used_units, write_report
+    from relu_sparsity.train.trainer import train
 
     overrides = common_overrides(args)
     if args.prune:
@@ -138,7 +139,7 @@ def cmd_train(args) -> None:
         overrides.append(f"train.prune_at={args.prune_at}")
     if args.widths_from:
         last_k = config_lib.preset(args.config).train.mean_last
-        used = [max(1, round(u)) for u in used_units(load_metrics(args.widths_from), last_k)]
+        used = [max(1, round(u)) for u in used_units(read_metrics(args.widths_from), last_k)]
         if not used:
             raise ValueError(f"{args.widths_from} logged no per-layer metrics")
         overrides.append(f"model.d_ff={json.dumps(used)}")
@@ -168,15 +169,12 @@ def cmd_experiment(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from relu_sparsity.train.report import write_report
+    from relu_sparsity.report import write_report
+    from relu_sparsity.runs.reader import config_value, read_config_or_empty
 
     last_k = args.last_k
     if last_k is None:
-        import json
-
-        configs = [Path(r) / "config.json" for r in args.runs]
-        ks = [json.loads(c.read_text()).get("train", {}).get("mean_last") for c in configs
-              if c.exists()]
+        ks = [config_value(read_config_or_empty(r), "train.mean_last") for r in args.runs]
         last_k = min((k for k in ks if k), default=5)
     tables = write_report(args.runs, args.out, last_k=last_k)
     print(Path(tables).read_text())

@@ -12,7 +12,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from relu_sparsity.train import data
+from relu_sparsity import data
 
 VOCAB = 512
 

@@ -13,17 +13,12 @@ import pytest
 
 from relu_sparsity.kernels.bits import np_pack_bits, np_unpack_bits
 from relu_sparsity.model import Transformer
-from relu_sparsity.train import data
+from relu_sparsity import data
 from relu_sparsity.train.config import preset
-from relu_sparsity.train.loop import (
-    init_state,
-    make_optimizer,
-    make_train_step,
-    model_config,
-    train,
-)
+from relu_sparsity.train.steps import init_state, make_optimizer, make_train_step, model_config
+from relu_sparsity.train.trainer import train
 from relu_sparsity.train.pruning import choose_units, compact_tree, to_original_ids
-from relu_sparsity.train.run_folder import RunFolder
+from relu_sparsity.runs.folder import RunFolder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -222,7 +217,8 @@ def test_masking_experiment_cli(cache_dir, tmp_path, capsys):
 
 def test_capacity_experiment_and_widths_from(cache_dir, tmp_path):
     from relu_sparsity import cli
-    from relu_sparsity.train.report import load_metrics, used_units
+    from relu_sparsity.report import used_units
+    from relu_sparsity.runs.reader import read_metrics as load_metrics
 
     out = tmp_path / "capacity"
     assert cli.main(["experiment", "capacity", "--out", str(out), "--cache", str(cache_dir),

@@ -11,7 +11,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from relu_sparsity.train import report
+from relu_sparsity.report import numbers, tables, write_report
+from relu_sparsity.runs import reader
 
 NUM_LAYERS = 3
 NUM_STEPS = 12
@@ -130,7 +131,7 @@ def by_prefix(tables: dict, prefix: str):
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     run = make_run(root, "base", seed=1, truncate=True)
-    path = report.write_report([run], last_k=5)
+    path = write_report([run], last_k=5)
     return run, path
 
 
@@ -139,7 +140,7 @@ def multi(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
     run_a = make_run(root, "lr1e-3", seed=2, peak_lr=0.001, d_ff=64)
     run_b = make_run(root, "lr3e-3", seed=3, peak_lr=0.003, d_ff=[64, 32, 128])
-    path = report.write_report([run_a, run_b], root / "cmp", last_k=4)
+    path = write_report([run_a, run_b], root / "cmp", last_k=4)
     return (run_a, run_b), path
 
 
@@ -223,8 +224,8 @@ def test_all_figures_exist_and_are_images(single):
 
 def test_load_metrics_skips_truncated_last_line(tmp_path, caplog):
     run = make_run(tmp_path, "t", truncate=True)
-    with caplog.at_level(logging.WARNING, logger=report.__name__):
-        records = report.load_metrics(run)
+    with caplog.at_level(logging.WARNING, logger=reader.__name__):
+        records = reader.read_metrics(run)
     assert len(records) == NUM_STEPS and records[-1]["step"] == 10 * (NUM_STEPS - 1)
     assert "truncated" in caplog.text
 
@@ -235,28 +236,28 @@ def test_load_metrics_rejects_corrupt_middle_line(tmp_path):
     lines[3] = lines[3][:10]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="line 4"):
-        report.load_metrics(run)
+        reader.read_metrics(run)
 
 
 def test_missing_metrics_names_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty[/\\]metrics\.jsonl"):
-        report.write_report([tmp_path / "empty"])
+        write_report([tmp_path / "empty"])
     assert not (tmp_path / "empty" / "tables.md").exists()
 
 
 def test_final_means_uses_last_k_and_fewer_when_short():
     recs = [{"step": 0}] + [{"step": s, "layers": [{"a": float(s), "d_ff": 8}]} for s in (1, 2, 3)]
-    assert report.final_means(recs, 2) == [{"a": 2.5, "d_ff": 8.0}]
-    assert report.final_means(recs, 10) == [{"a": 2.0, "d_ff": 8.0}]
-    assert report.final_means([{"step": 0, "layers": []}], 5) == []
+    assert numbers.final_means(recs, 2) == [{"a": 2.5, "d_ff": 8.0}]
+    assert numbers.final_means(recs, 10) == [{"a": 2.0, "d_ff": 8.0}]
+    assert numbers.final_means([{"step": 0, "layers": []}], 5) == []
     with pytest.raises(ValueError):
-        report.final_means(recs, 0)
+        numbers.final_means(recs, 0)
 
 
 def test_short_window_caption_says_how_many(tmp_path):
     run = make_run(tmp_path, "short")
-    md = report.format_tables("short", report.load_metrics(run), 50)
+    md = tables.format_tables("short", reader.read_metrics(run), 50)
     assert f"mean over the last {NUM_STEPS} logged steps, 0-{10 * (NUM_STEPS - 1)}" in md
     assert "only 12 logged steps have per-layer metrics; 50 were asked for" in md
 
@@ -264,7 +265,7 @@ def test_short_window_caption_says_how_many(tmp_path):
 def test_width_columns_when_width_changes(tmp_path):
     # Compaction at step 60: the layers shrink to different widths.
     run = make_run(tmp_path, "compact", widths_at=lambda t: [64, 64, 64] if t < 6 else [40, 23, 64])
-    path = report.write_report([run], tmp_path / "out", last_k=3)
+    path = write_report([run], tmp_path / "out", last_k=3)
     header, rows = by_prefix(parse_tables(path.read_text()), "Table 2")
     assert header[-2:] == ["Width", "Orig. Width"]
     assert [r[-2] for r in rows] == ["40", "23", "64"]
@@ -324,14 +325,14 @@ def test_multi_run_figures_share_axes(multi):
 def test_several_runs_need_out_dir(tmp_path):
     runs = [make_run(tmp_path, "a"), make_run(tmp_path, "b", seed=5)]
     with pytest.raises(ValueError, match="out_dir"):
-        report.write_report(runs)
+        write_report(runs)
     assert not (runs[0] / "tables.md").exists()
 
 
 def test_config_differences_flattens_and_ignores_name():
     a = {"name": "a", "train": {"peak_lr": 1e-3, "steps": 10}, "model": {"d_ff": 64}}
     b = {"name": "b", "train": {"peak_lr": 3e-3, "steps": 10}, "model": {"d_ff": 64}, "x": 1}
-    assert report.config_differences([a, b]) == {"train.peak_lr": [1e-3, 3e-3], "x": [None, 1]}
+    assert tables.config_differences([a, b]) == {"train.peak_lr": [1e-3, 3e-3], "x": [None, 1]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def test_config_differences_flattens_and_ignores_name():
 
 def test_run_without_layers_still_gets_loss_plot(tmp_path):
     run = make_run(tmp_path, "off", layers=False)
-    path = report.write_report([run])
+    path = write_report([run])
     md = path.read_text()
     assert "Sparsity tables are unavailable" in md
     assert "Sparsity figures skipped" in md
@@ -353,8 +354,8 @@ def test_run_without_layers_still_gets_loss_plot(tmp_path):
 def test_missing_config_falls_back_to_folder_name(tmp_path):
     run = make_run(tmp_path, "noconf")
     (run / "config.json").unlink()
-    md = report.format_tables(report.run_name(run, report.load_config(run)),
-                              report.load_metrics(run), 5)
+    md = tables.format_tables(reader.run_name(run, reader.read_config_or_empty(run)),
+                              reader.read_metrics(run), 5)
     assert md.startswith("## noconf\n")
     assert "d_ff 64 x 3 layers" in md  # widths taken from the metrics instead
     assert "peak LR 0.001" in md  # the largest logged lr

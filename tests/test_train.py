@@ -15,11 +15,11 @@ import pytest
 
 from relu_sparsity import cli
 from relu_sparsity.kernels.bits import np_unpack_bits
-from relu_sparsity.train import data
+from relu_sparsity import data
 from relu_sparsity.train.config import preset
-from relu_sparsity.train.loop import train
+from relu_sparsity.train.trainer import train
 from relu_sparsity.train.metrics import METRIC_KEYS, UNIT_STATE_KEYS, UnitStates
-from relu_sparsity.train.run_folder import RunFolder
+from relu_sparsity.runs.folder import RunFolder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["textwrap.py", "string.py", "json/decoder.py", "json/encoder.py", "shlex.py"]
@@ -239,7 +239,7 @@ def test_data_parallel_on_two_devices_matches_one(cache_dir, tmp_path, instrumen
     script = (
         "import json, sys\n"
         "from relu_sparsity.train.config import preset\n"
-        "from relu_sparsity.train.loop import train\n"
+        "from relu_sparsity.train.trainer import train\n"
         "import jax; assert jax.device_count() == 2, jax.devices()\n"
         "train(preset('tiny', json.loads(sys.argv[2])), sys.argv[1], progress=False)\n")
     config_overrides = [

@@ -20,7 +20,7 @@ import numpy as np
 
 from relu_sparsity.model import Transformer
 from relu_sparsity.train.config import preset
-from relu_sparsity.train.loop import init_state, make_optimizer, make_train_step, model_config
+from relu_sparsity.train.steps import init_state, make_optimizer, make_train_step, model_config
 from relu_sparsity.train.pruning import Pruning
 
 

@@ -11,9 +11,10 @@ import json
 import statistics
 from pathlib import Path
 
+from relu_sparsity.report import used_units, write_report
+from relu_sparsity.runs.reader import read_metrics
 from relu_sparsity.train.config import Config, apply_overrides
-from relu_sparsity.train.loop import train
-from relu_sparsity.train.report import load_metrics, used_units, write_report
+from relu_sparsity.train.trainer import train
 
 MASKING_RUNS = ("baseline", "mask", "compact", "random")
 
@@ -41,7 +42,7 @@ def masking_table(runs: dict[str, Path], prune_at: int, tokens_per_step: int) ->
              "ms/step before | ms/step after | after / before |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, run in runs.items():
-        records = load_metrics(run)
+        records = read_metrics(run)
         pruned = next((r["pruned"] for r in records if "pruned" in r), None)
         widths = [layer["d_ff"] for layer in records[0].get("layers", [])]
         kept = f"{sum(pruned['kept'])} / {sum(widths)} ({100 * sum(pruned['kept']) / sum(widths):.1f}%)" \
@@ -80,20 +81,20 @@ def capacity_experiment(config: Config, out_dir: str | Path, *, progress: bool =
     out = Path(out_dir)
     round1 = out / "round1"
     train(dataclasses.replace(config, name=f"{config.name}-round1"), round1, progress=progress)
-    used1 = [max(1, round(u)) for u in used_units(load_metrics(round1), config.train.mean_last)]
+    used1 = [max(1, round(u)) for u in used_units(read_metrics(round1), config.train.mean_last)]
     config2 = apply_overrides(config, [f"model.d_ff={json.dumps(used1)}",
                                        f"name={config.name}-round2"])
     round2 = out / "round2"
     train(config2, round2, progress=progress)
-    used2 = used_units(load_metrics(round2), config.train.mean_last)
-    widths1 = [layer["d_ff"] for layer in load_metrics(round1)[0]["layers"]]
+    used2 = used_units(read_metrics(round2), config.train.mean_last)
+    widths1 = [layer["d_ff"] for layer in read_metrics(round1)[0]["layers"]]
     lines = ["# Capacity experiment (the paper's Table 4)", "",
              "| Layer | Hidden Units Used Round 1 | Hidden Units Used Round 2 | "
              "Percent Used Round 1 | Percent Used Round 2 |",
              "| :--- | ---: | ---: | ---: | ---: |"]
     for i, (w1, u1, u2) in enumerate(zip(widths1, used1, used2)):
         lines.append(f"| {i} | {u1} | {u2:.0f} | {100 * u1 / w1:.1f} | {100 * u2 / u1:.1f} |")
-    final1, final2 = _final_eval(load_metrics(round1)), _final_eval(load_metrics(round2))
+    final1, final2 = _final_eval(read_metrics(round1)), _final_eval(read_metrics(round2))
     lines += ["", f"Units used: the mean of batch use x width over the last "
               f"{config.train.mean_last} logged steps of each round. Round 2's widths are round "
               f"1's used units. Final eval loss: round 1 {final1.get('eval_loss', float('nan')):.4f}, "

@@ -1,11 +1,14 @@
-"""The paper's per-layer sparsity figures (section 2.1, appendix A.6) from one batch's kernel stats.
+"""The paper's per-layer sparsity figures (section 2.1, appendix A.6; docs/design.md §5-6) from
+one batch's kernel statistics, and the layer records of a logged step.
 
 Everything here runs on the host, on statistics fetched at logged steps: a few [n_seq, F] arrays.
 """
 
 import numpy as np
 
+from relu_sparsity.kernels import SparsityStats
 from relu_sparsity.kernels.bits import np_or_rows, np_popcount, np_unpack_bits
+from relu_sparsity.train.pruning import Pruning, to_original_ids
 
 PERCENTILES = (50, 65, 75, 90)
 METRIC_KEYS = ("token_use", "seq_use", "batch_use", "token_per_seq", "seq_per_batch",
@@ -111,3 +114,50 @@ class UnitStates:
         if on0.size == 0:
             return cls(num_units)
         return cls(num_units, on0.copy(), ever_on.copy())
+
+
+def split_devices(stats: SparsityStats, num_devices: int) -> list[SparsityStats]:
+    """One layer's host statistics of the global batch -> one per device (each device holds
+    consecutive sequences)."""
+    if num_devices == 1:
+        return [stats]
+    fields = [None if a is None else np.split(np.asarray(a), num_devices) for a in stats]
+    return [SparsityStats(*(None if f is None else f[d] for f in fields))
+            for d in range(num_devices)]
+
+
+def current_units(layer: int, states: "UnitStates", pruning: Pruning | None
+                  ) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """(current width, ids of the current units among the statistics' columns or None for all,
+    original ids of the statistics' columns or None when they are the original ids)."""
+    if pruning is None:
+        return states.num_units, None, None
+    width = len(pruning.keep[layer])
+    if pruning.mode == "compact":  # the kept units first, then dead padding
+        units = None if width == pruning.padded_widths[layer] else np.arange(width)
+        return width, units, pruning.keep[layer]
+    return width, pruning.keep[layer], None  # the stats index the original units
+
+
+def layer_records(stats: list[SparsityStats], unit_states: list["UnitStates"],
+                  pruning: Pruning | None, num_devices: int = 1
+                  ) -> tuple[list[dict], list[np.ndarray]]:
+    """Per layer: the metrics at the current width (each device's batch, averaged over devices;
+    with several, `batch_use_all_devices` beside), unit states of the union of the devices' batch
+    masks, and the batch masks [n_devices, W], in original unit ids."""
+    records, masks = [], []
+    for layer, (layer_stat, states) in enumerate(zip(stats, unit_states, strict=True)):
+        width, units, to_original = current_units(layer, states, pruning)
+        per_device = split_devices(layer_stat, num_devices)
+        figures = [sparsity_metrics(s, num_units=width, units=units) for s in per_device]
+        metrics = {k: float(np.mean([f[k] for f in figures])) for k in figures[0]}
+        device_masks = np.stack([batch_mask(s) for s in per_device])  # [n_devices, W]
+        if to_original is not None:
+            device_masks = np.stack([to_original_ids(m, to_original, states.num_units)
+                                     for m in device_masks])
+        union = np_or_rows(device_masks)
+        if num_devices > 1:
+            metrics["batch_use_all_devices"] = float(np_popcount(union)) / width
+        masks.append(device_masks)
+        records.append({"d_ff": width, **metrics, **states.update(union)})
+    return records, masks

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from relu_sparsity.kernels.bits import np_pack_bits, np_unpack_bits
-from relu_sparsity.kernels.live import padded_width
+from relu_sparsity.model.live import padded_width
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Pruning:
     @property
     def widths(self) -> tuple[int, ...]:
         """The layers' current widths: the kept units (mask and random keep the shapes, but the
-        metrics count the live units only, per DESIGN.md)."""
+        metrics count the live units only, docs/design.md §7)."""
         return tuple(len(k) for k in self.keep)
 
     @property

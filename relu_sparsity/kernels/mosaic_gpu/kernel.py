@@ -2,20 +2,20 @@
 in the GEMM epilogue.
 
 Structure (one CTA per SM, persistent; `plgpu.kernel` with three warpgroups), two schedules:
-  * split (`wg_dim="m"` or `"n"`): warpgroup 2 is the memory thread of
-    `plgpu.emit_pipeline_warp_specialized`, streaming x [cta_m, tile_k] and w1 [tile_k, cta_n]
-    blocks by TMA into one `stages`-deep SMEM ring; warpgroups 0 and 1 each own a
-    [tile_m, tile_n] f32 wgmma accumulator (the CTA tile split between them along M or N) and
+  * cooperative (`wg_dim="m"` or `"n"`; `cooperative_schedule`): warpgroup 2 is the memory
+    thread of `plgpu.emit_pipeline_warp_specialized`, streaming x [cta_m, tile_k] and w1
+    [tile_k, cta_n] blocks by TMA into one `stages`-deep SMEM ring; warpgroups 0 and 1 each own
+    a [tile_m, tile_n] f32 wgmma accumulator (the CTA tile split between them along M or N) and
     both read every stage, so they reach their epilogues together and the tensor cores idle
-    through them (measured: the epilogue is 25-50% of a tile's mainloop at D = 1024).
-  * ping-pong (`wg_dim="pingpong"`): warpgroups 0 and 1 take this CTA's output tiles in turn,
-    whole; warpgroup 2 streams the tiles' steps in order through one SMEM ring serving both
-    (hand-written pipeline: "loaded" and "consumed" barriers per warpgroup and stage), so one
-    warpgroup's mainloop starts as the other's ends and each epilogue runs under the other
-    warpgroup's wgmmas. With `ordered`, a warpgroup also waits for the other's mainloop to
-    finish before starting its own, so the two never share the tensor cores: without it, a
-    short epilogue (no statistics) let the mainloops overlap and both slowed (8192x1024x32768
-    without statistics: 1.09-1.13 of XLA's GEMM unordered, 1.02-1.04 ordered).
+    through them.
+  * ping-pong (`wg_dim="pingpong"`; `pingpong_schedule`): warpgroups 0 and 1 take this CTA's
+    output tiles in turn, whole; warpgroup 2 streams the tiles' steps in order through one SMEM
+    ring serving both (hand-written pipeline: "loaded" and "consumed" barriers per warpgroup and
+    stage), so one warpgroup's mainloop starts as the other's ends and each epilogue runs under
+    the other warpgroup's wgmmas. With `ordered`, a warpgroup also waits for the other's
+    mainloop to finish before starting its own, so the two never share the tensor cores: without
+    it, a short epilogue (no statistics) lets the mainloops overlap, and both slow down (see
+    bench/RESULTS.md).
 Output tiles are visited by `plgpu.nd_loop` over a planar snake (L2 reuse), as in JAX's example
 Hopper matmul (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py), which this follows.
 
@@ -38,16 +38,14 @@ Epilogue of one compute warpgroup (registers in the WGMMA layout):
                XLA before the kernel (`_add_row_counts`).
   seq_count    column sums of packed over the rows of each sequence segment that meets the row
                tile, per warp: a warp holds tile_m / 4 of the tile's rows, so its sum needs only
-               register adds and shuffles within the warp; the cross-warp sum through SMEM, with
-               two warpgroup barriers per round, was the largest piece of the statistics (2300
-               of ~9000 epilogue cycles per tile at 8192x1024x32768). Each warp's sums are added
+               register adds and shuffles within the warp (a sum across the warps would go
+               through SMEM, with two warpgroup barriers per round). Each warp's sums are added
                atomically into the sequence's row of zeroed int32 words [n_seq, Fp / 2], two
                columns per word in 16-bit lanes (so seq_len <= 65535: ops.counting_seq_len
                splits longer sequences into parts the kernel counts), one add per two columns
                and only where nonzero (`_add_col_counts`); JAX unpacks the words. Adding in
-               the kernel replaced per-warp partials that XLA summed and unpacked in four small
-               fusions after the kernel (with the token-count sum and the mask packing, 0.015 ms
-               at 8192x512x8192 at e1ee1ec, 14% of XLA's GEMM: bench/RESULTS.md).
+               the kernel spares the small XLA fusions that summing per-warp partials after the
+               kernel would take (see bench/RESULTS.md).
                Sequences need not align with tiles: a tile meets at most `n_seg` sequences
                (static), and segment s of a tile counts the rows of sequence
                floor(row0 / seq_len) + s, masked by a row iota (padding rows belong to no
@@ -67,11 +65,21 @@ columns of w1 and b1 give h = 0 (never used); zero rows of x give h = relu(b1), 
 but those rows lie outside every sequence segment and their token counts / mask words are sliced
 off. f32 inputs are not fed to wgmma (which would round them to TF32): ops.py splits them into
 bf16 pieces (see there), and the kernel writes h in the output dtype it is given.
+
+Code: `build_call` picks the schedule, declares the outputs and the epilogue's SMEM and calls
+`plgpu.kernel`. The parts are top-level functions of `KernelFacts` (the static facts of one
+call: plan, dtypes, which statistics) and `GlobalRefs` (the kernel's global-memory refs):
+`cooperative_schedule` (producer and stage loop `cooperative_pipeline`, mainloop step
+`cooperative_mainloop_step`), `pingpong_schedule` (`pingpong_producer`, `pingpong_consumer`,
+`pingpong_mainloop`), `epilogue` and `epilogue_statistics`, over the inline-PTX helpers of the
+statistics. The module is longer than ~500 lines because it is one Pallas kernel whose parts all
+read the same static plan and are traced into one Mosaic GPU module.
 """
 
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +92,8 @@ from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-BITS_PER_WORD = 32
+from relu_sparsity.kernels.bits import BITS_PER_WORD
+
 # Hopper: 227 KiB of dynamic shared memory per block (sm_90 opt-in maximum; Mosaic GPU's limit).
 SMEM_LIMIT_BYTES = 232448
 WARPS = 4  # per warpgroup; the WGMMA layout gives warp w rows 16 w .. 16 w + 15 of each 64
@@ -98,10 +107,12 @@ MEMORY_REGISTERS = 40
 COMPUTE_REGISTERS = 232
 
 
-# Field defaults are the split schedule's 64x256 tiles; shapes without a tuned entry use
+# Field defaults are the cooperative schedule's 64x256 tiles; shapes without a tuned entry use
 # DEFAULT_CONFIG below (ping-pong), not TileConfig().
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
+    """Tiling, pipeline depth, schedule and epilogue of the kernel (tuned per device and
+    shape: kernels/configs/mosaic_gpu.json)."""
     tile_m: int = 64  # rows per compute warpgroup (multiple of 64)
     tile_n: int = 256  # columns per compute warpgroup (multiple of 64, <= 256)
     tile_k: int = 64  # D per pipeline step (64 bf16 = one 128-byte swizzle row)
@@ -160,8 +171,8 @@ class TileConfig:
             raise ValueError(f"invalid mosaic_gpu TileConfig {self}: " + "; ".join(problems))
 
 
-# Shapes without a tuned entry: ping-pong through a 6-stage ring beat the split schedule's
-# 64x256 tiles at every untuned shape measured on the H200 (bench/RESULTS.md).
+# Shapes without a tuned entry: ping-pong through a 6-stage ring (faster than the cooperative
+# schedule's 64x256 tiles at the untuned shapes on the H200; see bench/RESULTS.md).
 DEFAULT_CONFIG = TileConfig(tile_m=128, tile_n=128, tile_k=64, stages=6, wg_dim="pingpong",
                             grid_tile_width=16)
 
@@ -223,9 +234,9 @@ class Plan:
 
 
 def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig) -> Plan:
+    """The plan of a call on x [T, D], w1 [D, F] counted in sequences of seq_len tokens (T a
+    whole number of them: the contract's check, kernels/contract.py)."""
     config.validate()
-    if T % seq_len:
-        raise ValueError(f"seq_len={seq_len} must divide T={T}")
     tm = config.tile_m
     # Sequences a row tile [r0, r0 + tm) meets: the most over all tiles (computed, not bounded,
     # so that aligned layouts get exactly one segment).
@@ -245,10 +256,11 @@ def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int) -> int:
     # ping-pong: 2 warpgroups x 2 barriers per stage, and 4 more (the 2 "done" barriers among
     # them, allocated whether ordered or not)
     barriers = 8 * (4 * config.stages + 4)
-    return ring + out + barriers + 2048  # + Mosaic's own (~1 KiB measured)
+    return ring + out + barriers + 2048  # + Mosaic's own (about 1 KiB)
 
 
 def check_smem(config: TileConfig, in_dtype, out_dtype) -> None:
+    """Raises ValueError if `config` needs more shared memory than a Hopper block has."""
     need = smem_bytes(config, jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize)
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(
@@ -451,9 +463,9 @@ def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array
             packed = term if packed is None else packed | term
         return packed
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                       return_type=plgpu.ShapeDtypeStruct((tm, chunk), jnp.int32,
-                                                          layout=plgpu.Layout.WGMMA))
+    packed_type = plgpu.ShapeDtypeStruct((tm, chunk), jnp.int32, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=packed_type)
     def pack(ctx, arr):
         del ctx
         # Registers as in _add_col_counts: (i, j, .., r, ..) holds columns 8 j + 2 (l % 4)
@@ -474,6 +486,539 @@ def _pack_used(h: jax.Array, off: int, chunk: int, interpret: bool) -> jax.Array
     return pack(h)
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelFacts:
+    """The static facts of one `build_call` that every part of the kernel reads."""
+    plan: Plan
+    in_dtype: jnp.dtype  # x and w1 as wgmma reads them
+    out_dtype: jnp.dtype  # h
+    with_stats: bool
+    with_token_mask: bool
+    interpret: bool  # Mosaic GPU's interpreter runs it: per-tile partials instead of atomics
+    num_sms: int  # CTAs of the persistent grid
+
+    @property
+    def config(self) -> TileConfig:
+        return self.plan.config
+
+    @property
+    def m_iters(self) -> int:
+        """CTA tiles along M."""
+        return self.plan.Tp // self.config.cta_m
+
+    @property
+    def n_iters(self) -> int:
+        """CTA tiles along N."""
+        return self.plan.Fp // self.config.cta_n
+
+    @property
+    def k_iters(self) -> int:
+        """Pipeline steps (of tile_k) per output tile."""
+        return self.plan.Dp // self.config.tile_k
+
+    @property
+    def lane_cols(self) -> int:
+        """Columns per 8-bit lane of the packed statistics: tile_n / 4."""
+        return self.config.tile_n // (32 // LANE_BITS)
+
+    @property
+    def chunk(self) -> int:
+        """Columns of one piece of the statistics."""
+        return min(self.lane_cols, BITS_PER_WORD)
+
+    @property
+    def in_transforms(self) -> tuple:
+        """SMEM tiling and swizzle of the x and w1 blocks."""
+        swizzle = plgpu.find_swizzle(self.config.tile_k * self.in_dtype.itemsize * 8)
+        return (plgpu.TilingTransform((8, swizzle // self.in_dtype.itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+
+    @property
+    def out_transforms(self) -> tuple:
+        """SMEM tiling and swizzle of the [64, epi_tile_n] h pieces."""
+        swizzle = plgpu.find_swizzle(self.config.epi_tile_n * self.out_dtype.itemsize * 8)
+        return (plgpu.TilingTransform((8, swizzle // self.out_dtype.itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalRefs:
+    """The kernel's global-memory refs. The statistics' refs are None without statistics
+    (token_mask also without the token mask). Compiled, token_count [Tp] and seq_count
+    [n_seq, Fp / 2] are the zeroed accumulators the kernel adds into; interpreted, they are the
+    per-tile partials tc_part [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]."""
+    x: Any  # [Tp, Dp]
+    w: Any  # [Dp, Fp]
+    b: Any  # [Fp]
+    h: Any  # [Tp, Fp]
+    token_count: Any = None
+    seq_count: Any = None
+    token_mask: Any = None  # tm_part [Tp, Fp / 32] int32
+
+
+def _global_refs(facts: KernelFacts, x_gmem, w_gmem, b_gmem, refs) -> GlobalRefs:
+    """The kernel's refs by name. `refs` (after x, w1, b1): compiled, the zeroed accumulators
+    (inputs) token counts and sequence-count words, then the outputs h and tm_part;
+    interpreted, the outputs h, tc_part, sc_part, tm_part."""
+    refs = list(refs)
+    token_count = seq_count = token_mask = None
+    if facts.with_stats and not facts.interpret:
+        token_count, seq_count = refs.pop(0), refs.pop(0)
+    h = refs.pop(0)
+    if facts.with_stats:
+        if facts.interpret:
+            token_count, seq_count = refs.pop(0), refs.pop(0)
+        if facts.with_token_mask:
+            token_mask = refs.pop(0)
+    return GlobalRefs(x=x_gmem, w=w_gmem, b=b_gmem, h=h, token_count=token_count,
+                      seq_count=seq_count, token_mask=token_mask)
+
+
+def _tile_indices(facts: KernelFacts, lin):
+    """(m, n) of the lin-th CTA tile along a planar snake (L2 reuse)."""
+    minor = 0 if facts.config.grid_minor == "m" else 1
+    return plgpu.planar_snake(lin, (facts.m_iters, facts.n_iters), minor,
+                              facts.config.grid_tile_width)
+
+
+def _load_bias(b_gmem, col_tile, tile_n: int) -> jax.Array:
+    """b1's columns of column tile `col_tile` as f32 [tile_n] (WGMMA column layout). b1 is
+    loaded in its own dtype (bf16 or f32): converting here spares XLA a convert fusion launched
+    before the kernel."""
+    bias = plgpu.load(b_gmem.at[pl.ds(col_tile * tile_n, tile_n)],
+                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+    return bias.astype(jnp.float32)
+
+
+def _store_h_by_tma(config: TileConfig, h: jax.Array, h_tile, out_smem) -> None:
+    """h [tile_m, tile_n] (registers) -> h_tile (global) in [64, epi_tile_n] pieces through this
+    warpgroup's epi_slots SMEM slots out_smem [epi_slots, 64, epi_tile_n], each piece's TMA
+    store in flight until its slot comes round again."""
+    tn, slots = config.tile_n, config.epi_slots
+    epi_m, epi_n = 64, config.epi_tile_n
+    n_epi = (config.tile_m // epi_m) * (tn // epi_n)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores
+    for e in range(n_epi):
+        ei, ej = divmod(e, tn // epi_n)
+        rows = slice(ei * epi_m, (ei + 1) * epi_m)
+        cols = slice(ej * epi_n, (ej + 1) * epi_n)
+        if e >= slots:
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+        out_smem[e % slots] = h[rows, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[e % slots], h_tile.at[rows, cols])
+
+
+def epilogue(facts: KernelFacts, refs: GlobalRefs, out_smem, wg, acc: jax.Array,
+             bias: jax.Array, row_tile, col_tile) -> None:
+    """Compute warpgroup `wg`'s output tile (row tile `row_tile`, column tile `col_tile`, in
+    units of tile_m and tile_n): h = max(acc + bias, 0) in h's dtype, stored into h's tile, then
+    (with statistics) `epilogue_statistics` of it. acc: the f32 accumulator [tile_m, tile_n];
+    bias: f32 [tile_n]; out_smem: both compute warpgroups' h staging slots [2, epi_slots, 64,
+    epi_tile_n] (None when h is stored from registers)."""
+    cfg = facts.config
+    tm, tn = cfg.tile_m, cfg.tile_n
+    row0, col0 = row_tile * tm, col_tile * tn
+    h_tile = refs.h.at[pl.ds(row0, tm), pl.ds(col0, tn)]
+    with jax.named_scope("epilogue_h"):
+        pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
+        h = jnp.maximum(pre, 0.0).astype(facts.out_dtype)
+        if cfg.h_store == "direct":
+            h_tile[...] = h
+        else:
+            _store_h_by_tma(cfg, h, h_tile, out_smem.at[wg])
+    if facts.with_stats:
+        epilogue_statistics(facts, refs, h, row0, row_tile, col_tile)
+
+
+def _segment_bounds(facts: KernelFacts, row0):
+    """(None, [None]) when every row of the tile is in one sequence (aligned); else the tile's
+    row iota [tile_m, chunk] and the [start, stop) rows of each of its n_seg segments."""
+    plan = facts.plan
+    if plan.aligned:
+        return None, [None]
+    tm, L = plan.config.tile_m, plan.seq_len
+    local = plgpu.broadcasted_iota(jnp.int32, (tm, facts.chunk), 0, layout=plgpu.Layout.WGMMA)
+    first = lax.div(row0, L)
+    bounds = []
+    for s in range(plan.n_seg):
+        start = (first + s) * L - row0
+        bounds.append((start, jnp.minimum(start + L, plan.T - row0)))
+    return local, bounds
+
+
+def epilogue_statistics(facts: KernelFacts, refs: GlobalRefs, h: jax.Array, row0, row_tile,
+                        col_tile) -> None:
+    """The statistics of one [tile_m, tile_n] tile of h (WGMMA layout) whose first row is row0
+    (module docstring): its rows' used counts added into token_count, its columns' used counts
+    per sequence segment added into that sequence's seq_count words and, with the token mask,
+    its rows' mask words stored into token_mask. Taken over [tile_m, chunk] column pieces so
+    that only h and one piece's values are live (all of `used` as int32 would be 128 registers
+    a thread at 128 x 128, and spilled)."""
+    plan = facts.plan
+    tm, tn = plan.config.tile_m, plan.config.tile_n
+    L, n_seq = plan.seq_len, plan.n_seq
+    n_lanes = 32 // LANE_BITS
+    lane_cols, chunk = facts.lane_cols, facts.chunk
+    local, bounds = _segment_bounds(facts, row0)
+    if facts.with_token_mask:
+        bit = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 1, layout=plgpu.Layout.WGMMA)
+    token_count = None
+    mask_words = {}
+    # Piece (i, off) is columns i * lane_cols + off .. + chunk - 1: lane i of the packed words
+    # off .. off + chunk - 1.
+    for off in range(0, lane_cols, chunk):
+        if facts.with_token_mask:
+            with jax.named_scope("token_mask"):
+                for i in range(n_lanes):
+                    c0 = i * lane_cols + off
+                    used = _used(h, c0, chunk)
+                    # used << (c % 32) summed over a word's columns: their OR.
+                    w = c0 // BITS_PER_WORD
+                    part = jnp.sum(jnp.where(
+                        used, lax.shift_left(1, bit + c0 % BITS_PER_WORD), 0), axis=1)
+                    mask_words[w] = part if w not in mask_words else mask_words[w] + part
+        with jax.named_scope("pack"):
+            packed = _pack_used(h, off, chunk, facts.interpret)
+        with jax.named_scope("token_count"):
+            lanes = jnp.sum(packed, axis=1)  # four counts of up to 64 per row
+            token_count = lanes if token_count is None else token_count + lanes
+        for s, seg in enumerate(bounds):
+            vals = packed
+            if seg is not None:
+                start, stop = seg
+                vals = jnp.where((local >= start) & (local < stop), packed, 0)
+            with jax.named_scope("seq_count"):
+                if facts.interpret:
+                    _store_warp_col_sums_interpreted(
+                        vals, refs.seq_count.at[row_tile, s, :,
+                                                pl.ds(col_tile * lane_cols + off, chunk)])
+                else:
+                    # A segment past the last sequence has no rows (all masked): its zeros go
+                    # to the last sequence's row, so any index is in bounds.
+                    seq = jnp.minimum(lax.div(row0, L) + s, n_seq - 1)
+                    _add_col_counts(
+                        vals, refs.seq_count.at[seq, pl.ds(col_tile * (tn // 2), tn // 2)],
+                        off, lane_cols)
+    with jax.named_scope("token_count"):  # add each row's four lanes
+        pairs = ((token_count & 0x00FF00FF)
+                 + (lax.shift_right_logical(token_count, 8) & 0x00FF00FF))
+        counts = (pairs & 0xFFFF) + lax.shift_right_logical(pairs, 16)
+        if facts.interpret:
+            refs.token_count.at[col_tile, pl.ds(row0, tm)][...] = counts
+        else:
+            _add_row_counts(counts, refs.token_count.at[pl.ds(row0, tm)])
+    if facts.with_token_mask:
+        with jax.named_scope("token_mask"):
+            words = tn // BITS_PER_WORD
+            for w, word in mask_words.items():
+                refs.token_mask.at[pl.ds(row0, tm), col_tile * words + w][...] = word
+
+
+def cooperative_pipeline(facts: KernelFacts, step, compute_context):
+    """The cooperative schedule's pipeline over one CTA tile's k_iters steps
+    (`plgpu.emit_pipeline_warp_specialized`). Its memory warpgroup is the producer: it loads the
+    x [cta_m, tile_k] and w1 [tile_k, cta_n] blocks of each step by TMA into a `stages`-deep
+    SMEM ring. Both compute warpgroups run `step` on every stage, inside `compute_context`."""
+    cfg = facts.config
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(facts.k_iters,),
+        memory_registers=MEMORY_REGISTERS,
+        in_specs=[
+            plgpu.BlockSpec((cfg.cta_m, cfg.tile_k), lambda k: (0, k),
+                            transforms=facts.in_transforms, memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((cfg.tile_k, cfg.cta_n), lambda k: (k, 0),
+                            transforms=facts.in_transforms, memory_space=plgpu.SMEM),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.stages,
+        compute_context=compute_context,
+    )
+
+
+def cooperative_mainloop_step(wg_rows, wg_cols, idxs, x_smem, w_smem, acc_ref):
+    """One pipeline step of a compute warpgroup: acc_ref [tile_m, tile_n] += x_smem[wg_rows] @
+    w_smem[:, wg_cols], this warpgroup's part of the stage's x [cta_m, tile_k] and w1 [tile_k,
+    cta_n] blocks. Waits for its wgmma, so the pipeline may release the stage."""
+    del idxs
+    plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
+    plgpu.wgmma_wait(0)
+    return acc_ref
+
+
+def cooperative_tile(facts: KernelFacts, refs: GlobalRefs, pipeline_allocs, out_smem, wg,
+                     lin) -> None:
+    """The lin-th CTA tile of the cooperative schedule, as warpgroup `wg` runs it: the pipeline
+    over its steps, in which compute warpgroup wg accumulates its [tile_m, tile_n] part (the
+    CTA tile split along M or N) and then runs its `epilogue`."""
+    cfg = facts.config
+    tm, tn = cfg.tile_m, cfg.tile_n
+    m_idx, n_idx = _tile_indices(facts, lin)
+    cta_rows = pl.ds(m_idx * cfg.cta_m, cfg.cta_m)
+    cta_cols = pl.ds(n_idx * cfg.cta_n, cfg.cta_n)
+    if cfg.wg_dim == "m":
+        wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
+        row_tile, col_tile = m_idx * 2 + wg, n_idx
+    else:
+        wg_rows, wg_cols = slice(None), pl.ds(wg * tn, tn)
+        row_tile, col_tile = m_idx, n_idx * 2 + wg
+
+    def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+        def _acc_scope(acc_ref):
+            with jax.named_scope("mainloop"):
+                eval_pipeline(acc_ref)
+            epilogue(facts, refs, out_smem, wg, acc_ref[...], _load_bias(refs.b, col_tile, tn),
+                     row_tile, col_tile)
+
+    step = functools.partial(cooperative_mainloop_step, wg_rows, wg_cols)
+    cooperative_pipeline(facts, step, compute_context)(
+        refs.x.at[cta_rows, :], refs.w.at[:, cta_cols], allocations=pipeline_allocs)
+
+
+def cooperative_schedule(facts: KernelFacts, refs: GlobalRefs, epilogue_scratch: dict) -> None:
+    """The cooperative schedule (wg_dim "m" or "n"): both compute warpgroups consume every stage
+    of one ring and split each CTA tile (`cooperative_pipeline`); their epilogues run at the
+    same time. This CTA takes the CTA tiles sm, sm + num_sms, ... of the planar snake."""
+    ignore = lambda *_, **__: None  # noqa: E731
+    pipeline_allocs = cooperative_pipeline(facts, ignore, ignore).get_allocations(refs.x, refs.w)
+
+    @functools.partial(pl.run_scoped, pipeline_allocs=pipeline_allocs, **epilogue_scratch,
+                       collective_axes="wg")
+    def _scope(pipeline_allocs, **scratch):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((facts.m_iters * facts.n_iters,), collective_axes="sm")
+        def _tile_loop(loop_info):
+            (lin,) = loop_info.index
+            cooperative_tile(facts, refs, pipeline_allocs, scratch.get("out_smem"), wg, lin)
+
+
+@dataclasses.dataclass(frozen=True)
+class PingPongRing:
+    """The ping-pong schedule's SMEM ring and barriers (`pingpong_schedule` allocates them).
+
+    Per compute warpgroup and stage, index wg * stages + slot: "loaded" (two TMA arrivals: x and
+    w) and "consumed". A stage serves both warpgroups in turn, but each barrier sees only its
+    own warpgroup's uses of it, so whoever waits on a barrier waits on each of its phases in
+    order (a waiter must not fall two phases behind: mbarrier waits go by phase parity).
+    With `ordered`, "done" (one per compute warpgroup) is arrived after each of its mainloops;
+    the other waits on each phase in turn before its next mainloop."""
+    x: Any  # [stages, tile_m, tile_k]
+    w: Any  # [stages, tile_k, tile_n]
+    loaded: Any  # [2 * stages]
+    consumed: Any  # [2 * stages]
+    done: Any  # [2]
+
+
+def _local_tile_count(facts: KernelFacts):
+    """How many output tiles this CTA takes (nd_loop: tiles sm, sm + num_sms, ...)."""
+    n_tiles = facts.m_iters * facts.n_iters
+    return jnp.maximum(n_tiles - lax.axis_index("sm") + facts.num_sms - 1, 0) // facts.num_sms
+
+
+def _step_owner(facts: KernelFacts, step):
+    """The compute warpgroup of this CTA's step `step` (its tiles in order, k_iters steps each,
+    tile i to warpgroup i % 2)."""
+    return lax.rem(lax.div(step, facts.k_iters), 2)
+
+
+def pingpong_producer(facts: KernelFacts, refs: GlobalRefs, ring: PingPongRing) -> None:
+    """The memory warpgroup of the ping-pong schedule: for each of this CTA's tiles in order,
+    the x [tile_m, tile_k] and w1 [tile_k, tile_n] blocks of its k_iters steps, loaded by TMA
+    into ring slot step % stages once the stage's previous user has consumed it, signalling the
+    tile's owner's "loaded" barrier."""
+    cfg = facts.config
+    tm, tn, tk, S = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages
+    k_iters = facts.k_iters
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+    @plgpu.nd_loop((facts.m_iters * facts.n_iters,), collective_axes="sm")
+    def _tile_loop(loop_info):
+        (lin,) = loop_info.index
+        m_idx, n_idx = _tile_indices(facts, lin)
+        first_step = loop_info.local_index * k_iters
+        # this tile's owner's "loaded" barriers (_step_owner of its steps)
+        loaded_base = (loop_info.local_index % 2) * S
+
+        def load(k, carry):
+            step = first_step + k
+            slot = lax.rem(step, S)
+
+            @pl.when(step >= S)
+            def _():
+                plgpu.barrier_wait(ring.consumed.at[_step_owner(facts, step - S) * S + slot])
+
+            plgpu.copy_gmem_to_smem(
+                refs.x.at[pl.ds(m_idx * tm, tm), pl.ds(k * tk, tk)],
+                ring.x.at[slot], ring.loaded.at[loaded_base + slot])
+            plgpu.copy_gmem_to_smem(
+                refs.w.at[pl.ds(k * tk, tk), pl.ds(n_idx * tn, tn)],
+                ring.w.at[slot], ring.loaded.at[loaded_base + slot])
+            return carry
+
+        lax.fori_loop(0, k_iters, load, None)
+
+    # Observe each stage's last release too (every phase of a barrier is waited for by the
+    # thread that waits on it).
+    steps = _local_tile_count(facts) * k_iters
+    for slot in range(S):
+        @pl.when(steps > slot)
+        def _():
+            last = slot + lax.div(steps - 1 - slot, S) * S
+            plgpu.barrier_wait(ring.consumed.at[_step_owner(facts, last) * S + slot])
+
+
+def pingpong_mainloop(facts: KernelFacts, ring: PingPongRing, wg, acc_ref, first_step) -> None:
+    """acc_ref [tile_m, tile_n] += the k_iters steps from this CTA's step `first_step` on, by
+    compute warpgroup `wg`: each waits for its stage's "loaded" barrier and issues a wgmma. One
+    wgmma stays in flight: step k is issued before step k - 1 is waited for, then k - 1's stage
+    is released ("consumed"); the last is released once all have finished."""
+    S, k_iters = facts.config.stages, facts.k_iters
+
+    def release(step):
+        plgpu.barrier_arrive(ring.consumed.at[wg * S + lax.rem(step, S)])
+
+    def mma(k, carry):
+        slot = lax.rem(first_step + k, S)
+        plgpu.barrier_wait(ring.loaded.at[wg * S + slot])
+        plgpu.wgmma(acc_ref, ring.x.at[slot], ring.w.at[slot])
+        plgpu.wgmma_wait(1)
+
+        @pl.when(k > 0)
+        def _():
+            release(first_step + k - 1)
+
+        return carry
+
+    lax.fori_loop(0, k_iters, mma, None)
+    plgpu.wgmma_wait(0)
+    release(first_step + k_iters - 1)
+
+
+def pingpong_tile(facts: KernelFacts, refs: GlobalRefs, ring: PingPongRing, out_smem, wg,
+                  loop_info) -> None:
+    """One whole output tile of compute warpgroup `wg` (the loop_info.local_index-th of this
+    CTA's tiles): `pingpong_mainloop` into a fresh accumulator (with `ordered`, after the other
+    warpgroup's mainloop of the tile before has finished), then its `epilogue`."""
+    cfg = facts.config
+    (lin,) = loop_info.index
+    m_idx, n_idx = _tile_indices(facts, lin)
+    bias = _load_bias(refs.b, n_idx, cfg.tile_n)
+    first_step = loop_info.local_index * facts.k_iters
+
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
+    def _acc_scope(acc_ref):
+        if cfg.ordered:
+            @pl.when(loop_info.local_index > 0)
+            def _():  # the other's mainloop of the tile before
+                plgpu.barrier_wait(ring.done.at[1 - wg])
+
+        with jax.named_scope("mainloop"):
+            pingpong_mainloop(facts, ring, wg, acc_ref, first_step)
+        if cfg.ordered:
+            plgpu.barrier_arrive(ring.done.at[wg])
+        epilogue(facts, refs, out_smem, wg, acc_ref[...], bias, m_idx, n_idx)
+
+
+def pingpong_consumer(facts: KernelFacts, refs: GlobalRefs, ring: PingPongRing, out_smem,
+                      wg) -> None:
+    """Compute warpgroup `wg` of the ping-pong schedule: `pingpong_tile` on this CTA's tiles
+    wg, wg + 2, ... (its even or odd ones)."""
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+    @plgpu.nd_loop((facts.m_iters * facts.n_iters,), collective_axes="sm")
+    def _tile_loop(loop_info):
+        @pl.when(loop_info.local_index % 2 == wg)
+        def _mine():
+            pingpong_tile(facts, refs, ring, out_smem, wg, loop_info)
+
+    if facts.config.ordered:
+        # Observe the other's last arrival too, when no tile of ours followed it: warpgroup 0
+        # waits once per tile of its own after the first, so for an even count of local tiles
+        # warpgroup 1's last is left over; warpgroup 1 waits once per own tile, leaving 0's
+        # last when odd.
+        n_local = _local_tile_count(facts)
+        left_over = jnp.where(wg == 0, (n_local > 0) & (n_local % 2 == 0), n_local % 2 == 1)
+
+        @pl.when(left_over)
+        def _():
+            plgpu.barrier_wait(ring.done.at[1 - wg])
+
+
+def pingpong_schedule(facts: KernelFacts, refs: GlobalRefs, epilogue_scratch: dict) -> None:
+    """The ping-pong schedule: each compute warpgroup owns whole [tile_m, tile_n] output tiles
+    (this CTA's even or odd ones); the memory warpgroup streams every tile's steps in order
+    through one SMEM ring (`PingPongRing`), so a warpgroup's mainloop starts when the other's is
+    nearly done: one's epilogue runs while the other's wgmmas keep the tensor cores busy. One
+    ring for both (not one each) doubles how far ahead of the running mainloop the loads can be
+    (faster with statistics on the H200; see bench/RESULTS.md)."""
+    cfg = facts.config
+    S = cfg.stages
+    ring_x = plgpu.SMEM((S, cfg.tile_m, cfg.tile_k), facts.in_dtype,
+                        transforms=facts.in_transforms)
+    ring_w = plgpu.SMEM((S, cfg.tile_k, cfg.tile_n), facts.in_dtype,
+                        transforms=facts.in_transforms)
+    loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * S)
+    consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * S)
+    # Allocated also when not ordered (16 bytes, unused), as smem_bytes counts them.
+    done = plgpu.Barrier(num_arrivals=1, num_barriers=2)
+
+    @functools.partial(pl.run_scoped, ring_x=ring_x, ring_w=ring_w, loaded=loaded,
+                       consumed=consumed, done=done, **epilogue_scratch, collective_axes="wg")
+    def _scope(ring_x, ring_w, loaded, consumed, done, **scratch):
+        ring = PingPongRing(x=ring_x, w=ring_w, loaded=loaded, consumed=consumed, done=done)
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == 2)
+        def _memory():
+            pingpong_producer(facts, refs, ring)
+
+        @pl.when(wg < 2)
+        def _compute():
+            pingpong_consumer(facts, refs, ring, scratch.get("out_smem"), wg)
+
+
+def _out_types(facts: KernelFacts) -> tuple:
+    """The kernel's outputs: h [Tp, Fp]; interpreted with statistics, the partials tc_part
+    [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]; with the token mask, tm_part
+    [Tp, Fp / 32] int32."""
+    plan = facts.plan
+    out_type = [jax.ShapeDtypeStruct((plan.Tp, plan.Fp), facts.out_dtype)]
+    if facts.with_stats and facts.interpret:
+        out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
+                     jax.ShapeDtypeStruct((plan.row_tiles, plan.n_seg, WARPS, plan.Fp // 4),
+                                          jnp.int32)]
+    if facts.with_stats and facts.with_token_mask:
+        out_type.append(jax.ShapeDtypeStruct((plan.Tp, plan.Fp // BITS_PER_WORD), jnp.int32))
+    return tuple(out_type)
+
+
+def _with_count_arrays(kernel, facts: KernelFacts):
+    """`kernel` as `build_call` returns it: as it is without statistics; interpreted, with its
+    per-tile partials reduced by JAX; compiled, given zeroed count accumulators to add into
+    (`jax.new_ref`), returning their contents with the sequence-count words unpacked."""
+    plan = facts.plan
+    if not facts.with_stats:
+        return kernel
+    if facts.interpret:
+        def call(x, w, b):
+            h, tc_part, sc_part, *token_mask = kernel(x, w, b)
+            return (h, jnp.sum(tc_part, axis=0, dtype=jnp.int32),
+                    _interpreted_sequence_counts(sc_part, plan), *token_mask)
+        return call
+
+    def call(x, w, b):
+        token_count = jax.new_ref(jnp.zeros((plan.Tp,), jnp.int32))
+        seq_words = jax.new_ref(jnp.zeros((plan.n_seq, plan.Fp // 2), jnp.int32))
+        h, *token_mask = kernel(x, w, b, token_count, seq_words)
+        return (h, jax.freeze(token_count),
+                _unpack_col_counts(jax.freeze(seq_words), plan.config.tile_n), *token_mask)
+    return call
+
+
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
                num_sms: int, interpret=None, profile_dir: str | None = None,
                profile_ranges: int = 200):
@@ -486,390 +1031,36 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     JAX reduces here (the interpreter runs neither inline Mosaic GPU nor atomics).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
-    named phases below (mainloop, epilogue_h, and per piece of the statistics pack (the
-    comparison with 0 included), token_count, seq_count, token_mask) per warpgroup, the first
+    named phases (mainloop, epilogue_h, and per piece of the statistics pack (the comparison
+    with 0 included), token_count, seq_count, token_mask) per warpgroup, the first
     `profile_ranges` of each (their buffer takes 16 bytes per range and warpgroup of shared
     memory); for bench/profile_mosaic.py."""
     cfg = plan.config
     cfg.validate()
     check_smem(cfg, in_dtype, out_dtype)
-    in_dtype, out_dtype = jnp.dtype(in_dtype), jnp.dtype(out_dtype)
-    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-    cta_m, cta_n = cfg.cta_m, cfg.cta_n
-    m_iters, n_iters, k_iters = plan.Tp // cta_m, plan.Fp // cta_n, plan.Dp // tk
-    epi_m, epi_n = 64, cfg.epi_tile_n
-    n_epi = (tm // epi_m) * (tn // epi_n)
-    L, T, n_seg, aligned = plan.seq_len, plan.T, plan.n_seg, plan.aligned
-    n_seq = plan.n_seq
-    is_interpret = interpret is not None
-    if with_stats and not is_interpret and plan.seq_len > MAX_SEQ_LEN:
+    facts = KernelFacts(plan=plan, in_dtype=jnp.dtype(in_dtype), out_dtype=jnp.dtype(out_dtype),
+                        with_stats=with_stats, with_token_mask=with_token_mask,
+                        interpret=interpret is not None, num_sms=num_sms)
+    if with_stats and not facts.interpret and plan.seq_len > MAX_SEQ_LEN:
         raise ValueError(
             f"mosaic_gpu: seq_len={plan.seq_len} > {MAX_SEQ_LEN}: the kernel's sequence counts "
-            "are 16-bit (ops.mosaic_gpu_forward counts a longer sequence in parts)")
-    n_lanes = 32 // LANE_BITS
-    lane_cols = tn // n_lanes
-    chunk = min(lane_cols, BITS_PER_WORD)  # columns of one piece of the statistics
-
-    swizzle = plgpu.find_swizzle(tk * in_dtype.itemsize * 8)
-    in_transforms = (plgpu.TilingTransform((8, swizzle // in_dtype.itemsize)),
-                     plgpu.SwizzleTransform(swizzle))
-    out_swizzle = plgpu.find_swizzle(epi_n * out_dtype.itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_dtype.itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
-    minor = 0 if cfg.grid_minor == "m" else 1
-    wgmma_layout = plgpu.Layout.WGMMA
+            "are 16-bit (ops.counting_seq_len counts a longer sequence in parts)")
+    schedule = pingpong_schedule if cfg.wg_dim == "pingpong" else cooperative_schedule
+    # The epilogue's SMEM (both schedules): h staging slots per compute warpgroup.
+    epilogue_scratch = {}
+    if cfg.h_store == "tma":
+        epilogue_scratch["out_smem"] = plgpu.SMEM(
+            (2, cfg.epi_slots, 64, cfg.epi_tile_n), facts.out_dtype,
+            transforms=facts.out_transforms)
 
     def body(x_gmem, w_gmem, b_gmem, *refs):
-        # compiled: the zeroed accumulators (inputs) token counts [Tp] and sequence-count words
-        # [n_seq, Fp / 2], then the outputs h and tm_part; interpreted: the outputs h, tc_part,
-        # sc_part, tm_part
-        refs = list(refs)
-        tc_gmem = sc_gmem = tm_gmem = None
-        if with_stats and not is_interpret:
-            tc_gmem, sc_gmem = refs.pop(0), refs.pop(0)
-        h_gmem = refs.pop(0)
-        if with_stats:
-            if is_interpret:
-                tc_gmem, sc_gmem = refs.pop(0), refs.pop(0)
-            if with_token_mask:
-                tm_gmem = refs.pop(0)
-
-        def tile_indices(lin):
-            """(m, n) of the lin-th CTA tile along a planar snake (L2 reuse)."""
-            return plgpu.planar_snake(lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
-
-        def load_bias(col_tile):
-            # b1 in its own dtype (bf16 or f32): converting here spares XLA a convert fusion
-            # launched before the kernel
-            bias = plgpu.load(b_gmem.at[pl.ds(col_tile * tn, tn)],
-                              layout=wgmma_layout.reduce(0), optimized=False)
-            return bias.astype(jnp.float32)
-
-        def store_h_by_tma(h, h_tile, out_smem):
-            """h [tm, tn] (registers) -> h_tile (global) in [64, epi_n] pieces through this
-            warpgroup's epi_slots SMEM slots, each piece's TMA store in flight until its slot
-            comes round again."""
-            slots = cfg.epi_slots
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores
-            for e in range(n_epi):
-                ei, ej = divmod(e, tn // epi_n)
-                rows = slice(ei * epi_m, (ei + 1) * epi_m)
-                cols = slice(ej * epi_n, (ej + 1) * epi_n)
-                if e >= slots:
-                    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                out_smem[e % slots] = h[rows, cols]
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem.at[e % slots], h_tile.at[rows, cols])
-
-        def epilogue(acc, bias, wg, row_tile, col_tile, epi):
-            """Bias, ReLU, h's store and the statistics of warpgroup `wg`'s [tm, tn] output tile
-            (row tile `row_tile`, column tile `col_tile`, in units of tm and tn)."""
-            row0, col0 = row_tile * tm, col_tile * tn
-            h_tile = h_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn)]
-            with jax.named_scope("epilogue_h"):
-                pre = acc + lax.broadcast_in_dim(bias, (tm, tn), [1])
-                h = jnp.maximum(pre, 0.0).astype(out_dtype)
-                if cfg.h_store == "direct":
-                    h_tile[...] = h
-                else:
-                    store_h_by_tma(h, h_tile, epi["out_smem"].at[wg])
-            if with_stats:
-                statistics(h, row0, row_tile, col_tile)
-
-        def segment_bounds(row0):
-            """(None, [None]) when every row of the tile is in one sequence (aligned); else the
-            tile's row iota [tm, chunk] and the [start, stop) rows of each of its n_seg
-            segments."""
-            if aligned:
-                return None, [None]
-            local = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 0, layout=wgmma_layout)
-            first = lax.div(row0, L)
-            bounds = []
-            for s in range(n_seg):
-                start = (first + s) * L - row0
-                bounds.append((start, jnp.minimum(start + L, T - row0)))
-            return local, bounds
-
-        def statistics(h, row0, row_tile, col_tile):
-            """The statistics of one [tm, tn] tile of h whose first row is row0 (module
-            docstring), over [tm, chunk] column pieces so that only h and one piece's values are
-            live (all of `used` as int32 would be 128 registers a thread at 128 x 128, and
-            spilled)."""
-            local, bounds = segment_bounds(row0)
-            if with_token_mask:
-                bit = plgpu.broadcasted_iota(jnp.int32, (tm, chunk), 1, layout=wgmma_layout)
-            token_count = None
-            mask_words = {}
-            # Piece (i, off) is columns i * lane_cols + off .. + chunk - 1: lane i of the packed
-            # words off .. off + chunk - 1.
-            for off in range(0, lane_cols, chunk):
-                if with_token_mask:
-                    with jax.named_scope("token_mask"):
-                        for i in range(n_lanes):
-                            c0 = i * lane_cols + off
-                            used = _used(h, c0, chunk)
-                            # used << (c % 32) summed over a word's columns: their OR.
-                            w = c0 // BITS_PER_WORD
-                            part = jnp.sum(jnp.where(
-                                used, lax.shift_left(1, bit + c0 % BITS_PER_WORD), 0), axis=1)
-                            mask_words[w] = part if w not in mask_words else mask_words[w] + part
-                with jax.named_scope("pack"):
-                    packed = _pack_used(h, off, chunk, is_interpret)
-                with jax.named_scope("token_count"):
-                    lanes = jnp.sum(packed, axis=1)  # four counts of up to 64 per row
-                    token_count = lanes if token_count is None else token_count + lanes
-                for s, seg in enumerate(bounds):
-                    vals = packed
-                    if seg is not None:
-                        start, stop = seg
-                        vals = jnp.where((local >= start) & (local < stop), packed, 0)
-                    with jax.named_scope("seq_count"):
-                        if is_interpret:
-                            _store_warp_col_sums_interpreted(
-                                vals, sc_gmem.at[row_tile, s, :,
-                                                 pl.ds(col_tile * lane_cols + off, chunk)])
-                        else:
-                            # A segment past the last sequence has no rows (all masked): its
-                            # zeros go to the last sequence's row, so any index is in bounds.
-                            seq = jnp.minimum(lax.div(row0, L) + s, n_seq - 1)
-                            _add_col_counts(
-                                vals, sc_gmem.at[seq, pl.ds(col_tile * (tn // 2), tn // 2)],
-                                off, lane_cols)
-            with jax.named_scope("token_count"):  # add each row's four lanes
-                pairs = ((token_count & 0x00FF00FF)
-                         + (lax.shift_right_logical(token_count, 8) & 0x00FF00FF))
-                counts = (pairs & 0xFFFF) + lax.shift_right_logical(pairs, 16)
-                if is_interpret:
-                    tc_gmem.at[col_tile, pl.ds(row0, tm)][...] = counts
-                else:
-                    _add_row_counts(counts, tc_gmem.at[pl.ds(row0, tm)])
-            if with_token_mask:
-                with jax.named_scope("token_mask"):
-                    words = tn // BITS_PER_WORD
-                    for w, word in mask_words.items():
-                        tm_gmem.at[pl.ds(row0, tm), col_tile * words + w][...] = word
-
-        # The epilogue's SMEM (both schedules): h staging per compute warpgroup.
-        epi_scoped = {}
-        if cfg.h_store == "tma":
-            epi_scoped["out_smem"] = plgpu.SMEM((2, cfg.epi_slots, epi_m, epi_n), out_dtype,
-                                                transforms=out_transforms)
-
-        def cooperative():
-            """Both compute warpgroups consume every stage of one ring and split the CTA tile
-            (`emit_pipeline_warp_specialized`); their epilogues run at the same time."""
-            def get_pipeline(step, compute_context):
-                return plgpu.emit_pipeline_warp_specialized(
-                    step,
-                    grid=(k_iters,),
-                    memory_registers=MEMORY_REGISTERS,
-                    in_specs=[
-                        plgpu.BlockSpec((cta_m, tk), lambda k: (0, k), transforms=in_transforms,
-                                        memory_space=plgpu.SMEM),
-                        plgpu.BlockSpec((tk, cta_n), lambda k: (k, 0), transforms=in_transforms,
-                                        memory_space=plgpu.SMEM),
-                    ],
-                    wg_axis="wg",
-                    num_compute_wgs=2,
-                    max_concurrent_steps=cfg.stages,
-                    compute_context=compute_context,
-                )
-
-            ignore = lambda *_, **__: None  # noqa: E731
-            pipeline_allocs = get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem)
-
-            @functools.partial(pl.run_scoped, pipeline_allocs=pipeline_allocs, **epi_scoped,
-                               collective_axes="wg")
-            def _scope(pipeline_allocs, **epi):
-                wg = lax.axis_index("wg")
-
-                @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-                def _tile_loop(loop_info):
-                    (lin,) = loop_info.index
-                    m_idx, n_idx = tile_indices(lin)
-                    cta_rows = pl.ds(m_idx * cta_m, cta_m)
-                    cta_cols = pl.ds(n_idx * cta_n, cta_n)
-                    if cfg.wg_dim == "m":
-                        wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
-                        row_tile, col_tile = m_idx * 2 + wg, n_idx
-                    else:
-                        wg_rows, wg_cols = slice(None), pl.ds(wg * tn, tn)
-                        row_tile, col_tile = m_idx, n_idx * 2 + wg
-
-                    def compute_context(eval_pipeline):
-                        @functools.partial(pl.run_scoped,
-                                           acc_ref=plgpu.ACC((tm, tn), jnp.float32))
-                        def _acc_scope(acc_ref):
-                            with jax.named_scope("mainloop"):
-                                eval_pipeline(acc_ref)
-                            epilogue(acc_ref[...], load_bias(col_tile), wg, row_tile, col_tile,
-                                     epi)
-
-                    def mma_step(idxs, x_smem, w_smem, acc_ref):
-                        del idxs
-                        plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
-                        plgpu.wgmma_wait(0)
-                        return acc_ref
-
-                    get_pipeline(mma_step, compute_context)(
-                        x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols],
-                        allocations=pipeline_allocs)
-
-        def pingpong():
-            """Each compute warpgroup owns whole [tm, tn] output tiles (this CTA's even or odd
-            ones); the memory warpgroup streams every tile's steps in order through one SMEM
-            ring, so a warpgroup's mainloop starts when the other's is nearly done: one's
-            epilogue runs while the other's wgmmas keep the tensor cores busy. One ring for both
-            (not one each) doubles how far ahead of the running mainloop the loads can be: 6
-            shared stages instead of 3 each took the kernel with statistics from 1.22 to 1.14 of
-            XLA's GEMM at 8192x1024x32768 (bench/RESULTS.md)."""
-            S = cfg.stages
-            ring_x = plgpu.SMEM((S, tm, tk), in_dtype, transforms=in_transforms)
-            ring_w = plgpu.SMEM((S, tk, tn), in_dtype, transforms=in_transforms)
-            # Per compute warpgroup and stage, index wg * S + slot: "loaded" (two TMA arrivals:
-            # x and w) and "consumed". A stage serves both warpgroups in turn, but each barrier
-            # sees only its own warpgroup's uses of it, so whoever waits on a barrier waits on
-            # each of its phases in order (a waiter must not fall two phases behind: mbarrier
-            # waits go by phase parity).
-            loaded = plgpu.Barrier(num_arrivals=2, num_barriers=2 * S)
-            consumed = plgpu.Barrier(num_arrivals=1, num_barriers=2 * S)
-            # cfg.ordered: "mainloop done", one per compute warpgroup, arrived after each of its
-            # mainloops; the other waits on each phase in turn before its next mainloop. (Also
-            # allocated, unused, when not ordered: 16 bytes, and the kernels timed and tested on
-            # the H200 have them.)
-            done = plgpu.Barrier(num_arrivals=1, num_barriers=2)
-
-            def local_tile_count():
-                """How many output tiles this CTA takes (nd_loop: tiles sm, sm + num_sms, ...)."""
-                n_tiles = m_iters * n_iters
-                return jnp.maximum(n_tiles - lax.axis_index("sm") + num_sms - 1, 0) // num_sms
-
-            def owner(step):
-                """The compute warpgroup of this CTA's step `step` (its tiles in order, k_iters
-                steps each, tile i to warpgroup i % 2)."""
-                return lax.rem(lax.div(step, k_iters), 2)
-
-            @functools.partial(pl.run_scoped, ring_x=ring_x, ring_w=ring_w, loaded=loaded,
-                               consumed=consumed, done=done, **epi_scoped,
-                               collective_axes="wg")
-            def _scope(ring_x, ring_w, loaded, consumed, done, **epi):
-                wg = lax.axis_index("wg")
-
-                @pl.when(wg == 2)
-                def _memory():
-                    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-
-                    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-                    def _tile_loop(loop_info):
-                        (lin,) = loop_info.index
-                        m_idx, n_idx = tile_indices(lin)
-                        first_step = loop_info.local_index * k_iters
-                        # this tile's owner's "loaded" barriers (owner(step) of its steps)
-                        loaded_base = (loop_info.local_index % 2) * S
-
-                        def load(k, carry):
-                            step = first_step + k
-                            slot = lax.rem(step, S)
-
-                            @pl.when(step >= S)
-                            def _():
-                                plgpu.barrier_wait(consumed.at[owner(step - S) * S + slot])
-
-                            plgpu.copy_gmem_to_smem(
-                                x_gmem.at[pl.ds(m_idx * tm, tm), pl.ds(k * tk, tk)],
-                                ring_x.at[slot], loaded.at[loaded_base + slot])
-                            plgpu.copy_gmem_to_smem(
-                                w_gmem.at[pl.ds(k * tk, tk), pl.ds(n_idx * tn, tn)],
-                                ring_w.at[slot], loaded.at[loaded_base + slot])
-                            return carry
-
-                        lax.fori_loop(0, k_iters, load, None)
-
-                    # Observe each stage's last release too (every phase of a barrier is
-                    # waited for by the thread that waits on it).
-                    steps = local_tile_count() * k_iters
-                    for slot in range(S):
-                        @pl.when(steps > slot)
-                        def _():
-                            last = slot + lax.div(steps - 1 - slot, S) * S
-                            plgpu.barrier_wait(consumed.at[owner(last) * S + slot])
-
-                @pl.when(wg < 2)
-                def _compute():
-                    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-
-                    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-                    def _tile_loop(loop_info):
-                        @pl.when(loop_info.local_index % 2 == wg)
-                        def _mine():
-                            (lin,) = loop_info.index
-                            m_idx, n_idx = tile_indices(lin)
-                            bias = load_bias(n_idx)
-                            first_step = loop_info.local_index * k_iters
-
-                            def release(step):
-                                plgpu.barrier_arrive(consumed.at[wg * S + lax.rem(step, S)])
-
-                            @functools.partial(pl.run_scoped,
-                                               acc_ref=plgpu.ACC((tm, tn), jnp.float32))
-                            def _acc_scope(acc_ref):
-                                # One wgmma stays in flight: step k is issued before step k - 1
-                                # is waited for, then k - 1's stage is released.
-                                def mma(k, carry):
-                                    slot = lax.rem(first_step + k, S)
-                                    plgpu.barrier_wait(loaded.at[wg * S + slot])
-                                    plgpu.wgmma(acc_ref, ring_x.at[slot], ring_w.at[slot])
-                                    plgpu.wgmma_wait(1)
-
-                                    @pl.when(k > 0)
-                                    def _():
-                                        release(first_step + k - 1)
-
-                                    return carry
-
-                                if cfg.ordered:
-                                    @pl.when(loop_info.local_index > 0)
-                                    def _():  # the other's mainloop of the tile before
-                                        plgpu.barrier_wait(done.at[1 - wg])
-
-                                with jax.named_scope("mainloop"):
-                                    lax.fori_loop(0, k_iters, mma, None)
-                                    plgpu.wgmma_wait(0)
-                                    release(first_step + k_iters - 1)
-                                if cfg.ordered:
-                                    plgpu.barrier_arrive(done.at[wg])
-                                epilogue(acc_ref[...], bias, wg, m_idx, n_idx, epi)
-
-                    if cfg.ordered:
-                        # Observe the other's last arrival too, when no tile of ours followed
-                        # it: warpgroup 0 waits once per tile of its own after the first, so
-                        # for an even count of local tiles warpgroup 1's last is left over;
-                        # warpgroup 1 waits once per own tile, leaving 0's last when odd.
-                        n_local = local_tile_count()
-                        left_over = jnp.where(wg == 0, (n_local > 0) & (n_local % 2 == 0),
-                                              n_local % 2 == 1)
-
-                        @pl.when(left_over)
-                        def _():
-                            plgpu.barrier_wait(done.at[1 - wg])
-
-        if cfg.wg_dim == "pingpong":
-            pingpong()
-        else:
-            cooperative()
+        schedule(facts, _global_refs(facts, x_gmem, w_gmem, b_gmem, refs), epilogue_scratch)
         # Every TMA store has landed before the kernel exits.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_type = [jax.ShapeDtypeStruct((plan.Tp, plan.Fp), out_dtype)]
-    if with_stats and is_interpret:
-        out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
-                     jax.ShapeDtypeStruct((plan.row_tiles, n_seg, WARPS, plan.Fp // 4),
-                                          jnp.int32)]
-    if with_stats and with_token_mask:
-        out_type.append(jax.ShapeDtypeStruct((plan.Tp, plan.Fp // BITS_PER_WORD), jnp.int32))
     kernel = plgpu.kernel(
         body,
-        out_type=tuple(out_type),
+        out_type=_out_types(facts),
         grid=(num_sms,),
         grid_names=("sm",),
         num_threads=3,
@@ -880,22 +1071,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                     profile_bounds_check=True) if profile_dir else {})),
         interpret=interpret,
     )
-    if not with_stats:
-        return kernel
-    if is_interpret:
-        def call(x, w, b):
-            h, tc_part, sc_part, *token_mask = kernel(x, w, b)
-            return (h, jnp.sum(tc_part, axis=0, dtype=jnp.int32),
-                    _interpreted_sequence_counts(sc_part, plan), *token_mask)
-        return call
-
-    def call(x, w, b):
-        token_count = jax.new_ref(jnp.zeros((plan.Tp,), jnp.int32))
-        seq_words = jax.new_ref(jnp.zeros((n_seq, plan.Fp // 2), jnp.int32))
-        h, *token_mask = kernel(x, w, b, token_count, seq_words)
-        return (h, jax.freeze(token_count), _unpack_col_counts(jax.freeze(seq_words), tn),
-                *token_mask)
-    return call
+    return _with_count_arrays(kernel, facts)
 
 
 def _interpreted_sequence_counts(sc_part: jax.Array, plan: Plan) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Everything a later look needs is written here, and everything a resume needs is read back from
 here. Writes that a crash could tear (checkpoints, config) go through a temporary file and
-`os.replace`.
+`os.replace`. Reading metrics and config goes through `runs.reader`, which reports share.
 """
 
 import json
@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 from flax import serialization
+
+from relu_sparsity.runs.reader import CONFIG_FILE, METRICS_FILE, read_config, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ class RunFolder:
         self.path = Path(path)
         self.masks = self.path / "masks"
         self.checkpoints = self.path / "checkpoints"
-        self.metrics_file = self.path / "metrics.jsonl"
-        self.config_file = self.path / "config.json"
+        self.metrics_file = self.path / METRICS_FILE
+        self.config_file = self.path / CONFIG_FILE
 
     def create(self) -> None:
         for folder in (self.path, self.masks, self.checkpoints):
@@ -53,9 +55,7 @@ class RunFolder:
 
     # config.json -------------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any] | None:
-        if not self.config_file.exists():
-            return None
-        return json.loads(self.config_file.read_text())
+        return read_config(self.path)
 
     def write_config(self, values: dict[str, Any]) -> None:
         _atomic_write(self.config_file, (json.dumps(values, indent=2) + "\n").encode())
@@ -67,15 +67,7 @@ class RunFolder:
             f.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        records = []
-        for line in self.metrics_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash: the resume rewrites it
-                break
-        return records
+        return read_metrics(self.path, missing_ok=True)
 
     def write_masks(self, step: int, layer_masks: list[np.ndarray]) -> None:
         """layer_masks[i]: uint32 [n_devices, W] batch masks of layer i, original unit ids."""

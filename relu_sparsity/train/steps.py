@@ -1,0 +1,159 @@
+"""The jitted programs of a run: the optimizer, the train step and the evaluation step, built for
+one set of layer widths. `build_program` builds them at the start and again after pruning.
+
+Step numbering (docs/design.md §6): the train step at step `s` runs the forward pass on the
+parameters after `s` updates, so step 0 is the model at initialization (the paper's "batch 0").
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
+from relu_sparsity.train.config import Config
+from relu_sparsity.train.pruning import Pruning
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def compute_dtype(config: Config) -> str:
+    """model.dtype, with `auto` meaning bfloat16 on accelerators and float32 on CPUs."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "tpu") else "float32"
+
+
+def model_config(config: Config, vocab_size: int, *, instrument: str | None = None,
+                 pruning: Pruning | None = None) -> TransformerConfig:
+    """The Transformer of `config`; after `pruning`, at the compacted widths (compact) or with
+    only the kept units live (mask, random)."""
+    m = config.model
+    d_ff, live = (m.d_ff if isinstance(m.d_ff, int) else tuple(m.d_ff)), None
+    if pruning is not None and pruning.mode == "compact":
+        d_ff = pruning.padded_widths
+    elif pruning is not None:
+        live = tuple(tuple(int(i) for i in k) for k in pruning.keep)
+    return TransformerConfig(
+        vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+        num_heads=m.num_heads, d_ff=d_ff, max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
+        instrument=instrument or config.instrument, backend=config.kernel, live=live,
+        live_multiple=config.train.prune_multiple, dtype=compute_dtype(config))
+
+
+def make_schedule(config: Config) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak, then cosine decay to peak * end_lr_ratio at the end."""
+    t = config.train
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.peak_lr, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.peak_lr * t.end_lr_ratio)
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """AdamW on the schedule, after global-norm clipping when train.clip_norm > 0."""
+    t = config.train
+    # Decay only matrices: biases, LayerNorm scales and positions keep their values.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
+    parts.append(optax.adamw(make_schedule(config), b1=t.b1, b2=t.b2,
+                             weight_decay=t.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def learning_rate(config: Config, step: int) -> float:
+    return float(make_schedule(config)(step))
+
+
+def init_state(model: Transformer, optimizer, config: Config) -> TrainState:
+    tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
+    params = model.init(jax.random.key(config.train.seed), tokens)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def restore_state(template: TrainState, saved: dict) -> TrainState:
+    """`saved` (a checkpoint's state dict) into `template`'s structure; every array must have
+    the template's shape (a checkpoint of another width is an error, not a silent reshape)."""
+    state = serialization.from_state_dict(template, saved)
+    mismatched = [(jax.tree_util.keystr(path), a.shape, b.shape) for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(state), strict=True)
+        if np.shape(a) != np.shape(b)]
+    if mismatched:
+        raise ValueError(f"the checkpoint does not fit this model: {mismatched[:3]} "
+                         "(name, model shape, checkpoint shape)")
+    return jax.tree.map(jnp.asarray, state)
+
+
+def make_train_step(model: Transformer, optimizer) -> Callable:
+    """(state, tokens [B, L + 1]) -> (state after one update, {loss, grad_norm}, per-layer
+    SparsityStats of this step's forward pass). Jitted, donating the state."""
+    def loss_fn(params, tokens):
+        logits, state = model.apply({"params": params}, tokens[:, :-1],
+                                    mutable=["intermediates"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return loss, layer_stats(state.get("intermediates", {}))
+
+    def train_step(state: TrainState, tokens: jax.Array):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(state.step + 1, params, opt_state)
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}, stats
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: Transformer) -> Callable:
+    """(params, tokens [B, L + 1]) -> (summed cross-entropy, correct next-token predictions)."""
+    @jax.jit
+    def eval_step(params, tokens):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        targets = tokens[:, 1:]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == targets)
+        return loss, correct
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches: Iterable[np.ndarray], place=jnp.asarray
+             ) -> dict[str, float]:
+    """Mean next-token loss and accuracy over every target token of `batches`."""
+    sums, count = [], 0
+    for tokens in batches:
+        sums.append(eval_step(params, place(tokens)))  # queued; fetched once below
+        count += tokens.shape[0] * (tokens.shape[1] - 1)
+    sums = jax.device_get(sums)
+    loss_sum = sum(float(loss) for loss, _ in sums)
+    correct = sum(int(hits) for _, hits in sums)
+    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What one set of layer widths compiles to."""
+    model: Transformer
+    train_step: Callable  # compiled for the state and batch it was built with
+    eval_step: Callable
+
+
+def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning | None,
+                  state: TrainState, tokens: jax.Array, tracing) -> Program:
+    """The model at `pruning`'s widths (None: the configured ones), its train step compiled for
+    `state` and `tokens` inside the `tracing` context (the device mesh), and its evaluation
+    step, which runs the un-instrumented model."""
+    model = Transformer(model_config(config, vocab_size, pruning=pruning))
+    with tracing():
+        train_step = make_train_step(model, optimizer).lower(state, tokens).compile()
+    eval_model = Transformer(model_config(config, vocab_size, instrument="off", pruning=pruning))
+    return Program(model, train_step, make_eval_step(eval_model))

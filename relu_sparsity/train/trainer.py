@@ -1,0 +1,287 @@
+"""Training a run, as the paper's procedure: at every step a batch, the forward pass with its
+statistics and one update; at logged steps the per-layer metrics and batch masks; at the prune
+step the units the batch did not use are dropped; checkpoints on the way, so that a run folder
+that is started again resumes where it stopped (docs/design.md §8).
+
+Statistics reach the host only at logged steps: the loop queues steps without waiting for them.
+"""
+
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from relu_sparsity.data import TokenCache, open_cache
+from relu_sparsity.kernels import resolve_fused_backend
+from relu_sparsity.kernels.bits import np_or_rows
+from relu_sparsity.model import Transformer
+from relu_sparsity.runs.folder import RunFolder
+from relu_sparsity.runs.metadata import run_metadata
+from relu_sparsity.runs.tensorboard import EventLog
+from relu_sparsity.train.config import Config, to_dict, validate
+from relu_sparsity.train.metrics import UnitStates, layer_records
+from relu_sparsity.train.parallel import DataParallel
+from relu_sparsity.train.pruning import Pruning, choose_units, compact_tree
+from relu_sparsity.train.steps import (
+    build_program,
+    compute_dtype,
+    evaluate,
+    init_state,
+    learning_rate,
+    make_optimizer,
+    model_config,
+    restore_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = False,
+          progress: bool = True, max_steps: int | None = None) -> Path:
+    """Train `config` in `run_dir`, resuming it if it holds a checkpoint. Returns the folder.
+
+    max_steps stops (with a checkpoint) after that many steps of this call: for tests and for
+    splitting long runs; the run resumes where it stopped.
+    """
+    validate(config)
+    folder = open_run_folder(run_dir, config, allow_config_change)
+    parallel = DataParallel()
+    cache = open_cache(config.data.source, config.data.vocab_size, config.data.cache)
+    backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
+        else "reference"
+    folder.write_config(run_metadata(to_dict(config), cache.meta, cache.path,
+                                     dtype=compute_dtype(config), backend=backend))
+    log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
+             folder.path, config.instrument, backend, compute_dtype(config))
+    trainer = Trainer(config, folder, cache, parallel)
+    end = config.train.steps if max_steps is None else min(config.train.steps,
+                                                          trainer.start + max_steps)
+    trainer.run(end, progress=progress)
+    return folder.path
+
+
+def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bool
+                    ) -> RunFolder:
+    """The run folder, created; one that holds a run of another configuration is refused unless
+    `allow_config_change`."""
+    folder = RunFolder(run_dir)
+    saved = folder.read_config()
+    wanted = to_dict(config)
+    if saved is not None:
+        differ = [k for k in wanted if saved.get(k) != wanted[k]]
+        if differ and not allow_config_change:
+            raise ValueError(f"{folder.path} holds a run with a different configuration "
+                             f"(sections {differ} differ); pass --allow-config-change to resume "
+                             "it with this one, or choose another --run-dir")
+    folder.create()
+    return folder
+
+
+class Trainer:
+    """One run's training state (parameters and optimizer, unit states, pruning) and the
+    programs compiled for it."""
+
+    def __init__(self, config: Config, folder: RunFolder, cache: TokenCache,
+                 parallel: DataParallel):
+        self.config, self.folder, self.cache, self.parallel = config, folder, cache, parallel
+        self.optimizer = make_optimizer(config)
+        self.widths = model_config(config, cache.vocab_size).layer_widths()  # the original
+        self.batch_size = config.train.batch_size * parallel.num_devices  # the global batch
+        if parallel.num_devices > 1:
+            log.info("data parallel over %d devices: %d sequences per device, %d per step",
+                     parallel.num_devices, config.train.batch_size, self.batch_size)
+        self.state, self.unit_states, self.pruning = self._restore_or_init()
+        self.start = int(self.state.step)
+        self.program = None
+
+    # Setup ---------------------------------------------------------------------------------
+    def _restore_or_init(self) -> tuple[Any, list[UnitStates], Pruning | None]:
+        """The state of the newest readable checkpoint (a compacted one at its widths), or a
+        fresh one; what was logged after it is dropped (the resume redoes it)."""
+        latest = self.folder.load_latest_checkpoint()
+        if latest is None:
+            self.folder.drop_after(0)
+            model = Transformer(model_config(self.config, self.cache.vocab_size))
+            state = init_state(model, self.optimizer, self.config)
+            return self.parallel.state(state), [UnitStates(w) for w in self.widths], None
+        step, saved = latest
+        pruning = Pruning.from_state_dict(saved["pruning"]) if saved.get("pruning") else None
+        model = Transformer(model_config(self.config, self.cache.vocab_size, pruning=pruning))
+        state = restore_state(init_state(model, self.optimizer, self.config),
+                              saved["train_state"])
+        unit_states = [UnitStates.from_state_dict(w, saved["unit_states"][str(i)])
+                       for i, w in enumerate(self.widths)]
+        dropped = self.folder.drop_after(step)
+        log.info("resumed from step %d (dropped %d log lines written after it)", step, dropped)
+        return self.parallel.state(state), unit_states, pruning
+
+    def batch(self, step: int) -> jax.Array:
+        """Step `step`'s global batch, placed on the devices: a function of the step alone."""
+        t = self.config.train
+        tokens = self.cache.batch("train", step, self.batch_size, self.config.model.seq_len,
+                                  seed=t.seed)
+        return self.parallel.batch(tokens)
+
+    def compile(self, tokens: jax.Array) -> None:
+        start = time.perf_counter()
+        self.program = build_program(self.config, self.cache.vocab_size, self.optimizer,
+                                     self.pruning, self.state, tokens, self.parallel.tracing)
+        log.info("compiled the train step in %.1f s", time.perf_counter() - start)
+
+    # The schedule --------------------------------------------------------------------------
+    def prune_due(self, step: int) -> bool:
+        t = self.config.train
+        return t.prune != "none" and step == t.prune_at and self.pruning is None
+
+    def evaluated(self, step: int) -> bool:
+        t = self.config.train
+        return step % t.eval_every == 0 or step == t.steps - 1
+
+    def logged(self, step: int) -> bool:
+        """Logged steps: every log_every, the last, the prune step, and every evaluated step
+        (so that no evaluation is lost)."""
+        t = self.config.train
+        return (step % t.log_every == 0 or step == t.steps - 1 or self.prune_due(step)
+                or self.evaluated(step))
+
+    def checkpoint_due(self, done: int, end: int) -> bool:
+        return done % self.config.train.checkpoint_every == 0 or done == end
+
+    # The steps -----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss and accuracy on the parameters the next forward pass sees."""
+        t, m = self.config.train, self.config.model
+        batches = self.cache.eval_batches(t.eval_batches, self.batch_size, m.seq_len)
+        return evaluate(self.program.eval_step, self.state.params, batches,
+                        place=self.parallel.batch)
+
+    def observe(self, step: int, scalars, stats, meter: "Throughput"
+                ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The logged step's loss, learning rate, throughput and, with statistics, per-layer
+        records, and its batch masks (per layer [n_devices, W], original unit ids)."""
+        scalars, stats = jax.device_get((scalars, stats))  # waits for the step
+        fields: dict[str, Any] = {"loss": float(scalars["loss"]),
+                                  "grad_norm": float(scalars["grad_norm"]),
+                                  "lr": learning_rate(self.config, step),
+                                  "tokens_per_s": meter.rate(step + 1)}
+        masks: list[np.ndarray] = []
+        if stats:
+            fields["layers"], masks = layer_records(stats, self.unit_states, self.pruning,
+                                                    self.parallel.num_devices)
+            self.folder.write_masks(step, masks)
+        return fields, masks
+
+    def prune(self, step: int, masks: list[np.ndarray], tokens: jax.Array) -> dict[str, Any]:
+        """From step + 1 on, only the units of this step's batch remain (a unit used on any
+        device is kept); the program is rebuilt at the new widths. Returns the log entry."""
+        t = self.config.train
+        self.pruning = choose_units(t.prune, [np_or_rows(m) for m in masks], self.widths, step,
+                                    t.seed, multiple=t.prune_multiple)
+        entry = {"mode": self.pruning.mode, "kept": list(self.pruning.widths)}
+        if self.pruning.mode == "compact":
+            entry["padded"] = list(self.pruning.padded_widths)
+            self.state = self.parallel.state(compact_tree(self.state, self.pruning.keep,
+                                                          self.pruning.padded_widths))
+        self.compile(tokens)
+        log.info("pruned (%s) after step %d: units per layer %s of %s%s", self.pruning.mode,
+                 step, list(self.pruning.widths), list(self.widths),
+                 f" (parameters padded to {entry['padded']})" if "padded" in entry else "")
+        return entry
+
+    def save(self, done: int) -> None:
+        """A checkpoint of the state after `done` updates."""
+        self.folder.save_checkpoint(done, {
+            "train_state": self.state,
+            "unit_states": {str(i): u.state_dict() for i, u in enumerate(self.unit_states)},
+            "pruning": self.pruning.state_dict() if self.pruning else {}},
+            keep=self.config.train.keep_checkpoints)
+
+    # The loop ------------------------------------------------------------------------------
+    def run(self, end: int, *, progress: bool) -> None:
+        """Steps start .. end - 1; a stop request (Ctrl-C, SIGTERM) checkpoints and returns."""
+        if self.start >= end:
+            log.info("the run is complete (%d steps)", self.start)
+            return
+        self.compile(self.batch(self.start))
+        events = EventLog(self.folder.path, self.start)
+        tokens_per_step = self.batch_size * self.config.model.seq_len
+        meter = Throughput(self.start, tokens_per_step)
+        bar = tqdm(total=self.config.train.steps, initial=self.start, disable=not progress,
+                   unit="step", dynamic_ncols=True)
+        with stop_requests() as stop:
+            for step in range(self.start, end):
+                tokens = self.batch(step)
+                record: dict[str, Any] = {"step": step}
+                if self.evaluated(step):
+                    jax.block_until_ready(self.state)  # the queued steps count as training
+                    with meter.paused():
+                        record.update(self.evaluate())
+                self.state, scalars, stats = self.program.train_step(self.state, tokens)
+                if self.logged(step):
+                    fields, masks = self.observe(step, scalars, stats, meter)
+                    record.update(fields)
+                    if self.prune_due(step):
+                        record["pruned"] = self.prune(step, masks, tokens)
+                    self.folder.append_metrics(record)
+                    events.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    meter.restart(step + 1)
+                bar.update(1)
+                if self.checkpoint_due(step + 1, end) or stop["stop"]:
+                    jax.block_until_ready(self.state)
+                    with meter.paused():
+                        self.save(step + 1)
+                if stop["stop"]:
+                    log.warning("stopped at step %d; run again with the same --run-dir to "
+                                "resume", step + 1)
+                    break
+        bar.close()
+        events.close()
+
+
+class Throughput:
+    """Training tokens per second since the last logged step, with evaluation and checkpoint
+    writing left out."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.since_step, self.since_time = step, time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.since_time += time.perf_counter() - start
+
+    def rate(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.since_time
+        return (step - self.since_step) * self.tokens_per_step / elapsed
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and returns."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):
+        if requested["stop"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        log.warning("stop requested: checkpointing after this step (press again to abort)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
