@@ -1,4 +1,4 @@
-"""Tests for relu_sparsity.train.data: corpus listing, tokenizer round trip, cache build/reuse, batches."""
+"""Tests for relu_sparsity.data: corpus listing, tokenizer round trip, cache build/reuse, batches."""
 
 import json
 import logging

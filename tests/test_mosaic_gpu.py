@@ -170,7 +170,7 @@ def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):
 ], ids=["all-slots", "direct-h"])
 def test_h_store_options_lower_for_cuda(config):
     # The tuning options of h's store fit and lower at a benchmark shape (their speed:
-    # bench/RESULTS.md, 2026-11-29 fourth session).
+    # bench/RESULTS.md).
     T, D, F = BENCH_SHAPES[0]
     assert kernel.smem_bytes(config, 2, 2) <= kernel.SMEM_LIMIT_BYTES
     fn = functools.partial(ops.forward, seq_len=512, with_stats=True,

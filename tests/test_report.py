@@ -1,4 +1,4 @@
-"""Tests for relu_sparsity.train.report: every printed number is recomputed from metrics.jsonl."""
+"""Tests for relu_sparsity.report: every printed number is recomputed from metrics.jsonl."""
 
 from __future__ import annotations
 

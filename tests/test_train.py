@@ -1,5 +1,5 @@
 """The training loop end to end on a very small config: loss falls, the run folder holds what
-DESIGN.md lists, resume is exact, config changes are refused, and the CLI works."""
+docs/design.md §8 lists, resume is exact, config changes are refused, and the CLI works."""
 
 import json
 import shutil

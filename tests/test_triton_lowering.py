@@ -89,3 +89,12 @@ def test_launch_plan_rejects_bad_configs():
     assert not unaligned.constexprs["SEQ_PROGRAMS"] and unaligned.grid == (3 * 2,)
     aligned = kernel.launch_plan(96, 16, 64, 32, kernel.TileConfig(32, 32, 16, 8, 4, 2, True))
     assert aligned.constexprs["SEQ_PROGRAMS"] and aligned.grid == (3 * 2,)
+
+
+def test_fingerprint_names_the_kernel_not_its_source_lines():
+    from relu_sparsity.bench import triton_fingerprint
+
+    case = (256, 64, 300, 128, jnp.bfloat16, kernel.TileConfig(64, 64, 32, 4, 4, 2))
+    with_stats = triton_fingerprint.fingerprint(*case, True, False)
+    assert triton_fingerprint.fingerprint(*case, True, False) == with_stats
+    assert triton_fingerprint.fingerprint(*case, False, False) != with_stats

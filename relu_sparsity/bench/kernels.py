@@ -46,7 +46,7 @@ def run(shapes, *, seq_len: int, dtype: str, repeats: int) -> list[dict]:
             raise ValueError(f"seq_len {seq_len} must divide T = {t}")
         x, w1, b1 = random_inputs(t, d, f, dtype)
         flops = 2.0 * t * d * f
-        # 50 back-to-back launches a round on accelerators (GPU.md's method); fewer on a CPU.
+        # 50 back-to-back launches a round on accelerators; fewer on a CPU.
         launches = 50 if jax.default_backend() != "cpu" else max(1, min(20, int(2e10 / flops)))
         base = None
         for name, fn in variants(seq_len).items():

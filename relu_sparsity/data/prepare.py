@@ -193,48 +193,8 @@ def prepare(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        t0 = time.perf_counter()
-        options = tokenizer_options(vocab_size, max_tokenizer_sentences, os.cpu_count() or 1)
-        hidden = rare_characters(train_texts, vocab_size, options["character_coverage"])
-        if hidden:
-            log.info("vocab %d is small: %d rare characters left to byte fallback", vocab_size, len(hidden))
-        model = train_tokenizer(train_texts, options, seed, hidden)
-        (tmp / "tokenizer.model").write_bytes(model)
-        sp = spm.SentencePieceProcessor(model_proto=model)
-        actual_vocab = sp.get_piece_size()
-        eos_id = sp.eos_id()
-        t_tok = time.perf_counter() - t0
-        if actual_vocab < vocab_size:
-            log.warning(
-                "corpus too small for vocab_size=%d: tokenizer has %d pieces (ids < %d)",
-                vocab_size, actual_vocab, actual_vocab,
-            )
-
-        t0 = time.perf_counter()
-        dtype = np.dtype(np.uint16 if actual_vocab <= 65535 else np.uint32)
-        train_tokens, train_counts = _encode_split(
-            sp, train_texts, tmp / "train.bin", dtype, eos_id, not single, "encode train", actual_vocab
-        )
-        eval_tokens, _ = _encode_split(
-            sp, eval_texts, tmp / "eval.bin", dtype, eos_id, True, "encode eval", actual_vocab
-        )
-        t_enc = time.perf_counter() - t0
-        options = {k: v for k, v in options.items() if k != "minloglevel"}
-        options["hidden_training_chars"] = len(hidden)  # ours, not SentencePiece's
-
-        meta = {
-            **settings,
-            **corpus,
-            "vocab_size": actual_vocab,
-            "dtype": dtype.name,
-            "train_tokens": train_tokens,
-            "eval_tokens": eval_tokens,
-            "train_documents": len(train_texts),
-            "eval_documents": len(eval_texts),
-            "eos_id": eos_id,
-            "unigram_entropy_nats": _entropy_nats(train_counts),
-            "tokenizer": options,
-        }
+        meta = {**settings, **corpus, **_build(tmp, train_texts, eval_texts, single, vocab_size,
+                                              seed, max_tokenizer_sentences)}
         # meta.json last: its presence marks a complete build.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -251,9 +211,54 @@ def prepare(
             shutil.rmtree(tmp, ignore_errors=True)
 
     log.info(
-        "prepared %s in %.1fs (tokenizer %.1fs, encode %.1fs): %d train + %d eval tokens "
-        "(%.2f chars/token), vocab %d, unigram entropy %.3f nats",
-        cache_dir, time.perf_counter() - started, t_tok, t_enc, train_tokens, eval_tokens,
-        sum(map(len, train_texts)) / max(train_tokens, 1), actual_vocab, meta["unigram_entropy_nats"],
+        "prepared %s in %.1fs: %d train + %d eval tokens (%.2f chars/token), vocab %d, unigram "
+        "entropy %.3f nats", cache_dir, time.perf_counter() - started, meta["train_tokens"],
+        meta["eval_tokens"], sum(map(len, train_texts)) / max(meta["train_tokens"], 1),
+        meta["vocab_size"], meta["unigram_entropy_nats"],
     )
     return cache_dir
+
+
+def _build(tmp: pathlib.Path, train_texts: list[str], eval_texts: list[str], single: bool,
+           vocab_size: int, seed: int, max_tokenizer_sentences: int) -> dict:
+    """Trains the tokenizer on the train split and encodes both splits into `tmp`; returns what
+    meta.json records of them."""
+    t0 = time.perf_counter()
+    options = tokenizer_options(vocab_size, max_tokenizer_sentences, os.cpu_count() or 1)
+    hidden = rare_characters(train_texts, vocab_size, options["character_coverage"])
+    if hidden:
+        log.info("vocab %d is small: %d rare characters left to byte fallback", vocab_size, len(hidden))
+    model = train_tokenizer(train_texts, options, seed, hidden)
+    (tmp / "tokenizer.model").write_bytes(model)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    actual_vocab = sp.get_piece_size()
+    eos_id = sp.eos_id()
+    t_tok = time.perf_counter() - t0
+    if actual_vocab < vocab_size:
+        log.warning(
+            "corpus too small for vocab_size=%d: tokenizer has %d pieces (ids < %d)",
+            vocab_size, actual_vocab, actual_vocab,
+        )
+
+    t0 = time.perf_counter()
+    dtype = np.dtype(np.uint16 if actual_vocab <= 65535 else np.uint32)
+    train_tokens, train_counts = _encode_split(
+        sp, train_texts, tmp / "train.bin", dtype, eos_id, not single, "encode train", actual_vocab
+    )
+    eval_tokens, _ = _encode_split(
+        sp, eval_texts, tmp / "eval.bin", dtype, eos_id, True, "encode eval", actual_vocab
+    )
+    log.info("tokenizer trained in %.1fs, corpus encoded in %.1fs", t_tok, time.perf_counter() - t0)
+    options = {k: v for k, v in options.items() if k != "minloglevel"}
+    options["hidden_training_chars"] = len(hidden)  # ours, not SentencePiece's
+    return {
+        "vocab_size": actual_vocab,
+        "dtype": dtype.name,
+        "train_tokens": train_tokens,
+        "eval_tokens": eval_tokens,
+        "train_documents": len(train_texts),
+        "eval_documents": len(eval_texts),
+        "eos_id": eos_id,
+        "unigram_entropy_nats": _entropy_nats(train_counts),
+        "tokenizer": options,
+    }

@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       eval_every=100, eval_batches=4, checkpoint_every=100),
         "data": dict(vocab_size=2048),
     },
-    # One GPU, a few minutes. Peak LR 1e-3 with clipping was stable at this size (GPU.md).
+    # One GPU, a few minutes. Peak LR 1e-3 with clipping trains stably at this size.
     "small": {
         "model": dict(num_layers=6, d_model=512, num_heads=8, d_ff=8192, seq_len=512),
         "train": dict(steps=3000, batch_size=16, peak_lr=1e-3, warmup_steps=300, log_every=50,

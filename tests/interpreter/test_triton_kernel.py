@@ -74,7 +74,7 @@ def run_kernel(x, w, b, seq_len, config, with_stats, with_token_mask):
             buf = buf.to(dtype)
         outs.append(buf[:size].view(o.shape))
         guards.append((buf[size:], buf[size:].clone()))
-    KERNEL[plan.grid](x, w, b, *plan.scalars, *outs, num_warps=plan.num_warps,
+    KERNEL[plan.grid](x, w, b, *outs, num_warps=plan.num_warps,
                       num_stages=plan.num_stages, **plan.constexprs)
     for o, (guard, before) in zip(plan.outputs, guards):
         assert torch.equal(guard.view(torch.int8), before.view(torch.int8)), f"{o.name}: overrun"
@@ -210,8 +210,7 @@ def test_launch_plan():
     config = K.TileConfig(128, 128, 64, 8, 8, 3)
     plan = K.launch_plan(8192, 1024, 32768, 512, config, True, True)
     assert plan.grid == (64 * 256,)
-    assert plan.scalars == ()  # the sizes are constexprs
-    assert {k: plan.constexprs[k] for k in ("T", "D", "F", "seq_len")} == dict(
+    assert {k: plan.constexprs[k] for k in ("T", "D", "F", "seq_len")} == dict(  # constexprs
         T=8192, D=1024, F=32768, seq_len=512)
     assert [(o.name, o.shape, o.dtype, o.zeroed) for o in plan.outputs] == [
         ("h", (8192, 32768), "same-as-x", False),
@@ -245,7 +244,7 @@ def test_seq_programs_falls_back_when_unaligned(seq_len):
 
 
 @pytest.mark.parametrize("args,match", [
-    ((100, 8, 8, 7, SMALL), "seq_len"),
+    ((100, 8, 8, 0, SMALL), "seq_len"),
     ((64, 8, 8, 16, K.TileConfig(16, 48, 16, 1, 4, 1)), "block_n"),
     ((64, 0, 8, 16, SMALL), "D"),
 ])

@@ -1034,7 +1034,7 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
     named phases (mainloop, epilogue_h, and per piece of the statistics pack (the comparison
     with 0 included), token_count, seq_count, token_mask) per warpgroup, the first
     `profile_ranges` of each (their buffer takes 16 bytes per range and warpgroup of shared
-    memory); for bench/profile_mosaic.py."""
+    memory); for relu_sparsity.bench.profile_mosaic."""
     cfg = plan.config
     cfg.validate()
     check_smem(cfg, in_dtype, out_dtype)

@@ -11,7 +11,7 @@ and launch it with the arguments `launch_plan` lists. All arrays are row-major a
 x [T, D], w1 [D, F], b1 [F], h [T, F] (strides are D, F and F; no stride arguments). The sizes
 are constexprs, so every shape compiles its own kernel.
 
-Statistics (the kernel contract, docs/design.md §2), all from `used = h > 0` on h as stored (x.dtype):
+Statistics (the kernel contract, docs/design.md §2), from `used = h > 0` on h as stored (x.dtype):
   token_count [T] int32, seq_count [n_seq, F] int32, seq_mask [n_seq, W] uint32,
   token_mask [T, W] uint32, W = ceil(F / 32), unit j = bit j % 32 of word j // 32.
 
@@ -35,6 +35,93 @@ import triton.language as tl
 # bits.BITS_PER_WORD, written again because this module imports only triton (see above);
 # tests/test_triton_lowering.py checks that the two agree.
 BITS_PER_WORD = 32
+
+
+@triton.jit
+def _matmul_tile(x_ptr, w_ptr, offs_m, offs_bn, T: tl.constexpr, D: tl.constexpr,
+                 F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, F32_DOT_PRECISION: tl.constexpr):
+    """x[offs_m] @ w1[:, offs_bn] as an f32 [BLOCK_M, BLOCK_N] accumulator. Wrapped row
+    indices keep the loads in bounds without masks (tutorial 03); the caller masks the stores."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_am = (offs_m % T).to(tl.int64)
+    a_ptrs = x_ptr + offs_am[:, None] * D + offs_k[None, :]
+    b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * F + offs_bn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        k_left = D - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if x_ptr.dtype.element_ty == tl.float32:
+            # f32 inputs: tl.dot would default to tf32; the contract is an f32 product.
+            acc = tl.dot(a, b, acc, input_precision=F32_DOT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * F
+    return acc
+
+
+@triton.jit
+def _used_pairs(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_N / 2]: 1 in the low 16 bits where column 2c of h is used, 1 << 16
+    where column 2c + 1 is.
+
+    "Used" is h > 0 on h as stored (exactness rule), never on the f32 accumulator. h is relu'd,
+    so as a signed integer of its own width it is > 0 exactly when h > 0 (-0.0 is negative; on
+    the GPU relu never returns NaN): one integer compare, also right where Triton's interpreter
+    compares bf16 as raw uint16 bits. The epilogue costs instructions per element, so columns go
+    in pairs (2c, 2c+1), which the MMA layout keeps in one thread, and one sum counts both (no
+    count reaches 2^16: BLOCK_M, BLOCK_N <= 2^15)."""
+    if h.dtype.primitive_bitwidth == 16:
+        used = h.to(tl.int16, bitcast=True) > 0
+    else:
+        used = h.to(tl.int32, bitcast=True) > 0
+    lo, hi = tl.split(tl.reshape(used.to(tl.int32), [BLOCK_M, BLOCK_N // 2, 2]))
+    return lo + (hi << 16)
+
+
+@triton.jit
+def _pair_bits(c_lo, c_hi, pair_shift):
+    """Column-pair counts -> their mask bits in place: bit 2(c % 16) set where column 2c counts,
+    bit 2(c % 16) + 1 where column 2c + 1 does. Summed over each 16 pairs (distinct bits: the
+    sum is their OR) they are the column tile's mask words."""
+    two_bits = (c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)
+    return two_bits << pair_shift
+
+
+@triton.jit
+def _add_sequence_stats(seq_count_ptr, seq_mask_ptr, s, col_pairs, offs_p, offs_w, mask_w,
+                        pair_shift, F: tl.constexpr, num_words, WORDS_N: tl.constexpr):
+    """Adds one sequence's column-pair counts of this tile to its seq_count row (two strided
+    atomics: per-column work runs on every thread's replicated copy of the column vector, so it
+    stays on pairs) and ORs in its mask words (zero words change nothing: no atomic)."""
+    c_lo = col_pairs & 0xFFFF
+    c_hi = col_pairs >> 16
+    row_ptr = seq_count_ptr + s * F
+    tl.atomic_add(row_ptr + offs_p, c_lo, mask=offs_p < F, sem="relaxed")
+    tl.atomic_add(row_ptr + offs_p + 1, c_hi, mask=offs_p + 1 < F, sem="relaxed")
+    words = tl.sum(tl.reshape(_pair_bits(c_lo, c_hi, pair_shift), [WORDS_N, 16]), axis=1)
+    tl.atomic_or(seq_mask_ptr + s * num_words + offs_w, words, mask=mask_w & (words != 0),
+                 sem="relaxed")
+
+
+@triton.jit
+def _token_stats(token_count_ptr, token_mask_ptr, pairs, offs_m, mask_m, offs_w, mask_w,
+                 pair_shift, num_words, BLOCK_M: tl.constexpr, WORDS_N: tl.constexpr,
+                 WITH_TOKEN_MASK: tl.constexpr):
+    """Adds the tile's per-row unit counts to token_count (rows past T, wrapped only when
+    T % BLOCK_M != 0, are masked here and at every store) and stores its token-mask words
+    (columns past F are unused, so the padding bits come out zero)."""
+    row_pairs = tl.sum(pairs, axis=1)
+    tl.atomic_add(token_count_ptr + offs_m, (row_pairs & 0xFFFF) + (row_pairs >> 16),
+                  mask=mask_m, sem="relaxed")
+    if WITH_TOKEN_MASK:
+        two_bits = ((pairs & 1) | ((pairs >> 15) & 2)).to(tl.uint32)
+        tm_bits = tl.reshape(two_bits << pair_shift[None, :], [BLOCK_M, WORDS_N, 16])
+        tm_row = token_mask_ptr + offs_m.to(tl.int64) * num_words
+        tm_ptrs = tm_row[:, None] + offs_w[None, :]
+        tl.store(tm_ptrs, tl.sum(tm_bits, axis=2), mask=mask_m[:, None] & mask_w[None, :])
 
 
 def fused_mlp_up_kernel(
@@ -74,13 +161,10 @@ def fused_mlp_up_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < F
-    # Wrapped indices keep the loads in bounds without masks (tutorial 03); wrapped rows and
-    # columns are masked out of the stores.
-    offs_bn = offs_n % F
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_bn = offs_n % F  # wrapped: in-bounds loads; wrapped columns are masked out of stores
     offs_w = pid_n * WORDS_N + tl.arange(0, WORDS_N)  # this column tile's mask words
     mask_w = offs_w < num_words
-    # Column pairs (2c, 2c+1), see `pairs` below: the first column of each, and where the pair's
+    # Column pairs (2c, 2c+1), see `_used_pairs`: the first column of each, and where the pair's
     # two mask bits go in its word (bits 2(c % 16) and 2(c % 16) + 1).
     offs_p = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
     pair_shift = 2 * (tl.arange(0, BLOCK_N // 2) % 16).to(tl.uint32)
@@ -94,74 +178,22 @@ def fused_mlp_up_kernel(
         row0 = (pid_m * tiles_per_program + tile) * BLOCK_M
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < T
-        offs_am = (offs_m % T).to(tl.int64)
-        a_ptrs = x_ptr + offs_am[:, None] * D + offs_k[None, :]
-        b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * F + offs_bn[None, :]
-
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, tl.cdiv(D, BLOCK_K)):
-            k_left = D - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if x_ptr.dtype.element_ty == tl.float32:
-                # f32 inputs: tl.dot would default to tf32; the contract is an f32 product.
-                acc = tl.dot(a, b, acc, input_precision=F32_DOT_PRECISION)
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * F
-
+        acc = _matmul_tile(x_ptr, w_ptr, offs_m, offs_bn, T, D, F, BLOCK_M, BLOCK_N, BLOCK_K,
+                           F32_DOT_PRECISION)
         h = tl.maximum(acc + bias[None, :], 0.0).to(h_ptr.dtype.element_ty)
         in_bounds = mask_m[:, None] & mask_n[None, :]
         tl.store(h_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :], h, mask=in_bounds)
 
         if WITH_STATS:
-            # "Used" is h > 0 on h as stored (exactness rule), never on the f32 accumulator. h is
-            # relu'd, so as a signed integer of its own width it is > 0 exactly when h > 0 (-0.0
-            # is negative; on the GPU relu never returns NaN): one integer compare, also right
-            # where Triton's interpreter compares bf16 as raw uint16 bits.
-            if h_ptr.dtype.element_ty.primitive_bitwidth == 16:
-                used = h.to(tl.int16, bitcast=True) > 0
-            else:
-                used = h.to(tl.int32, bitcast=True) > 0
-            # The epilogue costs instructions per element, so columns go in pairs (2c, 2c+1),
-            # which the MMA layout keeps in one thread: `pairs` holds 1 in its low 16 bits when
-            # column 2c is used and 1 << 16 when column 2c+1 is, and one sum counts both (no
-            # count reaches 2^16: BLOCK_M, BLOCK_N <= 2^15).
-            lo, hi = tl.split(tl.reshape(used.to(tl.int32), [BLOCK_M, BLOCK_N // 2, 2]))
-            pairs = lo + (hi << 16)
-            row_pairs = tl.sum(pairs, axis=1)
-            # Rows past T (wrapped, only when T % BLOCK_M != 0) are masked here and at every store.
-            tl.atomic_add(token_count_ptr + offs_m, (row_pairs & 0xFFFF) + (row_pairs >> 16),
-                          mask=mask_m, sem="relaxed")
-            if WITH_TOKEN_MASK:
-                # Distinct bits: their sum is their OR; columns past F are unused, so the padding
-                # bits come out zero.
-                two_bits = ((pairs & 1) | ((pairs >> 15) & 2)).to(tl.uint32)
-                tm_bits = tl.reshape(two_bits << pair_shift[None, :], [BLOCK_M, WORDS_N, 16])
-                tm_row = token_mask_ptr + offs_m.to(tl.int64) * num_words
-                tm_ptrs = tm_row[:, None] + offs_w[None, :]
-                tl.store(tm_ptrs, tl.sum(tm_bits, axis=2), mask=mask_m[:, None] & mask_w[None, :])
-
+            pairs = _used_pairs(h, BLOCK_M, BLOCK_N)
+            _token_stats(token_count_ptr, token_mask_ptr, pairs, offs_m, mask_m, offs_w, mask_w,
+                         pair_shift, num_words, BLOCK_M, WORDS_N, WITH_TOKEN_MASK)
             if SEQ_PROGRAMS:
                 seq_pairs += tl.sum(pairs, axis=0)
-            elif SEQ_ALIGNED:
-                # seq_len % BLOCK_M == 0: the whole tile lies in sequence s.
-                s = (row0 // seq_len).to(tl.int64)
-                col_pairs = tl.sum(pairs, axis=0)
-                # Per-column work runs on every thread's replicated copy of the column vector:
-                # keep it on pairs (two strided atomics) rather than unpacking to BLOCK_N.
-                c_lo = col_pairs & 0xFFFF
-                c_hi = col_pairs >> 16
-                row_ptr = seq_count_ptr + s * F
-                tl.atomic_add(row_ptr + offs_p, c_lo, mask=offs_p < F, sem="relaxed")
-                tl.atomic_add(row_ptr + offs_p + 1, c_hi, mask=offs_p + 1 < F, sem="relaxed")
-                two_bits = (c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)
-                two_bits = two_bits << pair_shift
-                words = tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1)
-                # Zero words change nothing: skip their atomics.
-                tl.atomic_or(seq_mask_ptr + s * num_words + offs_w, words,
-                             mask=mask_w & (words != 0), sem="relaxed")
+            elif SEQ_ALIGNED:  # seq_len % BLOCK_M == 0: the whole tile lies in sequence s
+                _add_sequence_stats(seq_count_ptr, seq_mask_ptr, (row0 // seq_len).to(tl.int64),
+                                    tl.sum(pairs, axis=0), offs_p, offs_w, mask_w, pair_shift,
+                                    F, num_words, WORDS_N)
             else:
                 # General case: the tile's rows may belong to several sequences. Rows past T
                 # have row_seq >= n_seq and fall in none of them.
@@ -169,31 +201,22 @@ def fused_mlp_up_kernel(
                 s_first = row0 // seq_len
                 s_last = (min(row0 + BLOCK_M, T) - 1) // seq_len
                 for s in range(s_first, s_last + 1):
-                    # (Fresh names: Triton types a name reassigned in a loop as loop-carried.)
                     s_pairs = tl.sum(tl.where((row_seq == s)[:, None], pairs, 0), axis=0)
-                    s_lo = s_pairs & 0xFFFF
-                    s_hi = s_pairs >> 16
-                    s_ptr = seq_count_ptr + tl.cast(s, tl.int64) * F  # (interpreter: s is an int)
-                    tl.atomic_add(s_ptr + offs_p, s_lo, mask=offs_p < F, sem="relaxed")
-                    tl.atomic_add(s_ptr + offs_p + 1, s_hi, mask=offs_p + 1 < F, sem="relaxed")
-                    s_bits = (s_lo != 0).to(tl.uint32) | ((s_hi != 0).to(tl.uint32) << 1)
-                    s_bits = s_bits << pair_shift
-                    s_words = tl.sum(tl.reshape(s_bits, [WORDS_N, 16]), axis=1)
-                    tl.atomic_or(seq_mask_ptr + tl.cast(s, tl.int64) * num_words + offs_w, s_words,
-                                 mask=mask_w & (s_words != 0), sem="relaxed")
+                    # (tl.cast: in the interpreter s is a Python int)
+                    _add_sequence_stats(seq_count_ptr, seq_mask_ptr, tl.cast(s, tl.int64),
+                                        s_pairs, offs_p, offs_w, mask_w, pair_shift, F,
+                                        num_words, WORDS_N)
 
-    if WITH_STATS:
-        if SEQ_PROGRAMS:
-            # This program owns sequence pid_m for its column tile: plain stores.
-            s = pid_m.to(tl.int64)
-            c_lo = seq_pairs & 0xFFFF
-            c_hi = seq_pairs >> 16
-            tl.store(seq_count_ptr + s * F + offs_p, c_lo, mask=offs_p < F)
-            tl.store(seq_count_ptr + s * F + offs_p + 1, c_hi, mask=offs_p + 1 < F)
-            two_bits = (c_lo != 0).to(tl.uint32) | ((c_hi != 0).to(tl.uint32) << 1)
-            two_bits = two_bits << pair_shift
-            tl.store(seq_mask_ptr + s * num_words + offs_w,
-                     tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1), mask=mask_w)
+    if WITH_STATS and SEQ_PROGRAMS:
+        # This program owns sequence pid_m for its column tile: plain stores.
+        s = pid_m.to(tl.int64)
+        c_lo = seq_pairs & 0xFFFF
+        c_hi = seq_pairs >> 16
+        tl.store(seq_count_ptr + s * F + offs_p, c_lo, mask=offs_p < F)
+        tl.store(seq_count_ptr + s * F + offs_p + 1, c_hi, mask=offs_p + 1 < F)
+        two_bits = _pair_bits(c_lo, c_hi, pair_shift)
+        tl.store(seq_mask_ptr + s * num_words + offs_w,
+                 tl.sum(tl.reshape(two_bits, [WORDS_N, 16]), axis=1), mask=mask_w)
 
 
 # ----------------------------------------------------------------------------------------------
