@@ -27,6 +27,7 @@ from relu_sparsity.kernels.testing import (
     BENCH_SHAPES,
     assert_grads_match_plain_expression,
     assert_matches_reference,
+    integer_inputs,
     random_inputs,
     tolerance,
 )
@@ -97,10 +98,7 @@ def test_interpreter_matches_reference(case):
 
 def test_stats_equal_reference_on_exact_inputs():
     # Small integers: every sum is exact in bf16 and f32, so the statistics equal the reference.
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.integers(-2, 3, (64, 24)), jnp.bfloat16)
-    w1 = jnp.asarray(rng.integers(-2, 3, (24, 100)), jnp.bfloat16)
-    b1 = jnp.asarray(rng.integers(-2, 3, (100,)), jnp.bfloat16)
+    x, w1, b1 = integer_inputs(64, 24, 100, jnp.bfloat16)
     h, stats = check_against_reference(x, w1, b1, seq_len=16)
     ref_h, ref = reference_forward(x, w1, b1, seq_len=16, with_stats=True,
                                    with_token_mask=True)

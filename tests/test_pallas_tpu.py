@@ -19,6 +19,7 @@ from relu_sparsity.kernels.testing import (
     BENCH_SHAPES,
     assert_grads_match_plain_expression,
     assert_matches_reference,
+    integer_inputs,
     random_inputs,
     tolerance,
 )
@@ -68,10 +69,7 @@ def test_interpreter_matches_reference(case, dtype):
 
 def test_stats_agree_with_reference_on_exact_inputs():
     # Small integers: every sum is exact, so h and the statistics equal the reference's.
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.integers(-2, 3, (48, 24)), jnp.float32)
-    w1 = jnp.asarray(rng.integers(-2, 3, (24, 150)), jnp.float32)
-    b1 = jnp.asarray(rng.integers(-2, 3, (150,)), jnp.float32)
+    x, w1, b1 = integer_inputs(48, 24, 150, jnp.float32)
     h, stats = check_against_reference(x, w1, b1, seq_len=12,
                                        config=kernel.TileConfig(16, 128, 128))
     _, ref = reference_forward(x, w1, b1, seq_len=12, with_stats=True,

@@ -359,3 +359,19 @@ def test_missing_config_falls_back_to_folder_name(tmp_path):
     assert md.startswith("## noconf\n")
     assert "d_ff 64 x 3 layers" in md  # widths taken from the metrics instead
     assert "peak LR 0.001" in md  # the largest logged lr
+
+
+def test_reports_need_no_jax(tmp_path):
+    # runs.reader and report are what a machine with only the run folders uses: with jax and
+    # flax unimportable, a report still comes out.
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path, "nojax")
+    code = ("import sys; sys.modules['jax'] = None; sys.modules['flax'] = None\n"
+            "from relu_sparsity.report import write_report\n"
+            f"print(write_report([{str(run)!r}], last_k=3))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("tables.md")

@@ -39,7 +39,8 @@ def small_config(cache_dir: Path, *overrides: str):
     return preset("tiny", [
         f"data.cache={json.dumps(str(cache_dir))}", "model.num_layers=2", "model.d_model=32",
         "model.num_heads=2", "model.d_ff=[64,40]", "model.seq_len=32", "train.batch_size=4",
-        "train.steps=24", "train.warmup_steps=4", "data.vocab_size=512", "train.log_every=4", "train.eval_every=12",
+        "train.steps=24", "train.warmup_steps=4", "data.vocab_size=512", "train.log_every=4",
+        "train.eval_every=12",
         "train.eval_batches=2", "train.checkpoint_every=8", "train.peak_lr=1e-2", *overrides])
 
 

@@ -12,6 +12,7 @@ import jax
 
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.backends import compiled_backends
+from relu_sparsity.kernels.contract import check_seq_len
 from relu_sparsity.kernels.testing import BENCH_SHAPES, parse_shape, random_inputs, time_fn
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def run(shapes, *, seq_len: int, dtype: str, repeats: int) -> list[dict]:
     rows = []
     for shape in shapes:
         t, d, f = parse_shape(shape)
-        if t % seq_len:
-            raise ValueError(f"seq_len {seq_len} must divide T = {t}")
+        check_seq_len(t, seq_len)
         x, w1, b1 = random_inputs(t, d, f, dtype)
         flops = 2.0 * t * d * f
         # 50 back-to-back launches a round on accelerators; fewer on a CPU.
