@@ -6,12 +6,20 @@ import sys
 from pathlib import Path
 
 from relu_sparsity.kernels import BackendUnavailableError
-from relu_sparsity.train.config import PRESETS
+from relu_sparsity.train.config import PRESETS, field_help
 
-EPILOG_TRAIN = """\
+EPILOG_TRAIN = f"""\
 overrides: any config field as section.key=value (JSON values), e.g.
   train.peak_lr=1e-3 train.steps=2000 model.d_ff=4096 'model.d_ff=[512,1024,1024,512]'
   data.source='["notes.txt", "src/"]' data.cache=/path/to/cache
+
+fields (type, default of the base configuration; the presets set some of them, see
+relu_sparsity/train/config.py):
+{field_help()}
+
+exit status: 0 finished, 2 refused before any work (bad input), 3 diverged (a non-finite loss
+or gradient norm; every checkpoint kept holds finite values), 75 interrupted (Ctrl-C or SIGTERM,
+checkpointed: run the same command again to resume)
 """
 
 
@@ -49,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "RUN used per batch at its end (the paper's Round 2)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume a run folder although its config differs")
+    train.add_argument("--start-over", action="store_true",
+                       help="discard the run folder's checkpoints, metrics and masks and train "
+                       "from step 0")
     train.add_argument("--no-report", action="store_true", help="skip tables and plots")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
@@ -63,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--prune-at", type=int, help="masking: the step whose batch mask decides "
                      "(default: a third of the steps)")
     exp.add_argument("--cache", help="token cache folder from `prepare`")
-    exp.add_argument("--instrument", choices=("fused", "xla"))
-    exp.add_argument("--kernel")
-    exp.add_argument("--no-progress", action="store_true")
+    exp.add_argument("--instrument", choices=("fused", "xla"),
+                     help="where the sparsity statistics come from (default: xla)")
+    exp.add_argument("--kernel", help="kernel backend for --instrument fused")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bars")
     exp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
     report = sub.add_parser("report", help="the paper's tables and figures from runs")
@@ -79,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", nargs="+", default=None,
                        help="TxDxF shapes (default: the three paper-scale shapes on an "
                        "accelerator, small ones on a CPU)")
-    bench.add_argument("--seq-len", type=int, default=512)
+    bench.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per sequence, which must divide each shape's T (default: "
+                       "512, or the largest divisor of T below it)")
     bench.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bfloat16 on "
                        "an accelerator, float32 on a CPU)")
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed rounds per variant; the median is reported (default 5)")
     bench.add_argument("--out", help="also write the table as JSON here")
     bench.add_argument("--train-step", metavar="CONFIG", help="time the train step of this "
                        "preset (e.g. paper) instead of the kernels, each instrument mode in its "
@@ -146,7 +161,7 @@ def cmd_train(args) -> None:
     config = config_lib.preset(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / args.config)
     train(config, run_dir, allow_config_change=args.allow_config_change,
-          progress=not args.no_progress)
+          progress=not args.no_progress, start_over=args.start_over)
     if not args.no_report:
         tables = write_report([run_dir], last_k=config.train.mean_last)
         print(f"\nrun folder: {run_dir}\ntables: {tables}\nplots: {run_dir / 'plots'}\n")
@@ -215,13 +230,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
+    from relu_sparsity.train.trainer import EXIT_STATUS, TrainingStopped
+
     try:
         {"prepare": cmd_prepare, "train": cmd_train, "experiment": cmd_experiment,
          "report": cmd_report, "bench": cmd_bench}[args.command](args)
     except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_STATUS["refused"]
+    except TrainingStopped as stop:
+        print(f"relu-sparsity {args.command}: {stop.status}: {stop}", file=sys.stderr)
+        return EXIT_STATUS[stop.status]
+    return EXIT_STATUS["finished"]
 
 
 if __name__ == "__main__":

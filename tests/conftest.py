@@ -1,5 +1,9 @@
 import os
 import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
 
 # tests/interpreter runs in the Triton side environment (Python 3.11 + torch), launched by
 # tests/test_triton_interpreter.py.
@@ -32,3 +36,20 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU; runs on the lent device")
+
+
+CORPUS_FILES = ["textwrap.py", "string.py", "json/decoder.py", "json/encoder.py", "shlex.py"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A token cache of five standard-library modules (vocabulary 512, eval fraction 0.2)."""
+    from relu_sparsity import data
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_FILES:
+        shutil.copy(stdlib / name, corpus / name.replace("/", "_"))
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    data.prepare(out, [str(corpus)], vocab_size=512, eval_fraction=0.2)
+    return out

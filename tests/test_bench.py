@@ -22,8 +22,13 @@ def test_bad_shape(shape):
 
 
 def test_seq_len_must_divide_tokens():
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="--seq-len 64"):
         bench.run(["100x8x8"], seq_len=64, dtype="float32", repeats=1)
+
+
+@pytest.mark.parametrize("tokens, want", [(8192, 512), (256, 256), (1000, 500), (97, 97)])
+def test_default_seq_len_divides_tokens(tokens, want):
+    assert bench.seq_len_for(tokens, None) == want
 
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",

@@ -2,7 +2,6 @@
 docs/design.md §8 lists, resume is exact, config changes are refused, and the CLI works."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,17 +21,6 @@ from relu_sparsity.train.metrics import METRIC_KEYS, UNIT_STATE_KEYS, UnitStates
 from relu_sparsity.runs.folder import RunFolder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS_FILES = ["textwrap.py", "string.py", "json/decoder.py", "json/encoder.py", "shlex.py"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    corpus = tmp_path_factory.mktemp("corpus")
-    for name in CORPUS_FILES:
-        shutil.copy(STDLIB / name, corpus / name.replace("/", "_"))
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    data.prepare(out, [str(corpus)], vocab_size=512, eval_fraction=0.2)
-    return out
 
 
 def small_config(cache_dir: Path, *overrides: str):
@@ -131,7 +119,7 @@ def test_resume_skips_a_corrupted_checkpoint(cache_dir, tmp_path):
 def test_config_change_is_refused_unless_allowed(cache_dir, tmp_path):
     run = tmp_path / "run"
     train(small_config(cache_dir, "train.steps=8"), run, progress=False)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="another configuration"):
         train(small_config(cache_dir, "train.steps=12"), run, progress=False)
     train(small_config(cache_dir, "train.steps=12"), run, progress=False,
           allow_config_change=True)
@@ -203,7 +191,7 @@ def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 75, output  # interrupted, resumable
     assert "resume" in output
     folder = RunFolder(run)
     stopped = folder.checkpoint_steps()[-1]

@@ -13,7 +13,13 @@ import jax
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.backends import compiled_backends
 from relu_sparsity.kernels.contract import check_seq_len
-from relu_sparsity.kernels.testing import BENCH_SHAPES, parse_shape, random_inputs, time_fn
+from relu_sparsity.kernels.testing import (
+    BENCH_SEQ_LEN,
+    BENCH_SHAPES,
+    parse_shape,
+    random_inputs,
+    time_fn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +45,53 @@ def variants(seq_len: int) -> dict[str, Callable]:
     return out
 
 
-def run(shapes, *, seq_len: int, dtype: str, repeats: int) -> list[dict]:
-    rows = []
+def seq_len_for(num_tokens: int, seq_len: int | None) -> int:
+    """The sequence length a shape is timed at: `seq_len` (which must divide T), or by default
+    the largest divisor of T up to the benchmark's 512."""
+    if seq_len is None:
+        return max(d for d in range(1, min(num_tokens, BENCH_SEQ_LEN) + 1)
+                   if num_tokens % d == 0)
+    try:
+        check_seq_len(num_tokens, seq_len)
+    except ValueError:
+        raise ValueError(f"--seq-len {seq_len} must be a positive divisor of T = {num_tokens}; "
+                         "leave it out to take the largest divisor up to 512") from None
+    return seq_len
+
+
+def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
+    """Every variant at every shape; the shapes and sequence lengths are checked before any
+    timing."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    plans = []
     for shape in shapes:
         t, d, f = parse_shape(shape)
-        check_seq_len(t, seq_len)
+        plans.append((shape, t, d, f, seq_len_for(t, seq_len)))
+    rows = []
+    for shape, t, d, f, shape_seq_len in plans:
         x, w1, b1 = random_inputs(t, d, f, dtype)
         flops = 2.0 * t * d * f
         # 50 back-to-back launches a round on accelerators; fewer on a CPU.
         launches = 50 if jax.default_backend() != "cpu" else max(1, min(20, int(2e10 / flops)))
         base = None
-        for name, fn in variants(seq_len).items():
+        for name, fn in variants(shape_seq_len).items():
             ms = time_fn(fn, (x, w1, b1), repeats=repeats, launches=launches)
             base = base or ms
-            rows.append({"shape": shape, "variant": name, "ms": ms,
+            rows.append({"shape": shape, "seq_len": shape_seq_len, "variant": name, "ms": ms,
                          "tflops": flops / ms / 1e9, "ratio": ms / base})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| shape T x D x F | variant | ms | TF/s | / xla dot+bias+relu |",
-             "| --- | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
-              f"{r['ratio']:.2f} |" for r in rows]
+    lines = ["| shape T x D x F | seq_len | variant | ms | TF/s | / xla dot+bias+relu |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['shape']} | {r['seq_len']} | {r['variant']} | {r['ms']:.3f} | "
+              f"{r['tflops']:.1f} | {r['ratio']:.2f} |" for r in rows]
     return "\n".join(lines)
 
 
-def main(shapes=None, seq_len: int = 512, dtype: str | None = None, repeats: int = 5,
+def main(shapes=None, seq_len: int | None = None, dtype: str | None = None, repeats: int = 5,
          out: str | None = None) -> list[dict]:
     accelerator = jax.default_backend() != "cpu"
     shapes = shapes or (PAPER_SHAPES if accelerator else CPU_SHAPES)
@@ -75,9 +101,8 @@ def main(shapes=None, seq_len: int = 512, dtype: str | None = None, repeats: int
              compiled_backends() or "none")
     rows = run(shapes, seq_len=seq_len, dtype=dtype, repeats=repeats)
     table = format_table(rows)
-    print(f"device: {device}; dtype {dtype}; seq_len {seq_len}\n{table}")
+    print(f"device: {device}; dtype {dtype}\n{table}")
     if out:
         with open(out, "w") as f:
-            json.dump({"device": device, "dtype": dtype, "seq_len": seq_len, "rows": rows}, f,
-                      indent=2)
+            json.dump({"device": device, "dtype": dtype, "rows": rows}, f, indent=2)
     return rows

@@ -34,6 +34,12 @@ def last_layer_records(records: Sequence[dict], last_k: int) -> list[dict]:
     return with_layers(records)[-last_k:]
 
 
+def diverged_step(records: Sequence[dict]) -> int | None:
+    """The step at which the run diverged (its `diverged` entry), or None."""
+    steps = [r.get("step") for r in records if "diverged" in r]
+    return steps[-1] if steps else None
+
+
 def final_means(records: list[dict], last_k: int) -> list[dict]:
     """Per layer: the mean of each numeric key over the last `last_k` records that have layers.
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from relu_sparsity.report.numbers import (
+    diverged_step,
     final_means,
     last_layer_records,
     number,
@@ -141,9 +142,13 @@ def _summary_line(config: dict, records: list[dict], run_dir: str | Path | None)
     parts = []
     if run_dir is not None:
         parts.append(f"`{run_dir}`")
+    diverged = diverged_step(records)
+    if diverged is not None:
+        parts.append(f"**DIVERGED at step {diverged}**")
     if records:
-        parts.append(f"steps: {records[-1].get('step')} ({len(records)} logged)")
-        loss = number(records[-1].get("loss"))
+        trained = [r for r in records if "diverged" not in r]
+        parts.append(f"steps: {records[-1].get('step')} ({len(trained)} logged)")
+        loss = number(trained[-1].get("loss")) if trained else None
         parts.append(f"final train loss {loss:.4f}" if loss is not None else "final train loss n/a")
     evals = [r for r in records if number(r.get("eval_loss")) is not None]
     if evals:
@@ -186,6 +191,11 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
     """Markdown for one run: a heading, a one-line summary, and the paper's Tables 1-3."""
     config = config or {}
     out = [f"## {run_name}", "", _summary_line(config, records, run_dir), ""]
+    diverged = diverged_step(records)
+    if diverged is not None:
+        out += [f"**This run DIVERGED at step {diverged}** (a non-finite loss or gradient norm; "
+                "its `diverged` entry in metrics.jsonl says more). The tables cover the steps "
+                "logged before it.", ""]
     window = last_layer_records(records, last_k)
     if not window:
         out += [NO_LAYERS_NOTE, ""]
@@ -274,7 +284,9 @@ def format_comparison(names: list[str], records_per_run: list[list[dict]],
         out += [NO_LAYERS_NOTE, ""]
         return "\n".join(out)
     missing = [names[i] for i in range(len(names)) if i not in have]
-    cols = [names[i] for i in have]
+    cols = [names[i] + (f", diverged at step {diverged_step(records_per_run[i])}"
+                        if diverged_step(records_per_run[i]) is not None else "")
+            for i in have]
     means = [final_means(records_per_run[i], last_k) for i in have]
     used = [used_units(records_per_run[i], last_k) for i in have]
     totals = [total_batch_use(records_per_run[i], last_k) for i in have]

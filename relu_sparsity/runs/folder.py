@@ -41,6 +41,17 @@ def _atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
             os.close(fd)
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinity (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -62,8 +73,9 @@ class RunFolder:
 
     # metrics.jsonl and masks/ ------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """One line of strict JSON: a non-finite number is written as null."""
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
             f.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -83,6 +95,12 @@ class RunFolder:
     def read_masks(self, step: int) -> list[np.ndarray]:
         with np.load(self.masks / f"step_{step:08d}.npz") as data:
             return [data[f"layer_{i}"] for i in range(len(data.files))]
+
+    def clear(self) -> None:
+        """Forgets the run: checkpoints, metrics, masks and TensorBoard events."""
+        for path in [*self.checkpoints.glob("ckpt_*"), *self.masks.glob("step_*"),
+                     *self.path.glob("events.out.tfevents.*"), self.metrics_file]:
+            path.unlink(missing_ok=True)
 
     def drop_after(self, step: int) -> int:
         """Forget everything logged at steps >= `step` (a resume redoes them). Returns the count

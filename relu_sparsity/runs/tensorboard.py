@@ -1,6 +1,7 @@
 """The logged scalars as TensorBoard events in the run folder: train/*, eval/* and, per layer,
 layer_I/<metric>."""
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,15 @@ class EventLog:
         self.writer = SummaryWriter(str(path), purge_step=start if start else None)
 
     def write(self, record: dict[str, Any]) -> None:
+        """The record's finite scalars (a non-finite loss is marked in metrics.jsonl)."""
         step = record["step"]
-        for key in TRAIN_KEYS:
-            if key in record:
-                self.writer.add_scalar(f"train/{key}", record[key], step)
-        for key in EVAL_KEYS:
-            if key in record:
-                self.writer.add_scalar(f"eval/{key[len('eval_'):]}", record[key], step)
+        scalars = {f"train/{k}": record.get(k) for k in TRAIN_KEYS}
+        scalars.update({f"eval/{k[len('eval_'):]}": record.get(k) for k in EVAL_KEYS})
         for i, layer in enumerate(record.get("layers", [])):
-            for key, value in layer.items():
-                self.writer.add_scalar(f"layer_{i}/{key}", value, step)
+            scalars.update({f"layer_{i}/{k}": v for k, v in layer.items()})
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
     def close(self) -> None:

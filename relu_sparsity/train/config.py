@@ -1,7 +1,14 @@
-"""Run configurations: the `tiny`, `small` and `paper` presets and `section.key=value` overrides."""
+"""Run configurations: the `tiny`, `small` and `paper` presets and `section.key=value` overrides.
+
+Every override is parsed against its field's type and every field checked against its range
+here, before a run creates anything: a bad value is one ValueError naming the field, the value
+and what is allowed.
+"""
 
 import dataclasses
 import json
+import types
+import typing
 from typing import Any
 
 
@@ -39,6 +46,10 @@ class TrainSettings:
     # compact: widths round up to a multiple of this (capped at the original width), the padding
     # units zero and held dead; GEMMs at ragged widths run far below peak on GPUs.
     prune_multiple: int = 256
+    # A non-finite loss or gradient norm: stop (the run ends, its checkpoints all finite) or skip
+    # the update (optax.apply_if_finite); more than max_skips in a row is a divergence.
+    on_nonfinite: str = "stop"
+    max_skips: int = 10
 
 
 @dataclasses.dataclass
@@ -88,21 +99,64 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(values: dict[str, Any]) -> Config:
-    def build(cls, section: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(section) - names
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**section)
+SECTIONS = {"model": ModelSettings, "train": TrainSettings, "data": DataSettings}
 
+
+def field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def type_name(hint) -> str:
+    """'int', 'float', 'int or list of int', ... for messages and --help."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list of {type_name(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else hint.__name__
+
+
+def coerce(name: str, value: Any, hint) -> Any:
+    """`value` as field `name`'s type `hint`, or a ValueError saying what the field takes."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for option in typing.get_args(hint):
+            try:
+                return coerce(name, value, option)
+            except ValueError:
+                continue
+    elif typing.get_origin(hint) is list:
+        if isinstance(value, list):
+            item = typing.get_args(hint)[0]
+            return [coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int or hint is bool or hint is str:
+        if type(value) is hint:
+            return value
+    raise ValueError(f"{name} must be {type_name(hint)}, got {json.dumps(value)}")
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A Config from nested dicts, every value checked against its field's type."""
     top = dict(values)
-    return Config(
-        model=build(ModelSettings, top.pop("model", {})),
-        train=build(TrainSettings, top.pop("train", {})),
-        data=build(DataSettings, top.pop("data", {})),
-        **{k: v for k, v in top.items()},
-    )
+    sections = {}
+    for section, cls in SECTIONS.items():
+        given = top.pop(section, {})
+        hints = field_types(cls)
+        unknown = set(given) - set(hints)
+        if unknown:
+            raise ValueError(f"unknown {section} fields: {sorted(unknown)}; fields there: "
+                             f"{sorted(hints)}")
+        sections[section] = cls(**{k: coerce(f"{section}.{k}", v, hints[k])
+                                   for k, v in given.items()})
+    hints = field_types(Config)
+    unknown = set(top) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    return Config(**sections, **{k: coerce(k, v, hints[k]) for k, v in top.items()})
 
 
 def _parse_value(text: str) -> Any:
@@ -123,7 +177,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         target = values
         for section in sections:
             if not isinstance(target.get(section), dict):
-                raise ValueError(f"override {item!r}: no config section {section!r}")
+                raise ValueError(f"override {item!r}: no config section {section!r}; sections: "
+                                 f"{sorted(SECTIONS)}")
             target = target[section]
         if field not in target:
             raise ValueError(f"override {item!r}: no config field {key!r}; fields there: "
@@ -143,32 +198,76 @@ def preset(name: str, overrides: list[str] | None = None) -> Config:
     return apply_overrides(from_dict(values), overrides or [])
 
 
+INSTRUMENTS = ("off", "xla", "fused")
+KERNELS = ("auto", "reference", "triton", "mosaic_gpu", "pallas_tpu")
+PRUNE_MODES = ("none", "mask", "compact", "random")
+ON_NONFINITE = ("stop", "skip")
+DTYPES = ("auto", "float32", "bfloat16")
+AT_LEAST_ONE = {
+    "model": ("num_layers", "d_model", "num_heads", "seq_len"),
+    "train": ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+              "keep_checkpoints", "mean_last", "prune_multiple", "max_skips"),
+    "data": ("vocab_size",),
+}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _one_of(name: str, value, allowed: tuple) -> None:
+    _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def validate(config: Config) -> None:
+    """Every field within its range; a ValueError naming the first that is not."""
     m, t = config.model, config.train
-    if config.instrument not in ("off", "xla", "fused"):
-        raise ValueError(f"instrument must be off, xla or fused, got {config.instrument!r}")
-    if m.d_model % m.num_heads:
-        raise ValueError(f"model.d_model {m.d_model} is not divisible by model.num_heads "
-                         f"{m.num_heads}")
+    _one_of("instrument", config.instrument, INSTRUMENTS)
+    _one_of("kernel", config.kernel, KERNELS)
+    _require(config.kernel == "auto" or config.instrument == "fused",
+             f"kernel={config.kernel} chooses the kernel of --instrument fused; with "
+             f"instrument={config.instrument} it would be ignored")
+    for section, names in AT_LEAST_ONE.items():
+        for name in names:
+            value = getattr(getattr(config, section), name)
+            _require(value >= 1, f"{section}.{name} must be >= 1, got {value}")
+    _require(m.d_model % m.num_heads == 0, f"model.d_model {m.d_model} is not divisible by "
+             f"model.num_heads {m.num_heads}")
     widths = [m.d_ff] if isinstance(m.d_ff, int) else list(m.d_ff)
-    if not isinstance(m.d_ff, int) and len(widths) != m.num_layers:
-        raise ValueError(f"model.d_ff lists {len(widths)} widths for {m.num_layers} layers")
-    if any(not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"model.d_ff must be positive ints, got {m.d_ff}")
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_checkpoints", "mean_last"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if t.warmup_steps < 0 or t.peak_lr <= 0:
-        raise ValueError("train.warmup_steps must be >= 0 and train.peak_lr > 0")
-    if t.prune not in ("none", "mask", "compact", "random"):
-        raise ValueError(f"train.prune must be none, mask, compact or random, got {t.prune!r}")
-    if t.prune_multiple < 1:
-        raise ValueError(f"train.prune_multiple must be >= 1, got {t.prune_multiple}")
+    _require(isinstance(m.d_ff, int) or len(widths) == m.num_layers,
+             f"model.d_ff lists {len(widths)} widths for {m.num_layers} layers")
+    _require(all(w >= 1 for w in widths), f"model.d_ff must be positive, got {m.d_ff}")
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _require(t.peak_lr > 0, f"train.peak_lr must be > 0, got {t.peak_lr}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
+        _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    for name in ("b1", "b2"):
+        _require(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), got "
+                 f"{getattr(t, name)}")
+    _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    _one_of("train.prune", t.prune, PRUNE_MODES)
+    _one_of("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     if t.prune != "none":
-        if not 0 <= t.prune_at < t.steps - 1:
-            raise ValueError(f"train.prune_at must lie in [0, {t.steps - 1}), got {t.prune_at}")
-        if config.instrument == "off":
-            raise ValueError("train.prune needs the batch mask: use --instrument xla or fused")
-    if m.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {m.dtype!r}")
+        _require(0 <= t.prune_at < t.steps - 1, f"train.prune_at must lie in [0, {t.steps - 1}), "
+                 f"got {t.prune_at}")
+        _require(config.instrument != "off", "train.prune needs the batch mask: use "
+                 "--instrument xla or fused")
+    source = config.data.source
+    _require(bool(source) and (isinstance(source, str) or all(source)),
+             f"data.source must be 'default' or paths, got {source!r}")
+
+
+def field_help() -> str:
+    """Every config field with its type and default, for `train --help`."""
+    lines = []
+    for section, cls in [("", Config), *SECTIONS.items()]:
+        hints = field_types(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS or (not section and f.name == "name"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            key = f"{section}.{f.name}" if section else f.name
+            lines.append(f"  {key:24s} {type_name(hints[f.name]):22s} {json.dumps(default)}")
+    return "\n".join(lines)

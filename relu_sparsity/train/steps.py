@@ -3,6 +3,10 @@ one set of layer widths. `build_program` builds them at the start and again afte
 
 Step numbering (docs/design.md §6): the train step at step `s` runs the forward pass on the
 parameters after `s` updates, so step 0 is the model at initialization (the paper's "batch 0").
+
+Divergence: each step notes in the state the first step whose loss or gradient norm was not
+finite (`first_nonfinite`, -1 while there is none), so the host learns of it at the next logged
+step or checkpoint without a transfer per step.
 """
 
 import dataclasses
@@ -26,6 +30,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    first_nonfinite: jax.Array  # int32: the first diverged step, -1 while there is none
 
 
 def compute_dtype(config: Config) -> str:
@@ -61,14 +66,19 @@ def make_schedule(config: Config) -> optax.Schedule:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """AdamW on the schedule, after global-norm clipping when train.clip_norm > 0."""
+    """AdamW on the schedule, after global-norm clipping when train.clip_norm > 0; with
+    train.on_nonfinite=skip, inside optax.apply_if_finite (a non-finite gradient's update is
+    skipped, up to train.max_skips in a row)."""
     t = config.train
     # Decay only matrices: biases, LayerNorm scales and positions keep their values.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
     parts.append(optax.adamw(make_schedule(config), b1=t.b1, b2=t.b2,
                              weight_decay=t.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    optimizer = optax.chain(*parts)
+    if t.on_nonfinite == "skip":
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=t.max_skips)
+    return optimizer
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -78,12 +88,14 @@ def learning_rate(config: Config, step: int) -> float:
 def init_state(model: Transformer, optimizer, config: Config) -> TrainState:
     tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
     params = model.init(jax.random.key(config.train.seed), tokens)["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                      jnp.full((), -1, jnp.int32))
 
 
 def restore_state(template: TrainState, saved: dict) -> TrainState:
     """`saved` (a checkpoint's state dict) into `template`'s structure; every array must have
     the template's shape (a checkpoint of another width is an error, not a silent reshape)."""
+    saved = {"first_nonfinite": np.int32(-1), **saved}  # written before it was recorded
     state = serialization.from_state_dict(template, saved)
     mismatched = [(jax.tree_util.keystr(path), a.shape, b.shape) for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(state), strict=True)
@@ -94,9 +106,15 @@ def restore_state(template: TrainState, saved: dict) -> TrainState:
     return jax.tree.map(jnp.asarray, state)
 
 
-def make_train_step(model: Transformer, optimizer) -> Callable:
-    """(state, tokens [B, L + 1]) -> (state after one update, {loss, grad_norm}, per-layer
-    SparsityStats of this step's forward pass). Jitted, donating the state."""
+def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = None) -> Callable:
+    """(state, tokens [B, L + 1]) -> (state after one update, scalars, per-layer SparsityStats
+    of this step's forward pass). Jitted, donating the state.
+
+    scalars: loss, grad_norm, `loss_finite`, `first_nonfinite` (the state's), and under
+    optax.apply_if_finite (`max_skips` given) `update_skipped` and `skipped` (updates skipped so
+    far). A step diverges when its loss or gradient norm is not finite; under apply_if_finite,
+    when the optimizer stops skipping (more than max_skips non-finite updates in a row): its
+    update is then applied."""
     def loss_fn(params, tokens):
         logits, state = model.apply({"params": params}, tokens[:, :-1],
                                     mutable=["intermediates"])
@@ -105,12 +123,30 @@ def make_train_step(model: Transformer, optimizer) -> Callable:
 
     def train_step(state: TrainState, tokens: jax.Array):
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(state.step + 1, params, opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}, stats
+        loss_finite = jnp.isfinite(loss)
+        scalars = {"loss": loss, "grad_norm": grad_norm, "loss_finite": loss_finite}
+        diverged = ~(loss_finite & jnp.isfinite(grad_norm))
+        if max_skips is not None:  # optax.apply_if_finite skipped the update or gave up
+            scalars["update_skipped"] = ~opt_state.last_finite
+            scalars["skipped"] = opt_state.total_notfinite
+            diverged = ~opt_state.last_finite & (opt_state.notfinite_count > max_skips)
+        first = jnp.where((state.first_nonfinite < 0) & diverged, state.step,
+                          state.first_nonfinite)
+        scalars["first_nonfinite"] = first
+        return TrainState(state.step + 1, params, opt_state, first), scalars, stats
 
     return jax.jit(train_step, donate_argnums=0)
+
+
+@jax.jit
+def all_finite(state: TrainState) -> jax.Array:
+    """Whether every parameter and optimizer value is finite (before a checkpoint is written)."""
+    leaves = [x for x in jax.tree.leaves((state.params, state.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def make_eval_step(model: Transformer) -> Callable:
@@ -153,7 +189,10 @@ def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning |
     `state` and `tokens` inside the `tracing` context (the device mesh), and its evaluation
     step, which runs the un-instrumented model."""
     model = Transformer(model_config(config, vocab_size, pruning=pruning))
+    t = config.train
+    max_skips = t.max_skips if t.on_nonfinite == "skip" else None
     with tracing():
-        train_step = make_train_step(model, optimizer).lower(state, tokens).compile()
+        train_step = make_train_step(model, optimizer, max_skips=max_skips).lower(
+            state, tokens).compile()
     eval_model = Transformer(model_config(config, vocab_size, instrument="off", pruning=pruning))
     return Program(model, train_step, make_eval_step(eval_model))

@@ -4,9 +4,14 @@ step the units the batch did not use are dropped; checkpoints on the way, so tha
 that is started again resumes where it stopped (docs/design.md §8).
 
 Statistics reach the host only at logged steps: the loop queues steps without waiting for them.
+A run ends in one of three ways: finished (train returns), diverged (`Diverged`: a non-finite
+loss or gradient norm; no checkpoint holds a non-finite value) or interrupted (`Interrupted`:
+Ctrl-C or SIGTERM, after a checkpoint; run again to resume). Each has its exit status
+(`EXIT_STATUS`).
 """
 
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -27,8 +32,10 @@ from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
 from relu_sparsity.train.metrics import UnitStates, layer_records
 from relu_sparsity.train.parallel import DataParallel
+from relu_sparsity.train.preflight import check_memory, check_splits
 from relu_sparsity.train.pruning import Pruning, choose_units, compact_tree
 from relu_sparsity.train.steps import (
+    all_finite,
     build_program,
     compute_dtype,
     evaluate,
@@ -41,20 +48,43 @@ from relu_sparsity.train.steps import (
 
 log = logging.getLogger(__name__)
 
+# The command's exit status for each way a run ends (2: refused before any work).
+EXIT_STATUS = {"finished": 0, "refused": 2, "diverged": 3, "interrupted": 75}
+
+
+class TrainingStopped(Exception):
+    """A run that ended before its last step; `status` names how (EXIT_STATUS)."""
+    status = "stopped"
+
+
+class Diverged(TrainingStopped):
+    status = "diverged"
+
+
+class Interrupted(TrainingStopped):
+    status = "interrupted"
+
 
 def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = False,
-          progress: bool = True, max_steps: int | None = None) -> Path:
+          progress: bool = True, max_steps: int | None = None, start_over: bool = False) -> Path:
     """Train `config` in `run_dir`, resuming it if it holds a checkpoint. Returns the folder.
 
-    max_steps stops (with a checkpoint) after that many steps of this call: for tests and for
-    splitting long runs; the run resumes where it stopped.
+    Everything that can refuse the run (the configuration, the fused backend, memory, the token
+    cache) is checked before the folder is created. max_steps stops (with a checkpoint) after
+    that many steps of this call, for tests and for splitting long runs; the run resumes where it
+    stopped. start_over discards the folder's checkpoints, metrics and masks first. Raises
+    Diverged or Interrupted when the run ends early.
     """
     validate(config)
-    folder = open_run_folder(run_dir, config, allow_config_change)
-    parallel = DataParallel()
-    cache = open_cache(config.data.source, config.data.vocab_size, config.data.cache)
     backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
         else "reference"
+    check_memory(config, config.data.vocab_size, compute_dtype(config))
+    cache = open_cache(config.data.source, config.data.vocab_size, config.data.cache)
+    check_splits(config, cache)
+    folder = open_run_folder(run_dir, config, allow_config_change)
+    if start_over:
+        folder.clear()
+    parallel = DataParallel()
     folder.write_config(run_metadata(to_dict(config), cache.meta, cache.path,
                                      dtype=compute_dtype(config), backend=backend))
     log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
@@ -72,15 +102,27 @@ def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bo
     `allow_config_change`."""
     folder = RunFolder(run_dir)
     saved = folder.read_config()
-    wanted = to_dict(config)
-    if saved is not None:
-        differ = [k for k in wanted if saved.get(k) != wanted[k]]
-        if differ and not allow_config_change:
-            raise ValueError(f"{folder.path} holds a run with a different configuration "
-                             f"(sections {differ} differ); pass --allow-config-change to resume "
-                             "it with this one, or choose another --run-dir")
+    if saved is not None and not allow_config_change:
+        wanted = to_dict(config)
+        differ = config_differences({k: saved.get(k) for k in wanted}, wanted)
+        if differ:
+            raise ValueError(f"{folder.path} holds a run with another configuration ("
+                             + "; ".join(differ) + "); pass --allow-config-change to resume it "
+                             "with this one, or choose another --run-dir")
     folder.create()
     return folder
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'train.steps: 8 -> 12' for every field whose value differs."""
+    out = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
 
 
 class Trainer:
@@ -105,8 +147,16 @@ class Trainer:
         """The state of the newest readable checkpoint (a compacted one at its widths), or a
         fresh one; what was logged after it is dropped (the resume redoes it)."""
         latest = self.folder.load_latest_checkpoint()
+        if latest is None and self.folder.checkpoint_steps():
+            raise ValueError(
+                f"no checkpoint of {self.folder.path} can be read (tried steps "
+                f"{self.folder.checkpoint_steps()}; the log says why); pass --start-over to "
+                "discard its checkpoints, metrics and masks and train from step 0")
         if latest is None:
-            self.folder.drop_after(0)
+            dropped = self.folder.drop_after(0)
+            if dropped:
+                log.warning("%s has no checkpoint: training from step 0 (dropped %d log lines)",
+                            self.folder.path, dropped)
             model = Transformer(model_config(self.config, self.cache.vocab_size))
             state = init_state(model, self.optimizer, self.config)
             return self.parallel.state(state), [UnitStates(w) for w in self.widths], None
@@ -164,18 +214,39 @@ class Trainer:
     def observe(self, step: int, scalars, stats, meter: "Throughput"
                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The logged step's loss, learning rate, throughput and, with statistics, per-layer
-        records, and its batch masks (per layer [n_devices, W], original unit ids)."""
+        records, and its batch masks (per layer [n_devices, W], original unit ids). A step
+        whose loss is not finite (train.on_nonfinite=skip) has no per-layer records: its
+        statistics would read as units unused."""
         scalars, stats = jax.device_get((scalars, stats))  # waits for the step
+        if int(scalars["first_nonfinite"]) >= 0:
+            raise self.diverged(int(scalars["first_nonfinite"]), step)
         fields: dict[str, Any] = {"loss": float(scalars["loss"]),
                                   "grad_norm": float(scalars["grad_norm"]),
                                   "lr": learning_rate(self.config, step),
                                   "tokens_per_s": meter.rate(step + 1)}
+        if "skipped" in scalars:
+            fields["skipped_updates"] = int(scalars["skipped"])
+            if bool(scalars["update_skipped"]):
+                fields["update_skipped"] = True
         masks: list[np.ndarray] = []
-        if stats:
+        if stats and bool(scalars["loss_finite"]):
             fields["layers"], masks = layer_records(stats, self.unit_states, self.pruning,
                                                     self.parallel.num_devices)
             self.folder.write_masks(step, masks)
         return fields, masks
+
+    def diverged(self, first: int, step: int,
+                 what: str = "its loss or gradient norm is not finite") -> Diverged:
+        """Records the divergence in metrics.jsonl; the exception that ends the run."""
+        kept = self.folder.checkpoint_steps()
+        last = kept[-1] if kept else None
+        self.folder.append_metrics({"step": first, "diverged": {
+            "detected_at": step, "on_nonfinite": self.config.train.on_nonfinite,
+            "last_checkpoint": last}})
+        where = (f"the last checkpoint, step {last}, holds finite values" if last is not None
+                 else "no checkpoint was written")
+        return Diverged(f"training diverged at step {first}: {what}; {where}. Lower "
+                        "train.peak_lr, set train.clip_norm, or pass train.on_nonfinite=skip")
 
     def prune(self, step: int, masks: list[np.ndarray], tokens: jax.Array) -> dict[str, Any]:
         """From step + 1 on, only the units of this step's batch remain (a unit used on any
@@ -195,7 +266,14 @@ class Trainer:
         return entry
 
     def save(self, done: int) -> None:
-        """A checkpoint of the state after `done` updates."""
+        """A checkpoint of the state after `done` updates; a state that holds a non-finite
+        value, or that followed a diverged step, is never written (Diverged instead)."""
+        first, finite = jax.device_get((self.state.first_nonfinite, all_finite(self.state)))
+        if first >= 0:
+            raise self.diverged(int(first), done - 1)
+        if not finite:
+            raise self.diverged(done - 1, done - 1, "its update left non-finite values in the "
+                                "parameters or the optimizer state")
         self.folder.save_checkpoint(done, {
             "train_state": self.state,
             "unit_states": {str(i): u.state_dict() for i, u in enumerate(self.unit_states)},
@@ -204,46 +282,57 @@ class Trainer:
 
     # The loop ------------------------------------------------------------------------------
     def run(self, end: int, *, progress: bool) -> None:
-        """Steps start .. end - 1; a stop request (Ctrl-C, SIGTERM) checkpoints and returns."""
+        """Steps start .. end - 1. Raises Diverged, or Interrupted after a stop request (Ctrl-C,
+        SIGTERM) and its checkpoint."""
         if self.start >= end:
             log.info("the run is complete (%d steps)", self.start)
             return
         self.compile(self.batch(self.start))
         events = EventLog(self.folder.path, self.start)
-        tokens_per_step = self.batch_size * self.config.model.seq_len
-        meter = Throughput(self.start, tokens_per_step)
+        meter = Throughput(self.start, self.batch_size * self.config.model.seq_len)
         bar = tqdm(total=self.config.train.steps, initial=self.start, disable=not progress,
                    unit="step", dynamic_ncols=True)
-        with stop_requests() as stop:
-            for step in range(self.start, end):
-                tokens = self.batch(step)
-                record: dict[str, Any] = {"step": step}
-                if self.evaluated(step):
-                    jax.block_until_ready(self.state)  # the queued steps count as training
-                    with meter.paused():
-                        record.update(self.evaluate())
-                self.state, scalars, stats = self.program.train_step(self.state, tokens)
-                if self.logged(step):
-                    fields, masks = self.observe(step, scalars, stats, meter)
-                    record.update(fields)
-                    if self.prune_due(step):
-                        record["pruned"] = self.prune(step, masks, tokens)
-                    self.folder.append_metrics(record)
-                    events.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                    meter.restart(step + 1)
-                bar.update(1)
-                if self.checkpoint_due(step + 1, end) or stop["stop"]:
-                    jax.block_until_ready(self.state)
-                    with meter.paused():
-                        self.save(step + 1)
-                if stop["stop"]:
-                    log.warning("stopped at step %d; run again with the same --run-dir to "
-                                "resume", step + 1)
-                    break
-        bar.close()
-        events.close()
+        try:
+            with stop_requests() as stop:
+                for step in range(self.start, end):
+                    record = self.step(step, meter)
+                    if record is not None:
+                        events.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    if self.checkpoint_due(step + 1, end) or stop["stop"]:
+                        jax.block_until_ready(self.state)
+                        with meter.paused():
+                            self.save(step + 1)
+                    if stop["stop"]:
+                        raise Interrupted(f"stopped at step {step + 1} (checkpointed); run "
+                                          "again with the same --run-dir to resume")
+        finally:
+            bar.close()
+            events.close()
+
+    def step(self, step: int, meter: "Throughput") -> dict[str, Any] | None:
+        """One training step; at a logged step, its record (also written to metrics.jsonl)."""
+        tokens = self.batch(step)
+        record: dict[str, Any] = {"step": step}
+        if self.evaluated(step):
+            jax.block_until_ready(self.state)  # the queued steps count as training
+            with meter.paused():
+                record.update(self.evaluate())
+        self.state, scalars, stats = self.program.train_step(self.state, tokens)
+        if not self.logged(step):
+            return None
+        fields, masks = self.observe(step, scalars, stats, meter)
+        record.update(fields)
+        if self.prune_due(step):
+            if not masks:
+                raise Diverged(f"step {step}, the prune step, has no batch mask: its loss was "
+                               "not finite")
+            record["pruned"] = self.prune(step, masks, tokens)
+        self.folder.append_metrics(record)
+        meter.restart(step + 1)
+        return record
 
 
 class Throughput:

@@ -1,0 +1,77 @@
+"""Checks a run passes before any work (initialization, compilation, a run folder): its sequence
+length against each split of the token cache, and a lower bound of its memory against the
+device's. Each refusal is one ValueError naming the field, the value and what would fit."""
+
+import os
+
+import jax
+
+from relu_sparsity.data import TokenCache
+from relu_sparsity.train.config import Config
+
+GIB = 2 ** 30
+
+
+def check_splits(config: Config, cache: TokenCache) -> None:
+    """Every split holds at least one window of seq_len + 1 tokens (and one token to spare)."""
+    seq_len = config.model.seq_len
+    for split in ("train", "eval"):
+        tokens = cache.num_tokens(split)
+        if tokens < seq_len + 2:
+            raise ValueError(
+                f"model.seq_len={seq_len} is too long for the {split} split of {cache.path} "
+                f"({tokens} tokens): at most {max(tokens - 2, 0)}; use a shorter model.seq_len "
+                "or a bigger corpus")
+
+
+def parameter_count(config: Config, vocab_size: int) -> int:
+    """The Transformer's parameters (model/transformer.py): embeddings, positions, per layer
+    attention (qkv and output with biases), two LayerNorms and the MLP, the final LayerNorm, and
+    an untied output layer where there is one."""
+    m = config.model
+    d = m.d_model
+    widths = [m.d_ff] * m.num_layers if isinstance(m.d_ff, int) else list(m.d_ff)
+    per_layer = [4 * d * d + 4 * d + 4 * d + 2 * d * f + f + d for f in widths]
+    unembed = 0 if m.tie_embeddings else vocab_size * d + vocab_size
+    return vocab_size * d + m.seq_len * d + sum(per_layer) + 2 * d + unembed
+
+
+def memory_lower_bound(config: Config, vocab_size: int, dtype_bytes: int) -> dict[str, int]:
+    """Bytes one device needs at least: f32 parameters, gradients and Adam's two moments, and
+    the largest activations the backward pass keeps (every MLP's hidden layer, every layer's
+    attention scores, the logits and their gradient)."""
+    m, t = config.model, config.train
+    widths = [m.d_ff] * m.num_layers if isinstance(m.d_ff, int) else list(m.d_ff)
+    tokens = t.batch_size * m.seq_len
+    state = 16 * parameter_count(config, vocab_size)
+    hidden = sum(tokens * f * dtype_bytes for f in widths)
+    scores = m.num_layers * t.batch_size * m.num_heads * m.seq_len * m.seq_len * 4
+    logits = 2 * tokens * vocab_size * 4
+    return {"state": state, "activations": hidden + scores + logits}
+
+
+def device_memory() -> tuple[str, int | None]:
+    """(device description, bytes it can hold): an accelerator's memory limit, or the host's
+    physical memory for the CPU; None where neither can be read."""
+    device = jax.devices()[0]
+    stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+    if stats.get("bytes_limit"):
+        return device.device_kind, int(stats["bytes_limit"])
+    try:
+        return "host", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return "host", None
+
+
+def check_memory(config: Config, vocab_size: int, dtype: str) -> None:
+    """A run whose memory lower bound exceeds the device's is refused."""
+    need = memory_lower_bound(config, vocab_size, 2 if dtype == "bfloat16" else 4)
+    where, capacity = device_memory()
+    total = sum(need.values())
+    if capacity is not None and total > capacity:
+        raise ValueError(
+            f"the model does not fit: it needs at least {total / GIB:.1f} GiB per device "
+            f"(parameters, gradients and Adam state {need['state'] / GIB:.1f} GiB, activations "
+            f"{need['activations'] / GIB:.1f} GiB) and the {where} memory is "
+            f"{capacity / GIB:.1f} GiB; reduce model.d_ff, model.d_model, model.num_layers, "
+            "model.seq_len or train.batch_size")
