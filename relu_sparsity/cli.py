@@ -30,11 +30,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="build a token cache from a corpus")
-    prep.add_argument("sources", nargs="*", help="text files or folders; none: the default "
-                      "corpus (this Python's standard-library sources)")
+    prep.add_argument("sources", nargs="*", help="text files or folders (.txt: a document per "
+                      "paragraph; .jsonl: a document per line; .gz forms too; other files: a "
+                      "document each); none and no --tfds: the default corpus (this Python's "
+                      "standard-library sources)")
     prep.add_argument("--out", required=True, help="cache folder to write")
-    prep.add_argument("--vocab-size", type=int, default=4096)
-    prep.add_argument("--eval-fraction", type=float, default=0.02)
+    prep.add_argument("--tfds", metavar="NAME[:VERSION]", help="a TFDS dataset already on disk "
+                      "under --data-dir (e.g. c4/en:3.1.0), read through seqio, never downloaded "
+                      "(needs the `seqio` extra)")
+    prep.add_argument("--data-dir", help="the TFDS data directory of --tfds")
+    prep.add_argument("--split", default="train", help="--tfds: the train split (default train)")
+    prep.add_argument("--eval-split", default="validation",
+                      help="--tfds: the eval split (default validation)")
+    prep.add_argument("--text-key", default="text", help="the text field of TFDS examples and "
+                      ".jsonl lines (default text)")
+    prep.add_argument("--vocab", metavar="PATH.model", help="use this SentencePiece model (e.g. "
+                      "T5's C4 vocabulary) instead of training one; --vocab-size is then its size")
+    prep.add_argument("--vocab-size", type=int, default=4096,
+                      help="pieces of the tokenizer trained on the corpus (default 4096)")
+    prep.add_argument("--eval-fraction", type=float, default=0.02,
+                      help="local corpora: the share of documents (by a hash of their names) in "
+                      "the eval split (default 0.02)")
+    prep.add_argument("--max-tokens", type=int, help="stop after about this many tokens (a "
+                      "deterministic prefix of the corpus)")
+    prep.add_argument("--tokenizer-sample-mb", type=float, default=100.0,
+                      help="train the tokenizer on at most this many MB of the train split "
+                      "(default 100)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = sub.add_parser("train", help="train a ReLU Transformer and log its sparsity",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
@@ -119,9 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(args) -> None:
     from relu_sparsity import data
 
-    source = [str(Path(s)) for s in args.sources] if args.sources else data.DEFAULT_CORPUS
+    if args.tfds:
+        if args.sources:
+            raise ValueError("give text files or --tfds, not both")
+        if not args.data_dir:
+            raise ValueError("--tfds needs --data-dir, the TFDS data directory that holds it")
+        from relu_sparsity.data.tfds import TfdsSource
+
+        source = TfdsSource(args.tfds, args.data_dir, text_key=args.text_key, split=args.split,
+                            eval_split=args.eval_split)
+    else:
+        source = [str(Path(s)) for s in args.sources] if args.sources else data.DEFAULT_CORPUS
     path = data.prepare(args.out, source, vocab_size=args.vocab_size,
-                        eval_fraction=args.eval_fraction)
+                        eval_fraction=args.eval_fraction, vocab=args.vocab,
+                        max_tokens=args.max_tokens, text_key=args.text_key,
+                        tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6),
+                        progress=not args.no_progress)
     print(f"token cache ready: {path}")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from relu_sparsity import data
+from relu_sparsity.data.prepare import FORMAT
 
 VOCAB = 512
 
@@ -125,7 +126,7 @@ def test_default_corpus_files():
 def test_prepare_meta_and_files(corpus, cache_dir, cache):
     meta = cache.meta
     files = sorted(p for p in corpus.rglob("*") if p.is_file())
-    assert meta["format"] == 1
+    assert meta["format"] == FORMAT
     assert meta["source"] == "files"
     assert meta["files"] == len(files)
     assert meta["bytes"] == sum(p.stat().st_size for p in files)
@@ -284,7 +285,7 @@ def test_skips_binary_files(tmp_path, caplog):
         out = data.prepare(tmp_path / "cache", [corpus], vocab_size=300)
     assert "blob.bin" in caplog.text
     meta = data.TokenCache(out).meta
-    assert meta["files"] == 3 and meta["skipped_files"] == 1
+    assert meta["files"] == 4 and meta["documents"] == 3  # the binary file is no document
 
 
 def test_errors(tmp_path, cache_dir, cache):
@@ -332,7 +333,7 @@ def test_errors(tmp_path, cache_dir, cache):
 def test_default_corpus_prepare(tmp_path):
     # The one build from the real default corpus; the tokenizer sees few sentences to stay quick.
     out = data.prepare(
-        tmp_path / "cache", data.DEFAULT_CORPUS, vocab_size=VOCAB, max_tokenizer_sentences=2000
+        tmp_path / "cache", data.DEFAULT_CORPUS, vocab_size=VOCAB, tokenizer_sample_chars=4_000_000
     )
     cache = data.TokenCache(out)
     meta = cache.meta

@@ -1,26 +1,52 @@
-"""The corpus: which documents a token cache is built from, in a fixed order, and how they split
-into train and eval.
+"""The corpus: the documents a token cache is built from, streamed in a fixed order, each
+assigned to the train or the eval split.
 
-The default corpus is the running Python's standard-library sources (test suites excluded), so
-nothing is downloaded; otherwise text files and folders. Documents are read in sorted order and
-hashed (names and contents), so the same corpus always gives the same cache.
+Sources share one protocol: `describe()` (what meta.json records), `fingerprint()` (identifies
+the content, so an unchanged corpus reuses its cache) and `documents(split=None)` (an iterator of
+`Document`s, of one split or all, in the same order on every call, never holding the corpus in
+memory).
+
+- `DefaultCorpus`: the running Python's standard-library sources (test suites excluded), a file
+  a document, so nothing is downloaded.
+- `LocalText`: files and folders, read in sorted order. `.jsonl` files hold a document per line
+  (its `text_key` field); `.txt` files a document per paragraph (blank-line separated, cut at
+  64 KiB); any other text file is one document; `.gz` forms of each are read compressed.
+- `TfdsSource` (data/tfds.py): a TFDS dataset on disk, read through seqio.
+
+Local documents go to eval by a hash of their name (deterministic, independent of order), so with
+many small documents the eval split holds about `eval_fraction` of the tokens; at least one
+document lands on each side. A corpus of one document is cut on a line near (1 - eval_fraction).
 """
 
+import gzip
 import hashlib
+import io
+import json
 import logging
 import os
 import pathlib
 import platform
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "default"
+PARAGRAPH_CHARS = 1 << 16  # a longer .txt paragraph is cut at a line boundary into pieces
+READ_BYTES = 1 << 20
+
+
+class Document(NamedTuple):
+    split: str  # "train" or "eval"
+    name: str  # stable: a file's relative path, "path:line" for .jsonl, "path#paragraph" for .txt
+    text: str
+    ends: bool = True  # an end-of-document token follows the text
+
 
 # Directory names that hold test suites or third-party code inside the stdlib tree. `tests` also covers
 # lib2to3/tests.
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 
 def _stdlib_root() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"]).resolve()
@@ -31,7 +57,7 @@ def default_corpus_files() -> list[pathlib.Path]:
     root = _stdlib_root()
     found: list[tuple[str, pathlib.Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
         for name in filenames:
             if name.endswith(".py"):
                 path = pathlib.Path(dirpath, name)
@@ -41,14 +67,94 @@ def default_corpus_files() -> list[pathlib.Path]:
     return [path for _, path in found]
 
 
-def _is_text(data: bytes) -> str | None:
-    """The decoded text, or None for files that are not UTF-8 text (NUL bytes count as binary)."""
-    if b"\x00" in data:
-        return None
+def eval_score(name: str, seed: int) -> float:
+    """Deterministic uniform number in [0, 1) for a document name; < eval_fraction puts it in eval."""
+    h = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def _decode(data: bytes, path: pathlib.Path, strict: bool) -> str | None:
+    """UTF-8 text; with `strict`, None (and a warning) for binary or non-UTF-8 data."""
+    if not strict:
+        return data.decode("utf-8", errors="replace")
+    if b"\x00" not in data:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    log.warning("skipping %s: not UTF-8 text", path)
+    return None
+
+
+def _open_binary(path: pathlib.Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+def _kind(path: pathlib.Path) -> str:
+    """How a file holds documents: "jsonl", "txt" or "file" (the `.gz` suffix looked through)."""
+    suffix = pathlib.Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    return {".jsonl": "jsonl", ".txt": "txt"}.get(suffix, "file")
+
+
+def _file_hash(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _paragraphs(lines: Iterator[str]) -> Iterator[str]:
+    """Blank-line separated blocks of `lines` (kept with their newlines), cut at line boundaries
+    where they pass PARAGRAPH_CHARS."""
+    block, size = [], 0
+    for line in lines:
+        if not line.strip():
+            if block:
+                yield "".join(block)
+            block, size = [], 0
+            continue
+        block.append(line)
+        size += len(line)
+        if size >= PARAGRAPH_CHARS:
+            yield "".join(block)
+            block, size = [], 0
+    if block:
+        yield "".join(block)
+
+
+def file_documents(rel: str, path: pathlib.Path, text_key: str, strict: bool
+                   ) -> Iterator[tuple[str, str]]:
+    """(name, text) of every document in one file, streamed."""
+    kind = _kind(path)
+    if kind == "file":
+        with _open_binary(path) as f:
+            text = _decode(f.read(), path, strict)
+        if text is not None:
+            yield rel, text
+        return
+    with _open_binary(path) as raw:
+        lines = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+        try:
+            if kind == "txt":
+                for i, paragraph in enumerate(_paragraphs(lines)):
+                    yield f"{rel}#{i}", paragraph
+                return
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield f"{rel}:{number}", _jsonl_text(line, text_key, path, number)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+
+
+def _jsonl_text(line: str, text_key: str, path: pathlib.Path, number: int) -> str:
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number} is not a JSON line ({err.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        raise ValueError(f"{path}:{number} has no string field {text_key!r} (--text-key)")
+    return record[text_key]
 
 
 def _local_files(paths: Sequence[str | os.PathLike]) -> list[tuple[str, pathlib.Path]]:
@@ -78,85 +184,132 @@ def _local_files(paths: Sequence[str | os.PathLike]) -> list[tuple[str, pathlib.
     return sorted(((rel, path) for path, rel in entries.items()), key=lambda item: (item[0], str(item[1])))
 
 
-def read_corpus(source: str | Sequence[str | os.PathLike]) -> tuple[str, list[tuple[str, str]], dict]:
-    """Returns (source kind, [(relative name, text)] in fixed order, corpus metadata)."""
-    if isinstance(source, str) and source == DEFAULT_CORPUS:
-        kind = "default"
-        root = _stdlib_root()
-        named = [(path.relative_to(root).as_posix(), path) for path in default_corpus_files()]
-    else:
-        kind = "files"
-        if isinstance(source, (str, os.PathLike)):
-            source = [source]  # one path given on its own
-        if not source:
+class _Split:
+    """The hash rule over a source's document names, with the one-document fix-ups found by a
+    scan of every name: the eval document closest to the threshold moves to train when every
+    document would be eval, and the train one closest moves to eval when none would."""
+
+    def __init__(self, names: Iterator[str], eval_fraction: float, seed: int):
+        self.eval_fraction, self.seed, self.overrides = eval_fraction, seed, {}
+        lowest_train, highest_eval, count = None, None, 0
+        for name in names:
+            count += 1
+            score = eval_score(name, seed)
+            if score < eval_fraction:
+                if highest_eval is None or score > highest_eval[0]:
+                    highest_eval = (score, name)
+            elif lowest_train is None or score < lowest_train[0]:
+                lowest_train = (score, name)
+        self.count = count
+        if count > 1 and highest_eval is None:
+            self.overrides[lowest_train[1]] = "eval"
+        if count > 1 and lowest_train is None:
+            self.overrides[highest_eval[1]] = "train"
+
+    def __call__(self, name: str) -> str:
+        if name in self.overrides:
+            return self.overrides[name]
+        return "eval" if eval_score(name, self.seed) < self.eval_fraction else "train"
+
+
+def cut_one_document(name: str, text: str, eval_fraction: float) -> Iterator[Document]:
+    """A corpus of one document: the text cut on a line boundary near (1 - eval_fraction); the
+    train part is an unfinished document (no end-of-document token), the eval part ends it."""
+    cut = int(len(text) * (1.0 - eval_fraction))
+    newline = text.rfind("\n", 0, cut)
+    cut = newline + 1 if newline > 0 else max(cut, 1)
+    if cut >= len(text):  # tiny document: keep at least one character for eval
+        cut = len(text) - 1
+    yield Document("train", name, text[:cut], ends=False)
+    yield Document("eval", name, text[cut:])
+
+
+class LocalText:
+    """Text files and folders (module docstring), split by the hash of document names."""
+    kind = "files"
+
+    def __init__(self, paths: Sequence[str | os.PathLike], *, eval_fraction: float = 0.02,
+                 seed: int = 0, text_key: str = "text"):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        if not paths:
             raise ValueError("empty corpus: no source paths given")
-        named = _local_files(source)
+        self.paths = [str(p) for p in paths]
+        self.files = _local_files(paths)
+        self.text_key, self.eval_fraction = text_key, eval_fraction
+        self.strict = True
+        self._scan(seed)
 
-    docs: list[tuple[str, str]] = []
-    digest = hashlib.sha256()
-    num_bytes = 0
-    skipped = 0
-    for rel, path in named:
-        data = path.read_bytes()
-        if kind == "default":
-            text = data.decode("utf-8", errors="replace")
-        else:
-            text = _is_text(data)
-            if text is None:
-                log.warning("skipping %s: not UTF-8 text", path)
-                skipped += 1
-                continue
-        docs.append((rel, text))
-        num_bytes += len(data)
-        # The hash covers names and contents, so a changed, added, removed or renamed file changes it.
-        digest.update(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+    def _named_documents(self) -> Iterator[tuple[str, str]]:
+        for rel, path in self.files:
+            yield from file_documents(rel, path, self.text_key, self.strict)
 
-    if not docs or not any(text for _, text in docs):
-        where = "the standard library" if kind == "default" else ", ".join(map(str, source))
-        raise ValueError(f"empty corpus: no non-empty text files found in {where}")
-    corpus = {
-        "source": kind,
-        "files": len(docs),
-        "bytes": num_bytes,
-        "corpus_hash": digest.hexdigest(),
-        "python_version": platform.python_version(),
-    }
-    if kind == "files":
-        corpus["paths"] = [str(p) for p in source]
-        corpus["skipped_files"] = skipped
-    return kind, docs, corpus
+    def _scan(self, seed: int) -> None:
+        """One pass over the corpus: the content hash, sizes, the documents' names (for the
+        split) and a one-line error for a corpus with no text."""
+        digest, sizes = hashlib.sha256(), 0
+        for rel, path in self.files:
+            # The hash covers names and contents: a changed, added, removed or renamed file
+            # changes it.
+            digest.update(f"{rel}\0{_file_hash(path)}\n".encode())
+            sizes += path.stat().st_size
+        self._fingerprint, self.bytes = digest.hexdigest(), sizes
+        nonempty = [0]
+
+        def names():
+            for name, text in self._named_documents():
+                nonempty[0] += bool(text)
+                yield name
+
+        self.split = _Split(names(), self.eval_fraction, seed)
+        if not nonempty[0]:
+            raise ValueError(f"empty corpus: no non-empty text in {', '.join(self.paths)}")
+
+    def describe(self) -> dict:
+        return {"source": self.kind, "files": len(self.files), "bytes": self.bytes,
+                "documents": self.split.count, "paths": self.paths,
+                "python_version": platform.python_version()}
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def documents(self, split: str | None = None) -> Iterator[Document]:
+        """Every document in corpus order; with `split`, only that split's."""
+        for document in self._documents():
+            if split is None or document.split == split:
+                yield document
+
+    def _documents(self) -> Iterator[Document]:
+        if self.split.count == 1:
+            for name, text in self._named_documents():
+                yield from cut_one_document(name, text, self.eval_fraction)
+            return
+        for name, text in self._named_documents():
+            yield Document(self.split(name), name, text)
 
 
-def _eval_score(rel: str, seed: int) -> float:
-    """Deterministic uniform number in [0, 1) for a document name; < eval_fraction puts it in eval."""
-    h = hashlib.sha256(f"{seed}\0{rel}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2.0**64
+class DefaultCorpus(LocalText):
+    """The running Python's standard-library sources: every `*.py` outside test suites and
+    installed packages, a file a document, sorted by relative path."""
+    kind = "default"
+
+    def __init__(self, *, eval_fraction: float = 0.02, seed: int = 0):
+        root = _stdlib_root()
+        self.paths = [str(root)]
+        self.files = [(path.relative_to(root).as_posix(), path)
+                      for path in default_corpus_files()]
+        self.text_key, self.eval_fraction = "text", eval_fraction
+        self.strict = False  # undecodable bytes become U+FFFD: every stdlib file counts
+        self._scan(seed)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "paths": None}
 
 
-def split_documents(
-    docs: list[tuple[str, str]], eval_fraction: float, seed: int
-) -> tuple[list[str], list[str], bool]:
-    """Texts of the (train, eval) documents, and whether the final train text lacks its eos.
-
-    With one document, its text is cut on a line boundary near (1 - eval_fraction) of its length: the train
-    part is an unfinished document (no eos), the eval part ends the document.
-    """
-    if len(docs) == 1:
-        text = docs[0][1]
-        cut = int(len(text) * (1.0 - eval_fraction))
-        newline = text.rfind("\n", 0, cut)
-        cut = newline + 1 if newline > 0 else max(cut, 1)
-        if cut >= len(text):  # tiny document: keep at least one character for eval
-            cut = len(text) - 1
-        return [text[:cut]], [text[cut:]], True
-
-    scores = [_eval_score(rel, seed) for rel, _ in docs]
-    is_eval = [s < eval_fraction for s in scores]
-    # At least one document on each side: move the one whose score is closest to the threshold.
-    if not any(is_eval):
-        is_eval[min(range(len(docs)), key=scores.__getitem__)] = True
-    if all(is_eval):
-        is_eval[max(range(len(docs)), key=scores.__getitem__)] = False
-    train = [text for (_, text), e in zip(docs, is_eval) if not e]
-    evals = [text for (_, text), e in zip(docs, is_eval) if e]
-    return train, evals, False
+def open_source(source, *, eval_fraction: float, seed: int, text_key: str = "text"):
+    """"default" -> DefaultCorpus; paths -> LocalText; a source object passes through."""
+    if isinstance(source, str) and source == DEFAULT_CORPUS:
+        return DefaultCorpus(eval_fraction=eval_fraction, seed=seed)
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        return LocalText(source, eval_fraction=eval_fraction, seed=seed, text_key=text_key)
+    return source

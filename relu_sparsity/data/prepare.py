@@ -1,14 +1,17 @@
-"""Writing a token cache (`relu-sparsity prepare`): train the tokenizer, encode the splits into
-flat memmaps, and install the finished folder in one rename.
+"""Writing a token cache (`relu-sparsity prepare`): train the tokenizer on a bounded sample of the
+corpus (or take an existing SentencePiece model), stream every document through it into the split
+files, and install the finished folder in one rename, so an interrupted prepare leaves no
+half-written cache. Memory stays bounded whatever the corpus size.
 
 Cache layout (one directory):
     train.bin, eval.bin   flat token ids (uint16 when the vocabulary fits, else uint32); documents
                           are joined with the tokenizer's end-of-document (eos) id
-    tokenizer.model       SentencePiece BPE model (data/tokenizer.py)
+    tokenizer.model       the SentencePiece model (data/tokenizer.py, or the one given)
     meta.json             what was built from what (see `prepare`); written last, so its
                           presence marks a complete build
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -16,84 +19,238 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece as spm
 import tqdm
 
-from relu_sparsity.data.corpus import DEFAULT_CORPUS, read_corpus, split_documents
+from relu_sparsity.data.corpus import DEFAULT_CORPUS, Document, open_source
 from relu_sparsity.data.tokenizer import (
+    MAX_TOKENIZER_SENTENCES,
     MIN_VOCAB_SIZE,
     RESERVED_PIECES,
     line_chunks,
+    load_vocabulary,
     rare_characters,
     tokenizer_options,
+    tokenizer_sample,
     train_tokenizer,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 CACHE_FILES = ("train.bin", "eval.bin", "tokenizer.model", "meta.json")
-# Encoding works on line-aligned chunks of about this many characters so the batch API can spread a big
-# document over threads; '\n' is an atomic piece, so cutting after a newline does not change the tokens.
-_ENCODE_CHUNK_CHARS = 1 << 16
-_ENCODE_BATCH_CHARS = 1 << 21  # characters per encode call (one progress-bar step)
+SPLITS = ("train", "eval")
+TOKENIZER_SAMPLE_CHARS = 100_000_000  # the tokenizer trains on at most about this much text
+# Encoding works on line-aligned chunks of about this many characters so the batch API can spread a
+# big document over threads; '\n' is an atomic piece, so cutting after a newline does not change the
+# tokens.
+ENCODE_CHUNK_CHARS = 1 << 16
+ENCODE_BATCH_CHARS = 1 << 21  # characters per encode call
 
 
+def prepare(
+    cache_dir: str | os.PathLike,
+    source=DEFAULT_CORPUS,
+    *,
+    vocab_size: int = 4096,
+    eval_fraction: float = 0.02,
+    seed: int = 0,
+    vocab: str | os.PathLike | None = None,
+    max_tokens: int | None = None,
+    text_key: str = "text",
+    tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Builds (or reuses) the token cache of `source` in `cache_dir` and returns `cache_dir`.
 
-def _encode_split(
-    sp: spm.SentencePieceProcessor,
-    texts: Sequence[str],
-    out_path: pathlib.Path,
-    dtype: np.dtype,
-    eos_id: int,
-    final_eos: bool,
-    desc: str,
-    vocab_size: int,
-) -> tuple[int, np.ndarray]:
-    """Encodes documents into `out_path` as one flat stream with eos after each; returns (count, bincount)."""
-    num_threads = os.cpu_count() or 1
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    total = 0
-    eos = np.array([eos_id], dtype=dtype)
-    # Work list: (chunk, does a document end after it?)
-    work: list[tuple[str, bool]] = []
-    for i, text in enumerate(texts):
-        pieces = list(line_chunks(text, _ENCODE_CHUNK_CHARS, split_long_lines=False))
-        ends = final_eos or i < len(texts) - 1
-        if not pieces:  # empty document: just its eos
+    source: "default" (this Python's stdlib sources), text files / folders (data/corpus.py), or
+    a source object such as data.tfds.TfdsSource. vocab: an existing SentencePiece model to use
+    instead of training one (vocab_size is then the model's). max_tokens: stop after about this
+    many tokens (a deterministic prefix). The cache is reused when its meta.json records the
+    same corpus fingerprint and settings; otherwise it is built in `<cache_dir>.tmp-<pid>` and
+    moved into place.
+    """
+    _check_arguments(vocab_size, eval_fraction, max_tokens, tokenizer_sample_chars)
+    vocab_model = load_vocabulary(vocab) if vocab is not None else None
+    cache_dir = pathlib.Path(cache_dir).expanduser()
+    source = open_source(source, eval_fraction=eval_fraction, seed=seed, text_key=text_key)
+    settings = {
+        "format": FORMAT, "source": source.kind, "requested_vocab_size": vocab_size,
+        "eval_fraction": eval_fraction, "seed": seed, "max_tokens": max_tokens,
+        "tokenizer_sample_chars": tokenizer_sample_chars,
+        "vocab_file_sha256": hashlib.sha256(vocab_model).hexdigest() if vocab_model else None,
+    }
+    if _reusable(cache_dir, settings, source.fingerprint()):
+        log.info("reusing token cache %s (corpus %s)", cache_dir, source.fingerprint()[:12])
+        return cache_dir
+    log.info("preparing token cache %s from %s", cache_dir,
+             json.dumps({k: v for k, v in source.describe().items() if v is not None}))
+    tmp = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if vocab_model is not None:
+            model, tokenizer = vocab_model, {"file": str(vocab)}
+        else:
+            model, tokenizer = _train_tokenizer(source, vocab_size, seed, tokenizer_sample_chars)
+        (tmp / "tokenizer.model").write_bytes(model)
+        meta = {**settings, **source.describe(), "corpus_hash": source.fingerprint(),
+                **encode_corpus(tmp, source, model, max_tokens, eval_fraction, progress),
+                "tokenizer": tokenizer}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _install(tmp, cache_dir)
+        except OSError:
+            # Another process may have installed the same cache meanwhile; use it if it matches.
+            if _reusable(cache_dir, settings, source.fingerprint()):
+                log.info("another process built %s meanwhile; using it", cache_dir)
+                return cache_dir
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    total = meta["train_tokens"] + meta["eval_tokens"]
+    log.info("prepared %s: %d train + %d eval tokens (eval %.2f%% of the tokens, asked %.2f%%), "
+             "vocab %d, unigram entropy %.3f nats", cache_dir, meta["train_tokens"],
+             meta["eval_tokens"], 100 * meta["eval_tokens"] / total, 100 * eval_fraction,
+             meta["vocab_size"], meta["unigram_entropy_nats"])
+    return cache_dir
+
+
+def _check_arguments(vocab_size, eval_fraction, max_tokens, tokenizer_sample_chars) -> None:
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} ({RESERVED_PIECES} pieces are reserved "
+            f"for special tokens, bytes and newline), got {vocab_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+    if tokenizer_sample_chars < 1:
+        raise ValueError(f"tokenizer_sample_chars must be positive, got {tokenizer_sample_chars}")
+
+
+def _train_tokenizer(source, vocab_size: int, seed: int, sample_chars: int
+                     ) -> tuple[bytes, dict]:
+    """A SentencePiece model trained on the first `sample_chars` characters of the train split,
+    and the options it was trained with (for meta.json)."""
+    started = time.perf_counter()
+    sample = tokenizer_sample(source.documents(), sample_chars)
+    options = tokenizer_options(vocab_size, MAX_TOKENIZER_SENTENCES, os.cpu_count() or 1)
+    hidden = rare_characters(sample, vocab_size, options["character_coverage"])
+    if hidden:
+        log.info("vocab %d is small: %d rare characters left to byte fallback", vocab_size,
+                 len(hidden))
+    if any("\u2581" in text for text in sample):
+        # SentencePiece writes spaces as U+2581, so a literal U+2581 decodes back as a space.
+        log.warning("corpus contains U+2581 ('\u2581'); it will decode as a plain space")
+    model = train_tokenizer(sample, options, seed, hidden)
+    pieces = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+    if pieces < vocab_size:
+        log.warning("corpus too small for vocab_size=%d: tokenizer has %d pieces", vocab_size,
+                    pieces)
+    log.info("tokenizer trained on %d characters in %.1fs", sum(map(len, sample)),
+             time.perf_counter() - started)
+    options = {k: v for k, v in options.items() if k not in ("minloglevel", "num_threads")}
+    return model, {**options, "hidden_training_chars": len(hidden),
+                   "sample_chars": sum(map(len, sample))}
+
+
+class SplitWriter:
+    """One split's token file: documents queued as line-aligned chunks, encoded a batch at a
+    time (SentencePiece's batch API spreads it over threads), each followed by its eos."""
+
+    def __init__(self, path: pathlib.Path, sp, dtype, vocab_size: int):
+        self.file = path.open("wb")
+        self.sp, self.dtype = sp, dtype
+        self.eos = np.array([sp.eos_id()], dtype=dtype)
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.tokens, self.documents = 0, 0
+        self.queue: list[tuple[str, bool]] = []  # (chunk, does a document end after it?)
+        self.queued_chars = 0
+
+    def add(self, document: Document) -> None:
+        pieces = list(line_chunks(document.text, ENCODE_CHUNK_CHARS, split_long_lines=False))
+        if not pieces:  # an empty document: just its eos
+            pieces = [""]
+        for j, piece in enumerate(pieces):
+            self.queue.append((piece, document.ends and j == len(pieces) - 1))
+            self.queued_chars += len(piece)
+        self.documents += 1
+        if self.queued_chars >= ENCODE_BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.queue:
+            return
+        ids = self.sp.encode([chunk for chunk, _ in self.queue], num_threads=os.cpu_count() or 1)
+        arrays = []
+        for piece_ids, (_, ends) in zip(ids, self.queue, strict=True):
+            arrays.append(np.asarray(piece_ids, dtype=self.dtype))
             if ends:
-                work.append(("", True))
-            continue
-        work.extend((piece, ends and j == len(pieces) - 1) for j, piece in enumerate(pieces))
+                arrays.append(self.eos)
+        block = np.concatenate(arrays)
+        block.tofile(self.file)
+        self.counts += np.bincount(block, minlength=len(self.counts))[:len(self.counts)]
+        self.tokens += block.size
+        self.queue, self.queued_chars = [], 0
 
-    with open(out_path, "wb") as f, tqdm.tqdm(
-        total=sum(len(t) for t in texts), unit="char", unit_scale=True, desc=desc, file=sys.stderr,
-        leave=False,
-    ) as bar:
-        start = 0
-        while start < len(work):
-            end, chars = start, 0
-            while end < len(work) and (end == start or chars < _ENCODE_BATCH_CHARS):
-                chars += len(work[end][0])
-                end += 1
-            batch = work[start:end]
-            ids = sp.encode([chunk for chunk, _ in batch], num_threads=num_threads)
-            arrays = []
-            for piece_ids, (_, ends) in zip(ids, batch):
-                arrays.append(np.asarray(piece_ids, dtype=dtype))
-                if ends:
-                    arrays.append(eos)
-            if arrays:
-                block = np.concatenate(arrays)
-                block.tofile(f)
-                counts += np.bincount(block, minlength=vocab_size)[:vocab_size]
-                total += block.size
-            bar.update(chars)
-            start = end
-    return total, counts
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
+
+
+def encode_corpus(folder: pathlib.Path, source, model: bytes, max_tokens: int | None,
+                  eval_fraction: float, progress: bool) -> dict:
+    """Streams the source's documents into folder/train.bin and folder/eval.bin; returns what
+    meta.json records of them. With max_tokens, each split is a prefix of itself: the eval split
+    of about eval_fraction of max_tokens, the train split of the rest, each ending with the
+    first document that reaches its share."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    vocab = sp.get_piece_size()
+    dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
+    writers = {split: SplitWriter(folder / f"{split}.bin", sp, dtype, vocab) for split in SPLITS}
+    bar = tqdm.tqdm(unit=" docs", desc="encode", file=sys.stderr, disable=not progress,
+                    leave=False)
+    started = time.perf_counter()
+
+    def write(documents, quota=None):
+        for document in documents:
+            writer = writers[document.split]
+            writer.add(document)
+            if quota is not None:  # counted per document: the prefix ends on one
+                writer.flush()
+            bar.update(1)
+            if bar.n % 256 == 0:
+                done = sum(w.tokens for w in writers.values())
+                bar.set_postfix(tokens=done,
+                                tok_s=f"{done / (time.perf_counter() - started):.0f}")
+            if quota is not None and writer.tokens >= quota:
+                return
+
+    try:
+        if max_tokens is None:
+            write(source.documents())
+        else:
+            eval_quota = max(1, round(max_tokens * eval_fraction))
+            write(source.documents("train"), max_tokens - eval_quota)
+            write(source.documents("eval"), eval_quota)
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+    for split, writer in writers.items():
+        if writer.tokens == 0:
+            raise ValueError(f"the {split} split is empty: no document of the corpus went to it")
+    train, eval_ = writers["train"], writers["eval"]
+    return {"vocab_size": vocab, "dtype": dtype.name, "eos_id": sp.eos_id(),
+            "train_tokens": train.tokens, "eval_tokens": eval_.tokens,
+            "train_documents": train.documents, "eval_documents": eval_.documents,
+            "unigram_entropy_nats": _entropy_nats(train.counts)}
 
 
 def _entropy_nats(counts: np.ndarray) -> float:
@@ -104,27 +261,15 @@ def _entropy_nats(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _settings(kind: str, vocab_size: int, eval_fraction: float, seed: int, max_sentences: int) -> dict:
-    """What a cache must have been built with to be reused (besides the corpus hash)."""
-    return {
-        "format": FORMAT,
-        "source": kind,
-        "requested_vocab_size": vocab_size,
-        "eval_fraction": eval_fraction,
-        "seed": seed,
-        "max_tokenizer_sentences": max_sentences,
-    }
-
-
 def _reusable(cache_dir: pathlib.Path, settings: dict, corpus_hash: str) -> bool:
-    meta_path = cache_dir / "meta.json"
     if not all((cache_dir / name).is_file() for name in CACHE_FILES):
         return False
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((cache_dir / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("corpus_hash") == corpus_hash and all(meta.get(k) == v for k, v in settings.items())
+    return meta.get("corpus_hash") == corpus_hash and all(
+        meta.get(k) == v for k, v in settings.items())
 
 
 def _install(tmp: pathlib.Path, cache_dir: pathlib.Path) -> None:
@@ -133,132 +278,11 @@ def _install(tmp: pathlib.Path, cache_dir: pathlib.Path) -> None:
         contents = {p.name for p in cache_dir.iterdir()}
         # Only ever replace an empty folder or an old cache, never a folder of someone's files.
         if contents and "meta.json" not in contents:
-            raise FileExistsError(f"{cache_dir} exists and is not a token cache; pick another cache folder")
+            raise FileExistsError(f"{cache_dir} exists and is not a token cache; pick another "
+                                  "cache folder")
         old = cache_dir.with_name(f"{cache_dir.name}.old-{os.getpid()}")
         os.replace(cache_dir, old)
         os.replace(tmp, cache_dir)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, cache_dir)
-
-
-def prepare(
-    cache_dir: str | os.PathLike,
-    source: str | Sequence[str | os.PathLike] = DEFAULT_CORPUS,
-    *,
-    vocab_size: int = 4096,
-    eval_fraction: float = 0.02,
-    seed: int = 0,
-    max_tokenizer_sentences: int = 200_000,
-) -> pathlib.Path:
-    """Builds (or reuses) the token cache for `source` in `cache_dir` and returns `cache_dir`.
-
-    source: "default" (this Python's stdlib sources) or a list of text files / directories.
-    The cache is reused when its meta.json records the same source kind, corpus hash, requested vocab size,
-    eval fraction, seed and tokenizer sentence budget; otherwise it is rebuilt in `<cache_dir>.tmp-<pid>`
-    and moved into place, so an interrupted prepare leaves no half-written cache.
-    """
-    if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be at least {MIN_VOCAB_SIZE} ({RESERVED_PIECES} pieces are reserved for "
-            f"special tokens, bytes and newline), got {vocab_size}"
-        )
-    if max_tokenizer_sentences < 1:
-        raise ValueError(f"max_tokenizer_sentences must be positive, got {max_tokenizer_sentences}")
-    started = time.perf_counter()
-    cache_dir = pathlib.Path(cache_dir).expanduser()
-
-    kind, docs, corpus = read_corpus(source)
-    settings = _settings(kind, vocab_size, eval_fraction, seed, max_tokenizer_sentences)
-    if _reusable(cache_dir, settings, corpus["corpus_hash"]):
-        log.info(
-            "reusing token cache %s (corpus %s, vocab %d)", cache_dir, corpus["corpus_hash"][:12], vocab_size
-        )
-        return cache_dir
-    log.info(
-        "preparing token cache %s from %s corpus: %d files, %.1f MB, vocab %d",
-        cache_dir, kind, corpus["files"], corpus["bytes"] / 1e6, vocab_size,
-    )
-    if any("\u2581" in text for _, text in docs):
-        # SentencePiece writes spaces as U+2581, so a literal U+2581 decodes back as a space.
-        log.warning("corpus contains U+2581 ('\u2581'); it will decode as a plain space")
-
-    train_texts, eval_texts, single = split_documents(docs, eval_fraction, seed)
-    del docs
-
-    tmp = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        meta = {**settings, **corpus, **_build(tmp, train_texts, eval_texts, single, vocab_size,
-                                              seed, max_tokenizer_sentences)}
-        # meta.json last: its presence marks a complete build.
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _install(tmp, cache_dir)
-        except OSError:
-            # Another process may have installed the same cache meanwhile; use it if it matches.
-            if _reusable(cache_dir, settings, corpus["corpus_hash"]):
-                log.info("another process built %s meanwhile; using it", cache_dir)
-                return cache_dir
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    log.info(
-        "prepared %s in %.1fs: %d train + %d eval tokens (%.2f chars/token), vocab %d, unigram "
-        "entropy %.3f nats", cache_dir, time.perf_counter() - started, meta["train_tokens"],
-        meta["eval_tokens"], sum(map(len, train_texts)) / max(meta["train_tokens"], 1),
-        meta["vocab_size"], meta["unigram_entropy_nats"],
-    )
-    return cache_dir
-
-
-def _build(tmp: pathlib.Path, train_texts: list[str], eval_texts: list[str], single: bool,
-           vocab_size: int, seed: int, max_tokenizer_sentences: int) -> dict:
-    """Trains the tokenizer on the train split and encodes both splits into `tmp`; returns what
-    meta.json records of them."""
-    t0 = time.perf_counter()
-    options = tokenizer_options(vocab_size, max_tokenizer_sentences, os.cpu_count() or 1)
-    hidden = rare_characters(train_texts, vocab_size, options["character_coverage"])
-    if hidden:
-        log.info("vocab %d is small: %d rare characters left to byte fallback", vocab_size, len(hidden))
-    model = train_tokenizer(train_texts, options, seed, hidden)
-    (tmp / "tokenizer.model").write_bytes(model)
-    sp = spm.SentencePieceProcessor(model_proto=model)
-    actual_vocab = sp.get_piece_size()
-    eos_id = sp.eos_id()
-    t_tok = time.perf_counter() - t0
-    if actual_vocab < vocab_size:
-        log.warning(
-            "corpus too small for vocab_size=%d: tokenizer has %d pieces (ids < %d)",
-            vocab_size, actual_vocab, actual_vocab,
-        )
-
-    t0 = time.perf_counter()
-    dtype = np.dtype(np.uint16 if actual_vocab <= 65535 else np.uint32)
-    train_tokens, train_counts = _encode_split(
-        sp, train_texts, tmp / "train.bin", dtype, eos_id, not single, "encode train", actual_vocab
-    )
-    eval_tokens, _ = _encode_split(
-        sp, eval_texts, tmp / "eval.bin", dtype, eos_id, True, "encode eval", actual_vocab
-    )
-    log.info("tokenizer trained in %.1fs, corpus encoded in %.1fs", t_tok, time.perf_counter() - t0)
-    options = {k: v for k, v in options.items() if k != "minloglevel"}
-    options["hidden_training_chars"] = len(hidden)  # ours, not SentencePiece's
-    return {
-        "vocab_size": actual_vocab,
-        "dtype": dtype.name,
-        "train_tokens": train_tokens,
-        "eval_tokens": eval_tokens,
-        "train_documents": len(train_texts),
-        "eval_documents": len(eval_texts),
-        "eos_id": eos_id,
-        "unigram_entropy_nats": _entropy_nats(train_counts),
-        "tokenizer": options,
-    }

@@ -2,6 +2,8 @@
 whitespace included (indentation is content), so decode(encode(s)) == s."""
 
 import io
+import os
+import pathlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -11,6 +13,10 @@ import sentencepiece as spm
 # by sentence, and chunks keep newlines and indentation inside them as content.
 _TRAIN_CHUNK_CHARS = 2048
 MAX_SENTENCE_BYTES = 1 << 16  # > 4 * _TRAIN_CHUNK_CHARS: every chunk fits even if all 4-byte UTF-8
+# SentencePiece samples this many of the training chunks (shuffle_input_sentence).
+MAX_TOKENIZER_SENTENCES = 200_000
+
+
 def line_chunks(text: str, max_chars: int, split_long_lines: bool) -> Iterator[str]:
     """Consecutive pieces of `text`, cut after newlines, about `max_chars` each; they join back to `text`."""
     start = 0
@@ -120,3 +126,35 @@ def train_tokenizer(texts: Sequence[str], options: dict, seed: int, hidden_chars
             f"{len(sentences)} sentences): {err}"
         ) from err
     return writer.getvalue()
+
+
+def tokenizer_sample(documents, max_chars: int) -> list[str]:
+    """The train documents' texts, in corpus order, up to about `max_chars` characters: what
+    the tokenizer trains on, so a corpus of any size trains it in bounded memory."""
+    sample, chars = [], 0
+    for document in documents:
+        if document.split != "train":
+            continue
+        sample.append(document.text)
+        chars += len(document.text)
+        if chars >= max_chars:
+            break
+    return sample
+
+
+def load_vocabulary(path: str | os.PathLike) -> bytes:
+    """An existing SentencePiece model's bytes (e.g. T5's C4 vocabulary), checked: it loads, and
+    it has an end-of-document id to join documents with."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--vocab: no file {path}")
+    model = path.read_bytes()
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(model)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"--vocab: {path} is not a SentencePiece model ({err})") from None
+    if processor.eos_id() < 0:
+        raise ValueError(f"--vocab: {path} has no end-of-sequence piece (eos_id), which joins "
+                         "documents in the cache")
+    return model
