@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("none", "mask", "compact"),
                        help="for --train-step: also time the step after pruning, with the units "
                        "kept as live columns (mask) or removed (compact)")
+    bench.add_argument("--history", nargs="+", default=["on"], choices=("on", "off"),
+                       help="for --train-step: with the unit histories updated every step "
+                       "(on, as training does), without (off), or both to compare")
     bench.add_argument("--keep-fraction", type=float, default=0.7,
                        help="for --prune: the fraction of each layer's units that remain, chosen "
                        "at random (default 0.7: 30%% removed)")
@@ -239,7 +242,8 @@ def cmd_bench(args) -> None:
 
         rows = train_step.run_isolated(args.train_step, args.instruments, args.set,
                                        rounds=args.repeats, prunes=tuple(args.prune),
-                                       keep_fraction=args.keep_fraction)
+                                       keep_fraction=args.keep_fraction,
+                                       histories=tuple(h == "on" for h in args.history))
         print(train_step.format_table(rows))
         if args.out:
             with open(args.out, "w") as f:

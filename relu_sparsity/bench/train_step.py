@@ -37,23 +37,29 @@ def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, see
 
 
 def time_train_step(config_name: str, instrument: str, overrides: list[str], *, rounds: int,
-                    steps_per_round: int, prune: str = "none", keep_fraction: float = 1.0
-                    ) -> dict:
+                    steps_per_round: int, prune: str = "none", keep_fraction: float = 1.0,
+                    history: bool = True) -> dict:
+    """One variant's step time and peak memory. `history`: the unit histories update every
+    step, as in training (instrumented modes only)."""
     config = preset(config_name, [f"instrument={instrument}", *overrides])
     vocab = config.data.vocab_size
+    widths = model_config(config, vocab).layer_widths()
     pruning = None
     if prune != "none":
         if prune not in ("mask", "compact"):
             raise ValueError(f"prune must be none, mask or compact, got {prune!r}")
-        widths = model_config(config, vocab).layer_widths()
         pruning = random_pruning(prune, widths, keep_fraction,
                                  multiple=config.train.prune_multiple)
     model = Transformer(model_config(config, vocab, pruning=pruning))
     optimizer = make_optimizer(config)
-    state = init_state(model, optimizer, config)
+    history = history and instrument != "off"
+    state = init_state(model, optimizer, config, widths if history else None)
     tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size,
                                                     config.model.seq_len + 1), 0, vocab)
-    step = make_train_step(model, optimizer).lower(state, tokens).compile()
+    unit_ids = None
+    if prune == "compact":
+        unit_ids = tuple(np.asarray(k) for k in pruning.keep)
+    step = make_train_step(model, optimizer, unit_ids=unit_ids).lower(state, tokens).compile()
     for _ in range(3):  # warm-up
         state, scalars, _ = step(state, tokens)
     jax.block_until_ready(scalars)
@@ -65,7 +71,7 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
         jax.block_until_ready(scalars)
         times.append((time.perf_counter() - start) / steps_per_round * 1e3)
     memory = jax.devices()[0].memory_stats() or {}
-    return {"config": config_name, "instrument": instrument, "prune": prune,
+    return {"config": config_name, "instrument": instrument, "prune": prune, "history": history,
             "d_ff": list(model.config.layer_widths()) if pruning is None
             else list(pruning.widths), "param_widths": list(model.config.layer_widths()),
             "ms": statistics.median(times),
@@ -76,21 +82,24 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
 
 def run_isolated(config_name: str, instruments: list[str], overrides: list[str], *,
                  rounds: int = 5, steps_per_round: int = 10, prunes: tuple[str, ...] = ("none",),
-                 keep_fraction: float = 0.7) -> list[dict]:
-    """Every (prune, instrument) pair in its own process; ratios against (none, off)."""
+                 keep_fraction: float = 0.7, histories: tuple[bool, ...] = (True,)
+                 ) -> list[dict]:
+    """Every (prune, instrument, history) variant in its own process; ratios against the first
+    `off` row."""
     rows = []
-    for prune in prunes:
-        for instrument in instruments:
-            cmd = [sys.executable, "-m", "relu_sparsity.bench.train_step", "--config",
-                   config_name, "--instrument", instrument, "--rounds", str(rounds), "--steps",
-                   str(steps_per_round), "--prune", prune, "--keep-fraction", str(keep_fraction),
-                   *overrides]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                rows.append({"config": config_name, "instrument": instrument, "prune": prune,
-                             "error": done.stderr.strip().splitlines()[-1:]})
-                continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    variants = [(p, i, h) for p in prunes for i in instruments for h in histories
+                if h or i != "off"]
+    for prune, instrument, history in variants:
+        cmd = [sys.executable, "-m", "relu_sparsity.bench.train_step", "--config", config_name,
+               "--instrument", instrument, "--rounds", str(rounds), "--steps",
+               str(steps_per_round), "--prune", prune, "--keep-fraction", str(keep_fraction),
+               *([] if history else ["--no-history"]), *overrides]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows.append({"config": config_name, "instrument": instrument, "prune": prune,
+                         "history": history, "error": done.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if r.get("instrument") == "off" and "ms" in r), None)
     for r in rows:
         if base and "ms" in r:
@@ -101,22 +110,23 @@ def run_isolated(config_name: str, instruments: list[str], overrides: list[str],
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| config | prune | d_ff | instrument | ms / step | / off | peak memory (GiB) | "
-             "/ off |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| config | prune | d_ff | instrument | unit history | ms / step | / off | "
+             "peak memory (GiB) | / off |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         prune = r.get("prune", "none")
+        history = "yes" if r.get("history") else "no"
         if "error" in r:
-            lines.append(f"| {r['config']} | {prune} | | {r['instrument']} | failed: "
-                         f"{r['error']} | | | |")
+            lines.append(f"| {r['config']} | {prune} | | {r['instrument']} | {history} | "
+                         f"failed: {r['error']} | | | |")
             continue
         gib = r["peak_bytes"] / 2**30 if r.get("peak_bytes") else float("nan")
         widths = "/".join(map(str, sorted(set(r.get("d_ff", [])))))
         padded = "/".join(map(str, sorted(set(r.get("param_widths", [])))))
         if prune == "compact" and padded != widths:
             widths += f" (padded {padded})"
-        lines.append(f"| {r['config']} | {prune} | {widths} | "
-                     f"{r['instrument']} | {r['ms']:.2f} | "
-                     f"{r.get('ratio', float('nan')):.3f} | {gib:.2f} | "
+        lines.append(f"| {r['config']} | {prune} | {widths} | {r['instrument']} | {history} | "
+                     f"{r['ms']:.2f} | {r.get('ratio', float('nan')):.3f} | {gib:.2f} | "
                      f"{r.get('memory_ratio', float('nan')):.3f} |")
     return "\n".join(lines)
 
@@ -129,11 +139,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prune", default="none", choices=("none", "mask", "compact"))
     parser.add_argument("--keep-fraction", type=float, default=1.0)
+    parser.add_argument("--no-history", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     print(json.dumps(time_train_step(args.config, args.instrument, args.overrides,
                                      rounds=args.rounds, steps_per_round=args.steps,
-                                     prune=args.prune, keep_fraction=args.keep_fraction)))
+                                     prune=args.prune, keep_fraction=args.keep_fraction,
+                                     history=not args.no_history)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from relu_sparsity.report.figures import write_plots
 from relu_sparsity.report.numbers import used_units, with_layers
 from relu_sparsity.report.tables import format_comparison, format_tables
-from relu_sparsity.runs.reader import read_config_or_empty, read_metrics, run_name
+from relu_sparsity.runs.reader import read_config_or_empty, read_metrics, read_units, run_name
 
 TABLES_FILE = "tables.md"
 PLOTS_DIR = "plots"
@@ -64,12 +64,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     doc = ["# Activation sparsity report", "",
            f"Runs: {', '.join(names)}. Tables average the last {last_k} logged steps that have "
            "per-layer metrics (one batch is noisy).", ""]
-    for name, recs, config, d in zip(names, records_per_run, configs, dirs):
-        doc.append(format_tables(name, recs, last_k, config=config, run_dir=d))
+    units = [read_units(d) for d in dirs]
+    for name, recs, config, d, run_units in zip(names, records_per_run, configs, dirs, units):
+        doc.append(format_tables(name, recs, last_k, config=config, run_dir=d,
+                                 every_step=run_units is not None))
     if len(dirs) > 1:
         doc.append(format_comparison(names, records_per_run, configs, last_k))
 
-    plots = write_plots(list(zip(names, records_per_run)), out / PLOTS_DIR)
+    plots = write_plots(list(zip(names, records_per_run)), out / PLOTS_DIR, units)
     doc += ["## Figures", ""]
     if not any(with_layers(recs) for recs in records_per_run):
         doc += ["Sparsity figures skipped: no run has per-layer metrics (instrumentation off). "

@@ -160,10 +160,49 @@ def _loss_plot(path: Path, runs: list[tuple[str, list[dict]]]) -> None:
     _finish(fig, path, handles)
 
 
-def write_plots(runs: list[tuple[str, list[dict]]], plots_dir: Path) -> list[Path]:
-    """Every figure for these runs, drawn on shared axes; the sparsity ones only with layer data."""
+def unit_life_plot(path: Path, name: str, units: dict) -> None:
+    """From one run's unit histories: (a) the share of each layer's units not used since step t
+    (dead by t: when units died), (b) the share that came back after an off period longer than
+    g steps."""
+    layers, last_step = units["layers"], units["step"]
+    colors = _layer_colors(len(layers))
+    fig = Figure(figsize=(11.5, 4.2), layout="constrained")
+    dead_ax, back_ax = fig.subplots(1, 2)
+    steps = np.arange(last_step + 1)
+    for i, (layer, color) in enumerate(zip(layers, colors)):
+        last_on = np.sort(layer["last_on"])
+        dead = np.searchsorted(last_on, steps, side="left") / last_on.size
+        dead_ax.plot(steps, dead, color=color, linewidth=1.4)
+        gaps = np.sort(layer["longest_off"])
+        came_back = 1.0 - np.searchsorted(gaps, steps, side="right") / gaps.size
+        back_ax.plot(steps, came_back, color=color, linewidth=1.4)
+    dead_ax.set_title("(a) units not used since step t (dead by t)")
+    dead_ax.set_ylabel("fraction of original d_ff")
+    back_ax.set_title("(b) units that came back after more than g steps off")
+    back_ax.set_xlabel("g (steps)")
+    back_ax.set_ylabel("fraction of original d_ff")
+    back_ax.set_yscale("symlog", linthresh=1e-3)
+    dead_ax.set_xlabel("training step t")
+    for ax in (dead_ax, back_ax):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Unit life over every step (to step {last_step}) — {name}")
+    handles = [Line2D([], [], color=c, linewidth=2, label=f"layer {i}")
+               for i, c in enumerate(colors)]
+    _finish(fig, path, handles)
+
+
+def write_plots(runs: list[tuple[str, list[dict]]], plots_dir: Path,
+                units: list[dict | None] | None = None) -> list[Path]:
+    """Every figure for these runs, drawn on shared axes; the sparsity ones only with layer data,
+    a unit-life figure per run with unit histories."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    for (name, _), run_units in zip(runs, units or [None] * len(runs)):
+        if run_units is not None:
+            path = plots_dir / ("unit_life.png" if len(runs) == 1 else f"unit_life_{name}.png")
+            unit_life_plot(path, name, run_units)
+            written.append(path)
     if any(with_layers(recs) for _, recs in runs):
         for name, (title, panels, ncols) in LAYER_FIGURES.items():
             _layer_plot(plots_dir / name, runs, title, panels, ncols)

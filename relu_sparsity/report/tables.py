@@ -55,8 +55,10 @@ TABLE2_CAPTION = (
     "first step (the forward pass at initialization); Turned On: units off in batch 0 but active "
     "in the logged batch; Turned Off: units active in batch 0 but off in the logged batch; Final "
     "Use: units active in the logged batch (= On Batch 0 + Turned On - Turned Off); Never On: "
-    "units off in batch 0 and in every logged batch since."
+    "units off in batch 0 and in every "
 )
+NEVER_ON_EVERY_STEP = "batch since (every training step, from the unit histories)."
+NEVER_ON_LOGGED = "logged batch since."
 TABLE3_CAPTION = (
     "For each sequence, take the hidden units used at least once in it; the Nth Perc column is "
     "the percent of the sequence's tokens on which the Nth-percentile unit of that subset is used "
@@ -187,8 +189,10 @@ NO_LAYERS_NOTE = (
 
 
 def format_tables(run_name: str, records: list[dict], last_k: int, *,
-                  config: dict | None = None, run_dir: str | Path | None = None) -> str:
-    """Markdown for one run: a heading, a one-line summary, and the paper's Tables 1-3."""
+                  config: dict | None = None, run_dir: str | Path | None = None,
+                  every_step: bool = False) -> str:
+    """Markdown for one run: a heading, a one-line summary, and the paper's Tables 1-3.
+    `every_step`: the run kept unit histories, so Never On covers every step."""
     config = config or {}
     out = [f"## {run_name}", "", _summary_line(config, records, run_dir), ""]
     diverged = diverged_step(records)
@@ -222,6 +226,7 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
         "### Table 2: unit states relative to the first batch", "",
         _metric_table(means, TABLE2, extra), "",
         f"*Table 2: {span}. {TABLE2_CAPTION}"
+        + (NEVER_ON_EVERY_STEP if every_step else NEVER_ON_LOGGED)
         + (" Width: d_ff at the last logged step." if extra else "")
         + (" Orig. Width: d_ff at the first." if len(extra) > 1 else "") + "*", "",
         "### Table 3: use-frequency percentiles within a sequence", "",

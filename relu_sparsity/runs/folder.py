@@ -88,6 +88,13 @@ class RunFolder:
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, self.masks / f"step_{step:08d}.npz")
 
+    def write_units(self, step: int, arrays: dict[str, np.ndarray]) -> None:
+        """units.npz: the unit histories (train/history.py) after `step`, replaced each logged
+        step."""
+        tmp = self.path / f"units.tmp-{os.getpid()}.npz"
+        np.savez_compressed(tmp, step=np.int64(step), **arrays)
+        os.replace(tmp, self.path / "units.npz")
+
     def mask_steps(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.masks.glob("step_*.npz")
                       if (m := MASK_RE.search(p.name)))
@@ -99,7 +106,8 @@ class RunFolder:
     def clear(self) -> None:
         """Forgets the run: checkpoints, metrics, masks and TensorBoard events."""
         for path in [*self.checkpoints.glob("ckpt_*"), *self.masks.glob("step_*"),
-                     *self.path.glob("events.out.tfevents.*"), self.metrics_file]:
+                     *self.path.glob("events.out.tfevents.*"), self.metrics_file,
+                     self.path / "units.npz"]:
             path.unlink(missing_ok=True)
 
     def drop_after(self, step: int) -> int:

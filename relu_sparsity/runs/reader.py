@@ -72,6 +72,23 @@ def read_config_or_empty(run_dir: str | Path) -> dict:
     return config
 
 
+def read_units(run_dir: str | Path) -> dict | None:
+    """`units.npz`, the unit histories at the last logged step (train/history.py): per layer I
+    the arrays `first_on_I`, `last_on_I`, `on_steps_I`, `longest_off_I`, and `step`; None for
+    a run without them."""
+    import numpy as np
+
+    path = Path(run_dir) / "units.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    layers = sorted({int(k.rsplit("_", 1)[1]) for k in arrays if k != "step"})
+    return {"step": int(arrays["step"]),
+            "layers": [{field: arrays[f"{field}_{i}"] for field in
+                        ("first_on", "last_on", "on_steps", "longest_off")} for i in layers]}
+
+
 def run_name(run_dir: str | Path, config: dict) -> str:
     """The run's configured name, else its folder's."""
     name = config.get("name")

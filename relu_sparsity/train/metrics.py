@@ -78,7 +78,8 @@ class UnitStates:
     """Table 2's unit states of one layer, from the batch masks of logged steps.
 
     `on0` is the batch mask of the first training step (the forward pass at initialization);
-    `never_on` is the units off in `on0` and in every batch mask seen since. All fractions are of
+    `never_on` is the units off in `on0` and in every batch since: every step's batch where the
+    unit histories (train/history.py) are given, else every logged one. All fractions are of
     the layer's original width; masks are in original unit ids.
     """
 
@@ -88,12 +89,17 @@ class UnitStates:
         self.on0 = on0
         self.ever_on = ever_on
 
-    def update(self, mask_words: np.ndarray) -> dict[str, float]:
+    def update(self, mask_words: np.ndarray, ever_on: np.ndarray | None = None
+               ) -> dict[str, float]:
+        """The states at a logged batch; `ever_on` (bool [F], every step's use) replaces the
+        union of the logged batches for `never_on`."""
         on_t = np_unpack_bits(mask_words, self.num_units)
         if self.on0 is None:
             self.on0 = on_t.copy()
             self.ever_on = on_t.copy()
         self.ever_on |= on_t
+        if ever_on is not None:
+            self.ever_on |= np.asarray(ever_on, bool)
         frac = lambda b: float(np.count_nonzero(b) / self.num_units)  # noqa: E731
         return {
             "on0": frac(self.on0),
@@ -140,11 +146,13 @@ def current_units(layer: int, states: "UnitStates", pruning: Pruning | None
 
 
 def layer_records(stats: list[SparsityStats], unit_states: list["UnitStates"],
-                  pruning: Pruning | None, num_devices: int = 1
+                  pruning: Pruning | None, num_devices: int = 1,
+                  ever_on: list[np.ndarray] | None = None
                   ) -> tuple[list[dict], list[np.ndarray]]:
     """Per layer: the metrics at the current width (each device's batch, averaged over devices;
     with several, `batch_use_all_devices` beside), unit states of the union of the devices' batch
-    masks, and the batch masks [n_devices, W], in original unit ids."""
+    masks, and the batch masks [n_devices, W], in original unit ids. `ever_on`: per layer the
+    units used at any step (the unit histories), which makes `never_on` exact."""
     records, masks = [], []
     for layer, (layer_stat, states) in enumerate(zip(stats, unit_states, strict=True)):
         width, units, to_original = current_units(layer, states, pruning)
@@ -159,5 +167,6 @@ def layer_records(stats: list[SparsityStats], unit_states: list["UnitStates"],
         if num_devices > 1:
             metrics["batch_use_all_devices"] = float(np_popcount(union)) / width
         masks.append(device_masks)
-        records.append({"d_ff": width, **metrics, **states.update(union)})
+        exact = None if ever_on is None else ever_on[layer]
+        records.append({"d_ff": width, **metrics, **states.update(union, exact)})
     return records, masks

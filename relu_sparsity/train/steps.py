@@ -21,6 +21,7 @@ import optax
 from flax import serialization
 
 from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
+from relu_sparsity.train import history
 from relu_sparsity.train.config import Config
 from relu_sparsity.train.pruning import Pruning
 
@@ -31,6 +32,7 @@ class TrainState:
     params: Any
     opt_state: Any
     first_nonfinite: jax.Array  # int32: the first diverged step, -1 while there is none
+    units: tuple  # per layer a history.UnitHistory (original ids); () without statistics
 
 
 def compute_dtype(config: Config) -> str:
@@ -85,17 +87,22 @@ def learning_rate(config: Config, step: int) -> float:
     return float(make_schedule(config)(step))
 
 
-def init_state(model: Transformer, optimizer, config: Config) -> TrainState:
+def init_state(model: Transformer, optimizer, config: Config,
+               widths: tuple[int, ...] | None = None) -> TrainState:
+    """The state at step 0; `widths` (the layers' original widths) gives it unit histories."""
     tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
     params = model.init(jax.random.key(config.train.seed), tokens)["params"]
+    units = history.empty_history(widths) if widths else ()
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
-                      jnp.full((), -1, jnp.int32))
+                      jnp.full((), -1, jnp.int32), units)
 
 
 def restore_state(template: TrainState, saved: dict) -> TrainState:
     """`saved` (a checkpoint's state dict) into `template`'s structure; every array must have
     the template's shape (a checkpoint of another width is an error, not a silent reshape)."""
-    saved = {"first_nonfinite": np.int32(-1), **saved}  # written before it was recorded
+    # Fields a checkpoint may predate: no divergence seen, and unit histories starting afresh.
+    saved = {"first_nonfinite": np.int32(-1),
+             "units": serialization.to_state_dict(template.units), **saved}
     state = serialization.from_state_dict(template, saved)
     mismatched = [(jax.tree_util.keystr(path), a.shape, b.shape) for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(state), strict=True)
@@ -106,7 +113,8 @@ def restore_state(template: TrainState, saved: dict) -> TrainState:
     return jax.tree.map(jnp.asarray, state)
 
 
-def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = None) -> Callable:
+def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = None,
+                    unit_ids: tuple | None = None) -> Callable:
     """(state, tokens [B, L + 1]) -> (state after one update, scalars, per-layer SparsityStats
     of this step's forward pass). Jitted, donating the state.
 
@@ -114,7 +122,8 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
     optax.apply_if_finite (`max_skips` given) `update_skipped` and `skipped` (updates skipped so
     far). A step diverges when its loss or gradient norm is not finite; under apply_if_finite,
     when the optimizer stops skipping (more than max_skips non-finite updates in a row): its
-    update is then applied."""
+    update is then applied. The state's unit histories, if it has them, take this step's batch
+    masks (`unit_ids`: per layer the original ids of compacted columns, or None)."""
     def loss_fn(params, tokens):
         logits, state = model.apply({"params": params}, tokens[:, :-1],
                                     mutable=["intermediates"])
@@ -136,7 +145,11 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
         first = jnp.where((state.first_nonfinite < 0) & diverged, state.step,
                           state.first_nonfinite)
         scalars["first_nonfinite"] = first
-        return TrainState(state.step + 1, params, opt_state, first), scalars, stats
+        units = state.units
+        if units:
+            ids = unit_ids or (None,) * len(units)
+            units = history.update_all(units, stats, ids, state.step, loss_finite)
+        return TrainState(state.step + 1, params, opt_state, first, units), scalars, stats
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -191,8 +204,11 @@ def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning |
     model = Transformer(model_config(config, vocab_size, pruning=pruning))
     t = config.train
     max_skips = t.max_skips if t.on_nonfinite == "skip" else None
+    unit_ids = None
+    if pruning is not None and pruning.mode == "compact":
+        unit_ids = tuple(np.asarray(k) for k in pruning.keep)
     with tracing():
-        train_step = make_train_step(model, optimizer, max_skips=max_skips).lower(
-            state, tokens).compile()
+        train_step = make_train_step(model, optimizer, max_skips=max_skips,
+                                     unit_ids=unit_ids).lower(state, tokens).compile()
     eval_model = Transformer(model_config(config, vocab_size, instrument="off", pruning=pruning))
     return Program(model, train_step, make_eval_step(eval_model))

@@ -30,6 +30,7 @@ from relu_sparsity.runs.folder import RunFolder
 from relu_sparsity.runs.metadata import run_metadata
 from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
+from relu_sparsity.train.history import to_arrays
 from relu_sparsity.train.metrics import UnitStates, layer_records
 from relu_sparsity.train.parallel import DataParallel
 from relu_sparsity.train.preflight import check_memory, check_splits
@@ -138,6 +139,8 @@ class Trainer:
         if parallel.num_devices > 1:
             log.info("data parallel over %d devices: %d sequences per device, %d per step",
                      parallel.num_devices, config.train.batch_size, self.batch_size)
+        # Unit histories need the statistics: none with --instrument off.
+        self.history_widths = self.widths if config.instrument != "off" else None
         self.state, self.unit_states, self.pruning = self._restore_or_init()
         self.start = int(self.state.step)
         self.program = None
@@ -158,13 +161,13 @@ class Trainer:
                 log.warning("%s has no checkpoint: training from step 0 (dropped %d log lines)",
                             self.folder.path, dropped)
             model = Transformer(model_config(self.config, self.cache.vocab_size))
-            state = init_state(model, self.optimizer, self.config)
+            state = init_state(model, self.optimizer, self.config, self.history_widths)
             return self.parallel.state(state), [UnitStates(w) for w in self.widths], None
         step, saved = latest
         pruning = Pruning.from_state_dict(saved["pruning"]) if saved.get("pruning") else None
         model = Transformer(model_config(self.config, self.cache.vocab_size, pruning=pruning))
-        state = restore_state(init_state(model, self.optimizer, self.config),
-                              saved["train_state"])
+        state = restore_state(init_state(model, self.optimizer, self.config,
+                                         self.history_widths), saved["train_state"])
         unit_states = [UnitStates.from_state_dict(w, saved["unit_states"][str(i)])
                        for i, w in enumerate(self.widths)]
         dropped = self.folder.drop_after(step)
@@ -217,7 +220,7 @@ class Trainer:
         records, and its batch masks (per layer [n_devices, W], original unit ids). A step
         whose loss is not finite (train.on_nonfinite=skip) has no per-layer records: its
         statistics would read as units unused."""
-        scalars, stats = jax.device_get((scalars, stats))  # waits for the step
+        scalars, stats, units = jax.device_get((scalars, stats, self.state.units))
         if int(scalars["first_nonfinite"]) >= 0:
             raise self.diverged(int(scalars["first_nonfinite"]), step)
         fields: dict[str, Any] = {"loss": float(scalars["loss"]),
@@ -230,9 +233,12 @@ class Trainer:
                 fields["update_skipped"] = True
         masks: list[np.ndarray] = []
         if stats and bool(scalars["loss_finite"]):
+            ever_on = [u.first_on >= 0 for u in units]
             fields["layers"], masks = layer_records(stats, self.unit_states, self.pruning,
-                                                    self.parallel.num_devices)
+                                                    self.parallel.num_devices, ever_on)
             self.folder.write_masks(step, masks)
+        if units:
+            self.folder.write_units(step, to_arrays(units))
         return fields, masks
 
     def diverged(self, first: int, step: int,

@@ -1,0 +1,76 @@
+"""Every unit's life over every training step, kept on the device (docs/design.md §6).
+
+Per layer and unit, in original unit ids: the first and the last step the unit was used by the
+global batch, the number of steps it was used, and the longest run of steps it was off between
+two steps it was used (a unit that "came back"). The train step updates them from the batch mask
+it already computes, with no transfer to the host; the host reads them at logged steps
+(`units.npz`) and they travel in the checkpoint.
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relu_sparsity.kernels.bits import or_rows, unpack_bits
+
+HISTORY_FIELDS = ("first_on", "last_on", "on_steps", "longest_off")
+
+
+@flax.struct.dataclass
+class UnitHistory:
+    first_on: jax.Array  # int32 [F]: the first step the unit was used, -1 while never
+    last_on: jax.Array  # int32 [F]: the last step it was used, -1 while never
+    on_steps: jax.Array  # int32 [F]: steps it was used
+    longest_off: jax.Array  # int32 [F]: the longest run of steps off between two used steps
+
+
+def empty_history(widths: tuple[int, ...]) -> tuple[UnitHistory, ...]:
+    """Per layer of original width F: no unit used yet."""
+    def layer(width):
+        # Four buffers, not two shared ones: the train step donates each.
+        never = lambda: jnp.full((width,), -1, jnp.int32)  # noqa: E731
+        zeros = lambda: jnp.zeros((width,), jnp.int32)  # noqa: E731
+        return UnitHistory(never(), never(), zeros(), zeros())
+
+    return tuple(layer(w) for w in widths)
+
+
+def batch_used(seq_mask: jax.Array, num_units: int, unit_ids: np.ndarray | None) -> jax.Array:
+    """bool [F]: the units the whole batch used, from its sequence masks [n_seq, W] over the
+    computed columns; `unit_ids` maps computed column j < len(unit_ids) to its original id
+    (compacted layers: the kept units first, then padding), None when the columns are the
+    original units."""
+    if unit_ids is None:
+        return unpack_bits(or_rows(seq_mask), num_units)
+    computed = unpack_bits(or_rows(seq_mask), len(unit_ids))
+    return jnp.zeros((num_units,), bool).at[jnp.asarray(unit_ids)].set(computed)
+
+
+def update(history: UnitHistory, used: jax.Array, step: jax.Array) -> UnitHistory:
+    """The history after `step`, in which the batch used the units `used`."""
+    came_back = used & (history.last_on >= 0)
+    gap = step - history.last_on - 1
+    return UnitHistory(
+        first_on=jnp.where(used & (history.first_on < 0), step, history.first_on),
+        last_on=jnp.where(used, step, history.last_on),
+        on_steps=history.on_steps + used.astype(jnp.int32),
+        longest_off=jnp.where(came_back, jnp.maximum(history.longest_off, gap),
+                              history.longest_off))
+
+
+def update_all(histories: tuple[UnitHistory, ...], stats, unit_ids, step, valid):
+    """Every layer's history after `step`; unchanged where `valid` is False (a step whose loss
+    is not finite: its statistics are not the model's use)."""
+    out = []
+    for history, layer_stats, ids in zip(histories, stats, unit_ids, strict=True):
+        used = batch_used(layer_stats.seq_mask, history.first_on.shape[0], ids)
+        new = update(history, used, step)
+        out.append(jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, history))
+    return tuple(out)
+
+
+def to_arrays(histories) -> dict[str, np.ndarray]:
+    """`units.npz`'s arrays: `<field>_<layer>` for every field and layer."""
+    return {f"{field}_{i}": np.asarray(getattr(h, field))
+            for i, h in enumerate(histories) for field in HISTORY_FIELDS}
