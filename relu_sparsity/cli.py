@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after --prune-at's batch, drop the units it did not use: mask "
                        "(zero them, same shapes), compact (remove them from weights and optimizer "
                        "state), random (the control: as many units, chosen at random)")
-    train.add_argument("--prune-at", type=int, help="the step whose batch mask decides")
+    train.add_argument("--prune-at", help="the step whose batch mask decides, or auto: once the "
+                       "units unused for train.prune_window steps stay unused (none comes back)")
     train.add_argument("--widths-from", metavar="RUN", help="per-layer MLP widths = the units "
                        "RUN used per batch at its end (the paper's Round 2)")
     train.add_argument("--allow-config-change", action="store_true",
@@ -189,7 +190,7 @@ def cmd_train(args) -> None:
     if args.prune:
         overrides.append(f"train.prune={args.prune}")
     if args.prune_at is not None:
-        overrides.append(f"train.prune_at={args.prune_at}")
+        overrides.append(f"train.prune_at={args.prune_at}")  # an int, or the string auto
     if args.widths_from:
         last_k = config_lib.preset(args.config).train.mean_last
         used = [max(1, round(u)) for u in used_units(read_metrics(args.widths_from), last_k)]

@@ -42,7 +42,11 @@ class TrainSettings:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     prune: str = "none"  # none | mask | compact | random (section 4.1 of the paper)
-    prune_at: int = 0  # the step whose batch mask decides; pruned from the next step on
+    # The step whose batch mask decides, pruned from the next step on; or "auto": the first logged
+    # step at which units have been unused for prune_window steps and none came back after being
+    # unused that long within the last prune_window steps (the units used in that window remain).
+    prune_at: int | str = 0
+    prune_window: int = 200
     # compact: widths round up to a multiple of this (capped at the original width), the padding
     # units zero and held dead; GEMMs at ragged widths run far below peak on GPUs.
     prune_multiple: int = 256
@@ -206,7 +210,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 AT_LEAST_ONE = {
     "model": ("num_layers", "d_model", "num_heads", "seq_len"),
     "train": ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-              "keep_checkpoints", "mean_last", "prune_multiple", "max_skips"),
+              "keep_checkpoints", "mean_last", "prune_multiple", "max_skips", "prune_window"),
     "data": ("vocab_size",),
 }
 
@@ -250,8 +254,9 @@ def validate(config: Config) -> None:
     _one_of("train.prune", t.prune, PRUNE_MODES)
     _one_of("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     if t.prune != "none":
-        _require(0 <= t.prune_at < t.steps - 1, f"train.prune_at must lie in [0, {t.steps - 1}), "
-                 f"got {t.prune_at}")
+        _require(t.prune_at == "auto" or (isinstance(t.prune_at, int)
+                                          and 0 <= t.prune_at < t.steps - 1),
+                 f"train.prune_at must be auto or lie in [0, {t.steps - 1}), got {t.prune_at!r}")
         _require(config.instrument != "off", "train.prune needs the batch mask: use "
                  "--instrument xla or fused")
     source = config.data.source

@@ -14,7 +14,7 @@ import numpy as np
 
 from relu_sparsity.kernels.bits import or_rows, unpack_bits
 
-HISTORY_FIELDS = ("first_on", "last_on", "on_steps", "longest_off")
+HISTORY_FIELDS = ("first_on", "last_on", "on_steps", "longest_off", "last_return")
 
 
 @flax.struct.dataclass
@@ -23,6 +23,7 @@ class UnitHistory:
     last_on: jax.Array  # int32 [F]: the last step it was used, -1 while never
     on_steps: jax.Array  # int32 [F]: steps it was used
     longest_off: jax.Array  # int32 [F]: the longest run of steps off between two used steps
+    last_return: jax.Array  # int32 [F]: the last step it was used after `window` steps off, -1
 
 
 def empty_history(widths: tuple[int, ...]) -> tuple[UnitHistory, ...]:
@@ -31,7 +32,7 @@ def empty_history(widths: tuple[int, ...]) -> tuple[UnitHistory, ...]:
         # Four buffers, not two shared ones: the train step donates each.
         never = lambda: jnp.full((width,), -1, jnp.int32)  # noqa: E731
         zeros = lambda: jnp.zeros((width,), jnp.int32)  # noqa: E731
-        return UnitHistory(never(), never(), zeros(), zeros())
+        return UnitHistory(never(), never(), zeros(), zeros(), never())
 
     return tuple(layer(w) for w in widths)
 
@@ -47,8 +48,10 @@ def batch_used(seq_mask: jax.Array, num_units: int, unit_ids: np.ndarray | None)
     return jnp.zeros((num_units,), bool).at[jnp.asarray(unit_ids)].set(computed)
 
 
-def update(history: UnitHistory, used: jax.Array, step: jax.Array) -> UnitHistory:
-    """The history after `step`, in which the batch used the units `used`."""
+def update(history: UnitHistory, used: jax.Array, step: jax.Array, window: int
+           ) -> UnitHistory:
+    """The history after `step`, in which the batch used the units `used`; a unit used again
+    after at least `window` steps off "returns"."""
     came_back = used & (history.last_on >= 0)
     gap = step - history.last_on - 1
     return UnitHistory(
@@ -56,16 +59,17 @@ def update(history: UnitHistory, used: jax.Array, step: jax.Array) -> UnitHistor
         last_on=jnp.where(used, step, history.last_on),
         on_steps=history.on_steps + used.astype(jnp.int32),
         longest_off=jnp.where(came_back, jnp.maximum(history.longest_off, gap),
-                              history.longest_off))
+                              history.longest_off),
+        last_return=jnp.where(came_back & (gap >= window), step, history.last_return))
 
 
-def update_all(histories: tuple[UnitHistory, ...], stats, unit_ids, step, valid):
+def update_all(histories: tuple[UnitHistory, ...], stats, unit_ids, step, valid, window: int):
     """Every layer's history after `step`; unchanged where `valid` is False (a step whose loss
     is not finite: its statistics are not the model's use)."""
     out = []
     for history, layer_stats, ids in zip(histories, stats, unit_ids, strict=True):
         used = batch_used(layer_stats.seq_mask, history.first_on.shape[0], ids)
-        new = update(history, used, step)
+        new = update(history, used, step, window)
         out.append(jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, history))
     return tuple(out)
 
@@ -74,3 +78,20 @@ def to_arrays(histories) -> dict[str, np.ndarray]:
     """`units.npz`'s arrays: `<field>_<layer>` for every field and layer."""
     return {f"{field}_{i}": np.asarray(getattr(h, field))
             for i, h in enumerate(histories) for field in HISTORY_FIELDS}
+
+
+def dead_units(units: dict, step: int, window: int) -> list[np.ndarray]:
+    """Per layer, bool [F]: units unused over the `window` steps up to `step` (host arrays of
+    `to_arrays`)."""
+    layers = sorted({int(k.rsplit("_", 1)[1]) for k in units})
+    return [units[f"last_on_{i}"] < step - window + 1 for i in layers]
+
+
+def auto_prune_ready(units: dict, step: int, window: int) -> bool:
+    """`--prune-at auto`: at least one unit has been unused for `window` steps, and no unit came
+    back after `window` steps off within the last `window` steps (the unused set is stable)."""
+    if step < 2 * window - 1:
+        return False
+    layers = sorted({int(k.rsplit("_", 1)[1]) for k in units})
+    returned = any((units[f"last_return_{i}"] > step - window).any() for i in layers)
+    return not returned and any(d.any() for d in dead_units(units, step, window))

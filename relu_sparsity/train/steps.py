@@ -114,7 +114,7 @@ def restore_state(template: TrainState, saved: dict) -> TrainState:
 
 
 def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = None,
-                    unit_ids: tuple | None = None) -> Callable:
+                    unit_ids: tuple | None = None, window: int = 200) -> Callable:
     """(state, tokens [B, L + 1]) -> (state after one update, scalars, per-layer SparsityStats
     of this step's forward pass). Jitted, donating the state.
 
@@ -123,7 +123,8 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
     far). A step diverges when its loss or gradient norm is not finite; under apply_if_finite,
     when the optimizer stops skipping (more than max_skips non-finite updates in a row): its
     update is then applied. The state's unit histories, if it has them, take this step's batch
-    masks (`unit_ids`: per layer the original ids of compacted columns, or None)."""
+    masks (`unit_ids`: per layer the original ids of compacted columns, or None; `window`: the
+    off period after which a unit's use counts as a return)."""
     def loss_fn(params, tokens):
         logits, state = model.apply({"params": params}, tokens[:, :-1],
                                     mutable=["intermediates"])
@@ -148,7 +149,7 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
         units = state.units
         if units:
             ids = unit_ids or (None,) * len(units)
-            units = history.update_all(units, stats, ids, state.step, loss_finite)
+            units = history.update_all(units, stats, ids, state.step, loss_finite, window)
         return TrainState(state.step + 1, params, opt_state, first, units), scalars, stats
 
     return jax.jit(train_step, donate_argnums=0)
@@ -208,7 +209,7 @@ def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning |
     if pruning is not None and pruning.mode == "compact":
         unit_ids = tuple(np.asarray(k) for k in pruning.keep)
     with tracing():
-        train_step = make_train_step(model, optimizer, max_skips=max_skips,
-                                     unit_ids=unit_ids).lower(state, tokens).compile()
+        train_step = make_train_step(model, optimizer, max_skips=max_skips, unit_ids=unit_ids,
+                                     window=t.prune_window).lower(state, tokens).compile()
     eval_model = Transformer(model_config(config, vocab_size, instrument="off", pruning=pruning))
     return Program(model, train_step, make_eval_step(eval_model))

@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from relu_sparsity.data import TokenCache, open_cache
 from relu_sparsity.kernels import resolve_fused_backend
-from relu_sparsity.kernels.bits import np_or_rows
+from relu_sparsity.kernels.bits import np_or_rows, np_pack_bits
 from relu_sparsity.model import Transformer
 from relu_sparsity.runs.folder import RunFolder
 from relu_sparsity.runs.metadata import run_metadata
 from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
-from relu_sparsity.train.history import to_arrays
+from relu_sparsity.train.history import auto_prune_ready, dead_units, to_arrays
 from relu_sparsity.train.metrics import UnitStates, layer_records
 from relu_sparsity.train.parallel import DataParallel
 from relu_sparsity.train.preflight import check_memory, check_splits
@@ -144,6 +144,7 @@ class Trainer:
         self.state, self.unit_states, self.pruning = self._restore_or_init()
         self.start = int(self.state.step)
         self.program = None
+        self.units: dict = {}  # the unit histories at the last logged step, as host arrays
 
     # Setup ---------------------------------------------------------------------------------
     def _restore_or_init(self) -> tuple[Any, list[UnitStates], Pruning | None]:
@@ -189,8 +190,15 @@ class Trainer:
 
     # The schedule --------------------------------------------------------------------------
     def prune_due(self, step: int) -> bool:
+        """The fixed prune step (train.prune_at an int)."""
         t = self.config.train
         return t.prune != "none" and step == t.prune_at and self.pruning is None
+
+    def auto_prune_due(self, step: int, units: dict) -> bool:
+        """`train.prune_at=auto` at a logged step: the unused units are stable (history.py)."""
+        t = self.config.train
+        return (t.prune != "none" and t.prune_at == "auto" and self.pruning is None
+                and bool(units) and auto_prune_ready(units, step, t.prune_window))
 
     def evaluated(self, step: int) -> bool:
         t = self.config.train
@@ -238,7 +246,8 @@ class Trainer:
                                                     self.parallel.num_devices, ever_on)
             self.folder.write_masks(step, masks)
         if units:
-            self.folder.write_units(step, to_arrays(units))
+            self.units = to_arrays(units)
+            self.folder.write_units(step, self.units)
         return fields, masks
 
     def diverged(self, first: int, step: int,
@@ -255,8 +264,10 @@ class Trainer:
                         "train.peak_lr, set train.clip_norm, or pass train.on_nonfinite=skip")
 
     def prune(self, step: int, masks: list[np.ndarray], tokens: jax.Array) -> dict[str, Any]:
-        """From step + 1 on, only the units of this step's batch remain (a unit used on any
-        device is kept); the program is rebuilt at the new widths. Returns the log entry."""
+        """From step + 1 on, only the units of `masks` remain (per layer [n, W] words in original
+        ids: this step's batch masks, a unit used on any device kept; or with prune_at=auto the
+        units used within the window); the program is rebuilt at the new widths. Returns the
+        log entry."""
         t = self.config.train
         self.pruning = choose_units(t.prune, [np_or_rows(m) for m in masks], self.widths, step,
                                     t.seed, multiple=t.prune_multiple)
@@ -336,6 +347,14 @@ class Trainer:
                 raise Diverged(f"step {step}, the prune step, has no batch mask: its loss was "
                                "not finite")
             record["pruned"] = self.prune(step, masks, tokens)
+        elif self.auto_prune_due(step, self.units):
+            window = self.config.train.prune_window
+            used = [np_pack_bits(~dead)[None] for dead in dead_units(self.units, step, window)]
+            record["pruned"] = self.prune(step, used, tokens)
+            record["pruned"]["auto"] = {
+                "window": window, "why": f"units unused for {window} steps and none came back "
+                f"after {window} steps off within steps {step - window + 1}-{step}"}
+            log.info("--prune-at auto fired at step %d: %s", step, record["pruned"]["auto"]["why"])
         self.folder.append_metrics(record)
         meter.restart(step + 1)
         return record
