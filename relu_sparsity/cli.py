@@ -89,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="the paper's pruning experiments",
                          epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
-    exp.add_argument("which", choices=("masking", "capacity"),
+    exp.add_argument("which", choices=("masking", "capacity", "sweep"),
                      help="masking: baseline / mask / compact / random after --prune-at; "
-                     "capacity: round 1, then round 2 at round 1's used widths (Table 4)")
+                     "capacity: round 1, then round 2 at round 1's used widths (Table 4); "
+                     "sweep: a run per point of --lr / --d-ff / --layers (Table 5, Figures 3 "
+                     "and 4)")
+    exp.add_argument("--lr", nargs="+", type=float, help="sweep: peak learning rates")
+    exp.add_argument("--d-ff", nargs="+", type=int, help="sweep: MLP widths")
+    exp.add_argument("--layers", nargs="+", type=int, help="sweep: numbers of layers")
     exp.add_argument("--config", default="tiny", choices=sorted(PRESETS))
     exp.add_argument("--out", required=True, help="folder for the runs and the comparison")
     exp.add_argument("--prune-at", type=int, help="masking: the step whose batch mask decides "
@@ -216,6 +221,12 @@ def cmd_experiment(args) -> None:
         prune_at = args.prune_at if args.prune_at is not None else config.train.steps // 3
         table = experiments.masking_experiment(config, args.out, prune_at,
                                                progress=not args.no_progress)
+    elif args.which == "sweep":
+        from relu_sparsity.train.sweep import run_sweep
+
+        table = run_sweep(config, args.out, {"lr": args.lr, "d_ff": args.d_ff,
+                                             "layers": args.layers},
+                          progress=not args.no_progress)
     else:
         table = experiments.capacity_experiment(config, args.out, progress=not args.no_progress)
     print(Path(table).read_text())
