@@ -65,3 +65,24 @@ if [ "${1:-}" = "test" ]; then
   .venv-triton/bin/python -m pip install -q "torch==2.13.0"
   .venv-triton/bin/python -m pip install -q -c constraints.txt triton "numpy<2.4" pytest
 fi
+
+# The TFDS source (relu_sparsity/data/tfds.py) reads through seqio, which needs TensorFlow; the
+# main environment stays free of it, so its tests (tests/seqio, launched by tests/test_seqio.py)
+# run in a side environment: Python 3.12, TensorFlow (CPU), TFDS, seqio, and the few packages
+# relu_sparsity.data imports. seqio imports clu, flax and jax at start-up: -c constraints.txt
+# holds them to this repo's versions. tensorflow-text declares `tensorflow`, whose module
+# tensorflow-cpu provides: it and seqio install without their declared dependencies (listed
+# here instead), so the tensorflow wheel (573 MB, with GPU kernels; tensorflow-cpu's is 274 MB)
+# stays out.
+if [ "${1:-}" = "test" ]; then
+  if [ ! -x .venv-seqio/bin/python ] || ! works .venv-seqio/bin/python 12; then
+    rm -rf .venv-seqio
+    "$python" -m venv .venv-seqio
+  fi
+  echo "install.sh: $(.venv-seqio/bin/python --version) in .venv-seqio (from $python)"
+  .venv-seqio/bin/python -m pip install -q --upgrade pip
+  .venv-seqio/bin/python -m pip install -q -c constraints.txt "tensorflow-cpu==2.21.*" \
+    "tensorflow-datasets==4.9.*" clu absl-py editdistance pyglove packaging numpy \
+    "sentencepiece>=0.2.0" tqdm pytest
+  .venv-seqio/bin/python -m pip install -q --no-deps "tensorflow-text==2.21.*" "seqio==0.0.20"
+fi

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 # tests/interpreter runs in the Triton side environment (Python 3.11 + torch), launched by
-# tests/test_triton_interpreter.py.
-collect_ignore = ["interpreter"]
+# tests/test_triton_interpreter.py; tests/seqio in the seqio side environment (TensorFlow,
+# TFDS, seqio), launched by tests/test_seqio.py.
+collect_ignore = ["interpreter", "seqio"]
 
 # The test extra installs jax's CUDA plugin so that GPU kernels can be lowered here; on a machine
 # without a GPU it would only complain at start-up that it finds no CUDA.

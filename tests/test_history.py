@@ -17,7 +17,7 @@ def every_step_config(cache_dir, *overrides):
     return preset("tiny", [
         f"data.cache={json.dumps(str(cache_dir))}", "data.vocab_size=512", "model.num_layers=2",
         "model.d_model=32", "model.num_heads=2", "model.d_ff=[40,24]", "model.seq_len=16",
-        "train.batch_size=2", "train.steps=30", "train.warmup_steps=2", "train.log_every=1",
+        "train.batch_size=2", "train.steps=20", "train.warmup_steps=2", "train.log_every=1",
         "train.eval_every=100", "train.eval_batches=1", "train.checkpoint_every=10",
         "train.peak_lr=3e-2", "train.prune_multiple=1", *overrides])
 
@@ -50,7 +50,7 @@ def units(run) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def straight(cache_dir, tmp_path_factory):
-    """A run of 30 steps, every one logged."""
+    """A run of 20 steps, every one logged."""
     run = tmp_path_factory.mktemp("straight") / "run"
     train(every_step_config(cache_dir, "train.prune_window=3"), run, progress=False)
     return run
@@ -58,7 +58,7 @@ def straight(cache_dir, tmp_path_factory):
 
 def test_histories_equal_every_step_recomputation(straight):
     got, folder = units(straight), RunFolder(straight)
-    assert int(got["step"]) == 29 and folder.mask_steps() == list(range(30))
+    assert int(got["step"]) == 19 and folder.mask_steps() == list(range(20))
     for layer, width in enumerate((40, 24)):
         want = recomputed(folder, layer, width, window=3)
         for field in HISTORY_FIELDS:
@@ -74,7 +74,7 @@ def test_histories_equal_every_step_recomputation(straight):
 def test_resume_keeps_histories(cache_dir, straight, tmp_path):
     resumed = tmp_path / "resumed"
     config = every_step_config(cache_dir, "train.prune_window=3")
-    train(config, resumed, progress=False, max_steps=13)
+    train(config, resumed, progress=False, max_steps=9)
     train(config, resumed, progress=False)
     a, b = units(straight), units(resumed)
     assert a.keys() == b.keys()
@@ -84,7 +84,7 @@ def test_resume_keeps_histories(cache_dir, straight, tmp_path):
 
 def test_histories_keep_original_ids_after_compaction(cache_dir, tmp_path):
     run = tmp_path / "run"
-    train(every_step_config(cache_dir, "train.prune=compact", "train.prune_at=12"), run,
+    train(every_step_config(cache_dir, "train.prune=compact", "train.prune_at=8"), run,
           progress=False)
     got, folder = units(run), RunFolder(run)
     for layer, width in enumerate((40, 24)):
@@ -93,10 +93,10 @@ def test_histories_keep_original_ids_after_compaction(cache_dir, tmp_path):
         np.testing.assert_array_equal(got[f"on_steps_{layer}"], want["on_steps"])
     # The units the prune step's batch did not use are removed: never on again.
     for layer, width in enumerate((40, 24)):
-        mask = np.bitwise_or.reduce(folder.read_masks(12)[layer], axis=0)
+        mask = np.bitwise_or.reduce(folder.read_masks(8)[layer], axis=0)
         removed = ~np_unpack_bits(mask, width)
         assert removed.any() or layer == 1
-        assert (got[f"last_on_{layer}"][removed] < 12).all()
+        assert (got[f"last_on_{layer}"][removed] < 8).all()
 
 
 def arrays(last_on, last_return):

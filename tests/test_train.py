@@ -17,7 +17,7 @@ from relu_sparsity.kernels.bits import np_unpack_bits
 from relu_sparsity import data
 from relu_sparsity.train.config import preset
 from relu_sparsity.train.trainer import train
-from relu_sparsity.train.metrics import METRIC_KEYS, UNIT_STATE_KEYS, UnitStates
+from relu_sparsity.train.metrics import METRIC_KEYS, UNIT_STATE_KEYS
 from relu_sparsity.runs.folder import RunFolder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -62,18 +62,25 @@ def test_train_writes_the_run_folder(cache_dir, tmp_path):
 
 
 def test_unit_states_recompute_from_masks(cache_dir, tmp_path):
+    # From the logged batch masks alone, on the host: batch use and the unit states, but
+    # never_on, which the unit histories make exact over every step (units.npz).
     run = tmp_path / "run"
     train(small_config(cache_dir), run, progress=False)
     folder = RunFolder(run)
     records = folder.read_metrics()
+    with np.load(run / "units.npz") as units:
+        first_on = [units["first_on_0"], units["first_on_1"]]
     for layer, width in enumerate((64, 40)):
-        states = UnitStates(width)
+        on0 = np_unpack_bits(folder.read_masks(0)[layer][0], width)
         for r in records:
-            words = folder.read_masks(r["step"])[layer][0]
-            assert np.count_nonzero(np_unpack_bits(words, width)) / width == pytest.approx(
-                r["layers"][layer]["batch_use"])
-            assert states.update(words) == pytest.approx(
-                {k: r["layers"][layer][k] for k in UNIT_STATE_KEYS})
+            used = np_unpack_bits(folder.read_masks(r["step"])[layer][0], width)
+            got = r["layers"][layer]
+            assert np.mean(used) == pytest.approx(got["batch_use"])
+            want = {"on0": np.mean(on0), "turned_on": np.mean(~on0 & used),
+                    "turned_off": np.mean(on0 & ~used), "final": np.mean(used)}
+            assert {k: got[k] for k in want} == pytest.approx(want)
+        assert records[-1]["layers"][layer]["never_on"] == np.mean(first_on[layer] < 0)
+        assert set(UNIT_STATE_KEYS) == {*want, "never_on"}
 
 
 def test_resume_gives_identical_metrics(cache_dir, tmp_path):
@@ -189,7 +196,7 @@ def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, output  # interrupted, resumable
     assert "resume" in output

@@ -114,10 +114,11 @@ def prepare(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     total = meta["train_tokens"] + meta["eval_tokens"]
-    log.info("prepared %s: %d train + %d eval tokens (eval %.2f%% of the tokens, asked %.2f%%), "
-             "vocab %d, unigram entropy %.3f nats", cache_dir, meta["train_tokens"],
-             meta["eval_tokens"], 100 * meta["eval_tokens"] / total, 100 * eval_fraction,
-             meta["vocab_size"], meta["unigram_entropy_nats"])
+    asked = f", asked {100 * eval_fraction:.2f}%" if source.kind != "tfds" else ""
+    log.info("prepared %s: %d train + %d eval tokens (eval %.2f%% of the tokens%s), vocab %d, "
+             "unigram entropy %.3f nats", cache_dir, meta["train_tokens"], meta["eval_tokens"],
+             100 * meta["eval_tokens"] / total, asked, meta["vocab_size"],
+             meta["unigram_entropy_nats"])
     return cache_dir
 
 

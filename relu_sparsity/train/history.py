@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from relu_sparsity.kernels.bits import or_rows, unpack_bits
 
 HISTORY_FIELDS = ("first_on", "last_on", "on_steps", "longest_off", "last_return")
 
@@ -37,15 +36,16 @@ def empty_history(widths: tuple[int, ...]) -> tuple[UnitHistory, ...]:
     return tuple(layer(w) for w in widths)
 
 
-def batch_used(seq_mask: jax.Array, num_units: int, unit_ids: np.ndarray | None) -> jax.Array:
-    """bool [F]: the units the whole batch used, from its sequence masks [n_seq, W] over the
-    computed columns; `unit_ids` maps computed column j < len(unit_ids) to its original id
-    (compacted layers: the kept units first, then padding), None when the columns are the
-    original units."""
+def batch_used(seq_count: jax.Array, num_units: int, unit_ids: np.ndarray | None) -> jax.Array:
+    """bool [F]: the units the whole batch used, from its sequence counts [n_seq, F_computed];
+    `unit_ids` maps computed column j < len(unit_ids) to its original id (compacted layers: the
+    kept units first, then padding), None when the columns are the original units. (A max over
+    the counts, not an OR of the mask words: XLA's CPU all-reduce has no bitwise OR, and the
+    sequences may be spread over devices.)"""
+    used = jnp.max(seq_count, axis=0) > 0
     if unit_ids is None:
-        return unpack_bits(or_rows(seq_mask), num_units)
-    computed = unpack_bits(or_rows(seq_mask), len(unit_ids))
-    return jnp.zeros((num_units,), bool).at[jnp.asarray(unit_ids)].set(computed)
+        return used
+    return jnp.zeros((num_units,), bool).at[jnp.asarray(unit_ids)].set(used[:len(unit_ids)])
 
 
 def update(history: UnitHistory, used: jax.Array, step: jax.Array, window: int
@@ -68,7 +68,7 @@ def update_all(histories: tuple[UnitHistory, ...], stats, unit_ids, step, valid,
     is not finite: its statistics are not the model's use)."""
     out = []
     for history, layer_stats, ids in zip(histories, stats, unit_ids, strict=True):
-        used = batch_used(layer_stats.seq_mask, history.first_on.shape[0], ids)
+        used = batch_used(layer_stats.seq_count, history.first_on.shape[0], ids)
         new = update(history, used, step, window)
         out.append(jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, history))
     return tuple(out)
