@@ -28,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_prepare, _add_train, _add_experiment, _add_report, _add_bench):
+        add(sub)
+    return parser
 
+
+def _add_prepare(sub) -> None:
+    """`prepare`: a token cache from a corpus."""
     prep = sub.add_parser("prepare", help="build a token cache from a corpus")
     prep.add_argument("sources", nargs="*", help="text files or folders (.txt: a document per "
                       "paragraph; .jsonl: a document per line; .gz forms too; other files: a "
@@ -58,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 100)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_train(sub) -> None:
+    """`train`: one run."""
     train = sub.add_parser("train", help="train a ReLU Transformer and log its sparsity",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
     train.add_argument("--config", default="tiny", choices=sorted(PRESETS),
@@ -87,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
+
+def _add_experiment(sub) -> None:
+    """`experiment`: the paper's experiments."""
     exp = sub.add_parser("experiment", help="the paper's pruning experiments",
                          epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
     exp.add_argument("which", choices=("masking", "capacity", "sweep"),
@@ -108,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-progress", action="store_true", help="no progress bars")
     exp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
+
+def _add_report(sub) -> None:
+    """`report`: tables and figures from run folders."""
     report = sub.add_parser("report", help="the paper's tables and figures from runs")
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", help="output folder (default: the run folder, for one run)")
@@ -115,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="average the tables over the last K logged steps (default: the "
                         "runs' train.mean_last, else 5)")
 
+
+def _add_bench(sub) -> None:
+    """`bench`: kernel and train-step benchmarks."""
     bench = sub.add_parser("bench", help="kernel benchmarks against XLA")
     bench.add_argument("--shapes", nargs="+", default=None,
                        help="TxDxF shapes (default: the three paper-scale shapes on an "
@@ -144,8 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep-fraction", type=float, default=0.7,
                        help="for --prune: the fraction of each layer's units that remain, chosen "
                        "at random (default 0.7: 30%% removed)")
-    return parser
-
 
 def cmd_prepare(args) -> None:
     from relu_sparsity import data

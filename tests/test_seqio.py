@@ -5,34 +5,23 @@ imports there from the repository root."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from relu_sparsity.data.tfds import TfdsSource
-
-ROOT = Path(__file__).resolve().parents[1]
+from side_env import ROOT, run_side_tests
 SIDE_PYTHON = Path(os.environ.get("RELU_SPARSITY_SEQIO_PYTHON",
                                   ROOT / ".venv-seqio" / "bin" / "python"))
 
 
 def test_tfds_source_through_seqio():
-    assert SIDE_PYTHON.exists(), (
-        f"no seqio side environment at {SIDE_PYTHON}: run `bash scripts/install.sh test` (or "
-        "point RELU_SPARSITY_SEQIO_PYTHON at a Python with seqio, tensorflow-datasets, numpy, "
-        "sentencepiece, tqdm, pytest)")
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    # --confcutdir: tests/conftest.py belongs to the JAX suite, not to the side environment.
-    folder = ROOT / "tests" / "seqio"
-    done = subprocess.run([str(SIDE_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "--confcutdir", str(folder), str(folder)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in summary and "failed" not in summary and "skipped" not in summary, summary
+    run_side_tests(SIDE_PYTHON, ROOT / "tests" / "seqio",
+                   "run `bash scripts/install.sh test` (or point RELU_SPARSITY_SEQIO_PYTHON at a "
+                   "Python with seqio, tensorflow-datasets, numpy, sentencepiece, tqdm, pytest)",
+                   env={"PYTHONPATH": path})
 
 
 def test_tfds_source_checks_without_tensorflow(tmp_path):
