@@ -94,7 +94,7 @@ def test_skip_mode_skips_updates_then_stops(cache_dir, tmp_path, capsys):
     ("model.d_ff=[48,\"a\"]", "model.d_ff"),
     ("train.b1=1.5", "train.b1"),
     ("train.on_nonfinite=retry", "train.on_nonfinite"),
-    ("model.d_ff=1000000000000", "model.d_ff"),  # does not fit in memory
+    (f"model.d_ff={10 ** 12}", "model.d_ff"),  # does not fit in memory
     ("kernel=pallas_tpu", "kernel"),  # without --instrument fused
 ])
 def test_bad_input_is_refused_before_any_work(cache_dir, tmp_path, capsys, override, field):
