@@ -6,7 +6,6 @@ import gzip
 import io
 import json
 import random
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +169,6 @@ def test_a_corpus_larger_than_the_memory_it_uses(tmp_path, vocab_model):
     small = peak_rss_kib(tmp_path, vocab_model, 8_000)
     large = peak_rss_kib(tmp_path, vocab_model, 80_000)
     assert large - small < 12 * 1024, (small, large)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
 
 
 def test_training_code_never_imports_tensorflow():

@@ -56,9 +56,7 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
     state = init_state(model, optimizer, config, widths if history else None)
     tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size,
                                                     config.model.seq_len + 1), 0, vocab)
-    unit_ids = None
-    if prune == "compact":
-        unit_ids = tuple(np.asarray(k) for k in pruning.keep)
+    unit_ids = pruning.compacted_ids() if pruning is not None else None
     step = make_train_step(model, optimizer, unit_ids=unit_ids).lower(state, tokens).compile()
     for _ in range(3):  # warm-up
         state, scalars, _ = step(state, tokens)

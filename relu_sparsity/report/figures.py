@@ -32,7 +32,7 @@ def _layer_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray
     return steps, values
 
 
-def _layer_colors(num_layers: int) -> list:
+def layer_colors(num_layers: int) -> list:
     # Sequential colormap so depth order reads off the colour; stop before viridis' palest yellow.
     cmap = colormaps["viridis"]
     return [cmap(x) for x in np.linspace(0.0, 0.9, max(num_layers, 1))][:num_layers]
@@ -55,7 +55,7 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
     """One figure: a panel per (metric key, panel title, y label); colour = layer, style = run."""
     runs = [(n, recs) for n, recs in runs if with_layers(recs)]
     num_layers = max(len(r["layers"]) for _, recs in runs for r in with_layers(recs))
-    colors = _layer_colors(num_layers)
+    colors = layer_colors(num_layers)
     few = max(len(with_layers(recs)) for _, recs in runs) <= MARKER_MAX_POINTS
     styles = [_run_style(r, few) for r in range(len(runs))]
     nrows = math.ceil(len(panels) / ncols)
@@ -165,7 +165,7 @@ def unit_life_plot(path: Path, name: str, units: dict) -> None:
     (dead by t: when units died), (b) the share that came back after an off period longer than
     g steps."""
     layers, last_step = units["layers"], units["step"]
-    colors = _layer_colors(len(layers))
+    colors = layer_colors(len(layers))
     fig = Figure(figsize=(11.5, 4.2), layout="constrained")
     dead_ax, back_ax = fig.subplots(1, 2)
     steps = np.arange(last_step + 1)

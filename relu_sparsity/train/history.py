@@ -1,10 +1,11 @@
 """Every unit's life over every training step, kept on the device (docs/design.md §6).
 
 Per layer and unit, in original unit ids: the first and the last step the unit was used by the
-global batch, the number of steps it was used, and the longest run of steps it was off between
-two steps it was used (a unit that "came back"). The train step updates them from the batch mask
-it already computes, with no transfer to the host; the host reads them at logged steps
-(`units.npz`) and they travel in the checkpoint.
+global batch, the number of steps it was used, the longest run of steps it was off between two
+steps it was used (a unit that "came back"), and the last step it came back after at least
+`train.prune_window` steps off (what `--prune-at auto` waits on). The train step updates them
+from the batch's sequence counts, with no transfer to the host; the host reads them at logged
+steps (`units.npz`) and they travel in the checkpoint.
 """
 
 import flax
@@ -28,7 +29,7 @@ class UnitHistory:
 def empty_history(widths: tuple[int, ...]) -> tuple[UnitHistory, ...]:
     """Per layer of original width F: no unit used yet."""
     def layer(width):
-        # Four buffers, not two shared ones: the train step donates each.
+        # A buffer per field, none shared: the train step donates each.
         never = lambda: jnp.full((width,), -1, jnp.int32)  # noqa: E731
         zeros = lambda: jnp.zeros((width,), jnp.int32)  # noqa: E731
         return UnitHistory(never(), never(), zeros(), zeros(), never())
@@ -80,11 +81,15 @@ def to_arrays(histories) -> dict[str, np.ndarray]:
             for i, h in enumerate(histories) for field in HISTORY_FIELDS}
 
 
+def _layers(units: dict) -> range:
+    """The layers of `to_arrays`' host arrays."""
+    return range(sum(1 for key in units if key.startswith("last_on_")))
+
+
 def dead_units(units: dict, step: int, window: int) -> list[np.ndarray]:
     """Per layer, bool [F]: units unused over the `window` steps up to `step` (host arrays of
     `to_arrays`)."""
-    layers = sorted({int(k.rsplit("_", 1)[1]) for k in units})
-    return [units[f"last_on_{i}"] < step - window + 1 for i in layers]
+    return [units[f"last_on_{i}"] < step - window + 1 for i in _layers(units)]
 
 
 def auto_prune_ready(units: dict, step: int, window: int) -> bool:
@@ -92,6 +97,5 @@ def auto_prune_ready(units: dict, step: int, window: int) -> bool:
     back after `window` steps off within the last `window` steps (the unused set is stable)."""
     if step < 2 * window - 1:
         return False
-    layers = sorted({int(k.rsplit("_", 1)[1]) for k in units})
-    returned = any((units[f"last_return_{i}"] > step - window).any() for i in layers)
+    returned = any((units[f"last_return_{i}"] > step - window).any() for i in _layers(units))
     return not returned and any(d.any() for d in dead_units(units, step, window))

@@ -43,6 +43,11 @@ class Pruning:
         return tuple(padded_width(len(k), self.multiple, w)
                      for k, w in zip(self.keep, self.original_widths, strict=True))
 
+    def compacted_ids(self) -> tuple[np.ndarray, ...] | None:
+        """compact: per layer the original ids of the computed columns (the kept units, then
+        padding); None for mask and random, whose columns are the original units."""
+        return tuple(np.asarray(k) for k in self.keep) if self.mode == "compact" else None
+
     def state_dict(self) -> dict:
         return {"mode": self.mode, "step": self.step,
                 "keep": {str(i): np.asarray(k, np.int32) for i, k in enumerate(self.keep)},

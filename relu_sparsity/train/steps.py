@@ -205,9 +205,7 @@ def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning |
     model = Transformer(model_config(config, vocab_size, pruning=pruning))
     t = config.train
     max_skips = t.max_skips if t.on_nonfinite == "skip" else None
-    unit_ids = None
-    if pruning is not None and pruning.mode == "compact":
-        unit_ids = tuple(np.asarray(k) for k in pruning.keep)
+    unit_ids = pruning.compacted_ids() if pruning is not None else None
     with tracing():
         train_step = make_train_step(model, optimizer, max_skips=max_skips, unit_ids=unit_ids,
                                      window=t.prune_window).lower(state, tokens).compile()

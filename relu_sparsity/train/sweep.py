@@ -9,10 +9,10 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from relu_sparsity.report import write_report
+from relu_sparsity.report.figures import layer_colors
 from relu_sparsity.report.numbers import diverged_step, final_means, number
 from relu_sparsity.report.tables import format_comparison
 from relu_sparsity.runs.folder import RunFolder
@@ -122,8 +122,7 @@ def draw_use_against(axis: str, points, records, last_k: int, plots_dir: Path) -
                 ys = [means[layer].get(key, math.nan) for _, means in values
                       if layer < len(means)]
                 label = f"layer {layer}" + (f" ({point_name(dict(rest))})" if rest else "")
-                ax.plot(xs, ys, marker="o", label=label,
-                        color=_layer_color(layer, depth))
+                ax.plot(xs, ys, marker="o", label=label, color=layer_colors(depth)[layer])
         ax.set_title(title)
         ax.set_xlabel({"d_ff": "d_ff (width)", "layers": "layers (depth)"}[axis])
         ax.set_ylabel("fraction of d_ff")
@@ -132,15 +131,10 @@ def draw_use_against(axis: str, points, records, last_k: int, plots_dir: Path) -
         if axis == "d_ff":
             ax.set_xscale("log", base=2)
     axes[1].legend(fontsize="small")
-    number_ = "3" if axis == "d_ff" else "4"
+    figure = "3" if axis == "d_ff" else "4"
     fig.suptitle(f"Use by layer against {'width' if axis == 'd_ff' else 'depth'} "
-                 f"(Figure {number_})")
-    path = plots_dir / f"fig{number_}_use_vs_{axis}.png"
+                 f"(Figure {figure})")
+    path = plots_dir / f"fig{figure}_use_vs_{axis}.png"
     fig.savefig(path, dpi=120)
     return path
 
-
-def _layer_color(layer: int, depth: int):
-    from matplotlib import colormaps
-
-    return colormaps["viridis"](np.linspace(0.0, 0.9, max(depth, 1))[layer])
