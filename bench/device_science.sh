@@ -16,7 +16,7 @@ run_settings="train.log_every=100 train.eval_every=1000 train.checkpoint_every=3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ ! -f "$cache/meta.json" ]; then
   python3 -m relu_sparsity.cli prepare .corpus/english.txt.gz --out "$cache" --vocab-size 32768 \
-    --tokenizer-sample-mb 20 2>&1 | tail -3
+    --tokenizer-sample-mb 20 --no-progress 2>&1 | tail -3
 fi
 case "$1" in
   run)
@@ -29,7 +29,7 @@ case "$1" in
   sweep)
     timeout -s TERM "$seconds" python3 -m relu_sparsity.cli experiment sweep --config paper8k \
       --cache "$cache" --out /tmp/runs/lr --instrument fused --no-progress \
-      --lr 1e-3 2e-3 3e-3 5e-3 train.steps=3000 train.warmup_steps=1000 $run_settings \
+      train.steps=3000 train.warmup_steps=1000 $run_settings --lr 1e-3 2e-3 3e-3 5e-3 \
       2>&1 | grep -vE "^\s*$" | tail -40
     echo "exit ${PIPESTATUS[0]}"
     folder=lr ;;

@@ -23,6 +23,19 @@ checkpointed: run the same command again to resume)
 """
 
 
+def sweep_value(kind):
+    """A sweep axis' value parser; an override caught by the axis' nargs="+" gets a hint."""
+    def parse(text: str):
+        if "=" in text:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is an override: put overrides before --lr / --d-ff / --layers")
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relu-sparsity", description=(
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
@@ -106,9 +119,10 @@ def _add_experiment(sub) -> None:
                      "capacity: round 1, then round 2 at round 1's used widths (Table 4); "
                      "sweep: a run per point of --lr / --d-ff / --layers (Table 5, Figures 3 "
                      "and 4)")
-    exp.add_argument("--lr", nargs="+", type=float, help="sweep: peak learning rates")
-    exp.add_argument("--d-ff", nargs="+", type=int, help="sweep: MLP widths")
-    exp.add_argument("--layers", nargs="+", type=int, help="sweep: numbers of layers")
+    exp.add_argument("--lr", nargs="+", type=sweep_value(float), help="sweep: peak learning rates")
+    exp.add_argument("--d-ff", nargs="+", type=sweep_value(int), help="sweep: MLP widths")
+    exp.add_argument("--layers", nargs="+", type=sweep_value(int),
+                     help="sweep: numbers of layers")
     exp.add_argument("--config", default="tiny", choices=sorted(PRESETS))
     exp.add_argument("--out", required=True, help="folder for the runs and the comparison")
     exp.add_argument("--prune-at", type=int, help="masking: the step whose batch mask decides "
@@ -283,7 +297,7 @@ def cmd_bench(args) -> None:
                repeats=args.repeats, out=args.out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     # Overrides may follow options (`experiment masking --out d model.d_ff=64`), which argparse
     # leaves unparsed after a first positional: collect them here.
@@ -293,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = list(args.overrides) + rest
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -60,3 +60,16 @@ def test_sweep_over_width_draws_figure_3_and_marks_a_diverged_point(cache_dir, t
     text = (tmp_path / "d" / "sweep.md").read_text()
     assert "lr=1e+30 | **diverged at step" in text
     assert "diverged at step" in text[text.index("### Table 5"):]
+
+
+def test_an_override_after_a_sweep_axis_is_refused_with_a_hint(capsys):
+    try:
+        cli.parse_args(["experiment", "sweep", "--out", "x", "--lr", "1e-3", "train.steps=3"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("the override was taken as a learning rate")
+    assert "put overrides before --lr" in capsys.readouterr().err
+    args = cli.parse_args(["experiment", "sweep", "--out", "x", "train.steps=3",
+                              "--d-ff", "8", "16"])
+    assert args.d_ff == [8, 16] and args.overrides == ["train.steps=3"]
