@@ -13,6 +13,7 @@ setup(
         "jax>=0.10.0",
         "flax>=0.12.0",
         "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
         "numpy>=1.26",
         "sentencepiece>=0.2.0",
         "matplotlib>=3.8",

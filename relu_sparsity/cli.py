@@ -107,7 +107,22 @@ def _add_train(sub) -> None:
                        "from step 0")
     train.add_argument("--no-report", action="store_true", help="skip tables and plots")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_processes(train)
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+
+def _add_processes(parser) -> None:
+    """jax.distributed.initialize's arguments: the same command runs on every host."""
+    group = parser.add_argument_group(
+        "several processes (hosts)", "one process per host, the same command on each; without "
+        "these flags JAX detects SLURM, TPU pods, Kubernetes and Open MPI by itself")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address, reachable by every process")
+    group.add_argument("--num-processes", type=int, help="number of processes")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 .. N - 1")
+    group.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                       help="a process silent for S seconds is declared dead and the others "
+                       "stop (default: 100)")
 
 
 def _add_experiment(sub) -> None:
@@ -219,6 +234,9 @@ def cmd_train(args) -> None:
     from relu_sparsity.report import used_units, write_report
     from relu_sparsity.runs.reader import read_metrics
     from relu_sparsity.train import config as config_lib
+    import jax
+
+    from relu_sparsity.train.parallel import start_processes
     from relu_sparsity.train.trainer import train
 
     overrides = common_overrides(args)
@@ -234,9 +252,12 @@ def cmd_train(args) -> None:
         overrides.append(f"model.d_ff={json.dumps(used)}")
     config = config_lib.preset(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / args.config)
+    config_lib.validate(config)  # refused here, before processes wait for each other
+    start_processes(args.coordinator_address, args.num_processes, args.process_id,
+                    args.heartbeat_timeout)
     train(config, run_dir, allow_config_change=args.allow_config_change,
           progress=not args.no_progress, start_over=args.start_over)
-    if not args.no_report:
+    if not args.no_report and jax.process_index() == 0:
         tables = write_report([run_dir], last_k=config.train.mean_last)
         print(f"\nrun folder: {run_dir}\ntables: {tables}\nplots: {run_dir / 'plots'}\n")
         print(Path(tables).read_text())
@@ -316,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's notes on every save
     from relu_sparsity.train.trainer import EXIT_STATUS, TrainingStopped
 
     try:

@@ -18,6 +18,7 @@ from relu_sparsity.train.config import preset
 from relu_sparsity.train.steps import init_state, make_optimizer, make_train_step, model_config
 from relu_sparsity.train.trainer import train
 from relu_sparsity.train.pruning import choose_units, compact_tree, to_original_ids
+from relu_sparsity.runs.checkpoints import read_on_host
 from relu_sparsity.runs.folder import RunFolder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -160,8 +161,8 @@ def pruned_units(folder: RunFolder, mode: str) -> list[np.ndarray]:
     """The kept unit ids per layer, as the last checkpoint recorded them."""
     from relu_sparsity.train.pruning import Pruning
 
-    raw = folder.load_checkpoint(folder.checkpoint_steps()[-1])
-    pruning = Pruning.from_state_dict(raw["pruning"])
+    _, meta = read_on_host(folder.checkpoints, folder.checkpoint_steps()[-1])
+    pruning = Pruning.from_state_dict(meta["pruning"])
     assert pruning.mode == mode
     return [np.asarray(k) for k in pruning.keep]
 

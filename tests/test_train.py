@@ -117,8 +117,10 @@ def test_resume_skips_a_corrupted_checkpoint(cache_dir, tmp_path):
     train(small_config(cache_dir), resumed, progress=False, max_steps=16)
     folder = RunFolder(resumed)
     assert folder.checkpoint_steps() == [8, 16]
-    newest = folder.checkpoints / "ckpt_00000016.msgpack"
-    newest.write_bytes(newest.read_bytes()[:100])  # torn by a crash
+    for path in (folder.checkpoints / "00000016" / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # the array data files
+            with path.open("r+b") as f:
+                f.truncate(path.stat().st_size // 2)  # torn by a crash
     train(small_config(cache_dir), resumed, progress=False)  # resumes from step 8
     assert strip_timing(folder.read_metrics()) == strip_timing(RunFolder(straight).read_metrics())
 

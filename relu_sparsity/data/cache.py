@@ -72,16 +72,19 @@ class TokenCache:
             )
         return tokens
 
-    def batch(self, split: str, step: int, batch_size: int, seq_len: int, *, seed: int = 0) -> np.ndarray:
-        """int32 [batch_size, seq_len + 1] windows of consecutive tokens at random offsets.
+    def batch(self, split: str, step: int, batch_size: int, seq_len: int, *, seed: int = 0,
+              rows: slice = slice(None)) -> np.ndarray:
+        """int32 [batch_size, seq_len + 1] windows of consecutive tokens at random offsets, or
+        only the `rows` of them (one process's part of a global batch).
 
         inputs = out[:, :-1], targets = out[:, 1:]. Depends only on (split, step, batch_size, seq_len,
-        seed), so a resumed run sees exactly the batches it would have seen.
+        seed), so a resumed run sees exactly the batches it would have seen, and the processes of a
+        multi-process run read disjoint rows of the same global batch.
         """
         tokens = self._check_window(split, batch_size, seq_len)
         rng = np.random.default_rng([seed, step, _SPLIT_IDS[split]])
-        starts = rng.integers(0, tokens.shape[0] - seq_len - 1, batch_size)  # [batch_size]
-        index = starts[:, None] + np.arange(seq_len + 1)  # [batch_size, seq_len + 1]
+        starts = rng.integers(0, tokens.shape[0] - seq_len - 1, batch_size)[rows]  # [rows]
+        index = starts[:, None] + np.arange(seq_len + 1)  # [rows, seq_len + 1]
         return np.asarray(tokens[index], dtype=np.int32)
 
     def eval_batches(self, num_batches: int, batch_size: int, seq_len: int) -> Iterator[np.ndarray]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from relu_sparsity.kernels import SparsityStats, fused_mlp_up, resolve_fused_backend
+from relu_sparsity.kernels.bits import BITS_PER_WORD
 from relu_sparsity.model.live import check_live, live_weights, padded_width, stats_in_unit_ids
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
@@ -18,7 +19,9 @@ class ReluMLP(nn.Module):
 
     The hidden layer runs through `kernels.fused_mlp_up`; its `SparsityStats` go to
     `self.sow("intermediates", "stats", ...)`, so `apply(..., mutable=["intermediates"])` hands
-    them to the caller with no extra pass.
+    them to the caller with no extra pass. Under a mesh with a `model` axis (`jax.set_mesh`),
+    the hidden layer's width is split over it (`width_sharded_up`): wi, bi and wo sharded along
+    F (train/sharding.py), and XLA adds up the shards' parts of h @ wo.
 
     Attributes:
       d_ff: hidden width F.
@@ -52,6 +55,9 @@ class ReluMLP(nn.Module):
 
         tokens = x.reshape(batch * seq_len, d_model).astype(self.dtype)
         if self.live is not None:
+            if model_axis_size(jax.sharding.get_abstract_mesh()) > 1:
+                raise ValueError("live units (pruning modes mask and random) do not run with the "
+                                 "width split over a `model` mesh axis; use a mesh without one")
             live = check_live(self.live, self.d_ff)
             width = padded_width(len(live), self.live_multiple, self.d_ff)
             wi, bi, wo = live_weights(wi, bi, wo, live, width)
@@ -72,11 +78,15 @@ class ReluMLP(nn.Module):
         return y.reshape(batch, seq_len, d_model)
 
     def _hidden(self, tokens, wi, bi, *, seq_len: int, backend: str):
-        """fused_mlp_up; under a mesh with a `data` axis of several devices (`jax.set_mesh`), a
-        fused kernel is one device's custom call, so each device runs it on its own sequences
-        inside shard_map (whole sequences per device: the statistics stay per sequence)."""
-        call = functools.partial(fused_mlp_up, seq_len=seq_len, backend=backend)
+        """fused_mlp_up, per device under a mesh (`jax.set_mesh`): a fused kernel is one device's
+        custom call. With a `model` axis of several devices each runs its slice of the width
+        (`width_sharded_up`); else, with a `data` axis of several devices, each runs the whole
+        width on its own sequences inside shard_map (whole sequences per device: the statistics
+        stay per sequence)."""
         mesh = jax.sharding.get_abstract_mesh()
+        if model_axis_size(mesh) > 1:
+            return width_sharded_up(tokens, wi, bi, seq_len=seq_len, backend=backend, mesh=mesh)
+        call = functools.partial(fused_mlp_up, seq_len=seq_len, backend=backend)
         if backend == "reference" or mesh.empty or mesh.shape.get("data", 1) == 1:
             return call(tokens, wi, bi)
         data, replicated = PartitionSpec("data"), PartitionSpec()
@@ -84,3 +94,42 @@ class ReluMLP(nn.Module):
         return jax.shard_map(call, mesh=mesh, in_specs=(data, replicated, replicated),
                              out_specs=(data, stats_spec), check_vma=False)(tokens, wi, bi)
 
+
+def model_axis_size(mesh) -> int:
+    """Devices along the mesh's `model` axis (1 without a mesh or without the axis)."""
+    return 1 if mesh.empty else mesh.shape.get("model", 1)
+
+
+def check_width_split(d_ff: int, n_model: int) -> None:
+    """The mask words of the shards concatenate to the full width's only if every shard holds
+    whole words: F / n_model must be a whole multiple of 32."""
+    if d_ff % (n_model * BITS_PER_WORD):
+        raise ValueError(f"d_ff {d_ff} does not split over the model axis of size {n_model}: "
+                         f"each shard's width must be a multiple of {BITS_PER_WORD}, so d_ff "
+                         f"must be a multiple of {n_model * BITS_PER_WORD}")
+
+
+def width_sharded_up(tokens, wi, bi, *, seq_len: int, backend: str, mesh,
+                     with_token_mask: bool = False) -> tuple[jax.Array, SparsityStats]:
+    """fused_mlp_up with the width F split over the mesh's `model` axis (and the sequences over
+    its `data` axis when that has several devices): tokens [T, D], wi [D, F], bi [F] -> h [T, F]
+    sharded (data, model), and the full width's statistics.
+
+    Each shard counts its own F / n_model units; the counts are put together as the contract
+    defines them over all F: token_count [T] is the sum over the shards, seq_count [n_seq, F]
+    and the mask words [., W] are the shards' side by side (whole words per shard)."""
+    n_model = model_axis_size(mesh)
+    check_width_split(wi.shape[1], n_model)
+    rows = "data" if mesh.shape.get("data", 1) > 1 else None
+    tok, cols = PartitionSpec(rows), PartitionSpec(rows, "model")
+    mask_spec = cols if with_token_mask else None
+    stats_spec = SparsityStats(tok, cols, cols, mask_spec)
+
+    def shard(x, w, b):  # x [T / n_data, D], w [D, F / n_model], b [F / n_model]
+        h, stats = fused_mlp_up(x, w, b, seq_len=seq_len, backend=backend,
+                                with_token_mask=with_token_mask)
+        return h, stats._replace(token_count=jax.lax.psum(stats.token_count, "model"))
+
+    return jax.shard_map(shard, mesh=mesh,
+                         in_specs=(tok, PartitionSpec(None, "model"), PartitionSpec("model")),
+                         out_specs=(cols, stats_spec), check_vma=False)(tokens, wi, bi)

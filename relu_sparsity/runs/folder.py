@@ -1,44 +1,30 @@
 """A run's folder: config.json, metrics.jsonl, masks/, TensorBoard events and checkpoints/.
 
 Everything a later look needs is written here, and everything a resume needs is read back from
-here. Writes that a crash could tear (checkpoints, config) go through a temporary file and
-`os.replace`. Reading metrics and config goes through `runs.reader`, which reports share.
+here; the checkpoints themselves are orbax's (runs/checkpoints.py). Writes that a crash could
+tear (config, rewritten logs, masks) go through a temporary file and `os.replace`. Reading metrics and config goes through `runs.reader`, which reports share.
 """
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import serialization
 
 from relu_sparsity.runs.reader import CONFIG_FILE, METRICS_FILE, read_config, read_metrics
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT_RE = re.compile(r"ckpt_(\d{8})\.msgpack$")
+CHECKPOINT_RE = re.compile(r"\d{8}")  # orbax's step folders
 MASK_RE = re.compile(r"step_(\d{8})\.npz$")
 
 
-def _atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write through a temporary file and rename. `durable` also fsyncs the file and its folder,
-    so that after a power loss the name points at complete data (checkpoints)."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with tmp.open("wb") as f:
         f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
     os.replace(tmp, path)
-    if durable:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def finite_or_null(value: Any) -> Any:
@@ -104,8 +90,9 @@ class RunFolder:
             return [data[f"layer_{i}"] for i in range(len(data.files))]
 
     def clear(self) -> None:
-        """Forgets the run: checkpoints, metrics, masks and TensorBoard events."""
-        for path in [*self.checkpoints.glob("ckpt_*"), *self.masks.glob("step_*"),
+        """Forgets the run's metrics, masks and TensorBoard events (runs/checkpoints.py deletes
+        the checkpoints)."""
+        for path in [*self.masks.glob("step_*"),
                      *self.path.glob("events.out.tfevents.*"), self.metrics_file,
                      self.path / "units.npz"]:
             path.unlink(missing_ok=True)
@@ -123,29 +110,32 @@ class RunFolder:
 
     # checkpoints/ ------------------------------------------------------------------------------
     def checkpoint_steps(self) -> list[int]:
-        return sorted(int(m.group(1)) for p in self.checkpoints.glob("ckpt_*.msgpack")
-                      if (m := CHECKPOINT_RE.search(p.name)))
+        """The steps of the complete checkpoints (runs/checkpoints.py writes them; one being
+        written has a temporary name)."""
+        return sorted(int(p.name) for p in self.checkpoints.glob("*")
+                      if p.is_dir() and CHECKPOINT_RE.fullmatch(p.name))
 
-    def save_checkpoint(self, step: int, state: Any, keep: int) -> Path:
-        path = self.checkpoints / f"ckpt_{step:08d}.msgpack"
-        _atomic_write(path, serialization.to_bytes(state), durable=True)
-        for old in self.checkpoint_steps()[:-keep]:
-            (self.checkpoints / f"ckpt_{old:08d}.msgpack").unlink()
-        return path
+class FollowerFolder(RunFolder):
+    """The run folder as the other processes of a multi-process run see it: process 0 writes
+    the config, metrics, masks and unit histories; the others read them and write nothing."""
 
-    def load_checkpoint(self, step: int) -> dict:
-        """The checkpoint's state dict (nested dicts of arrays); the caller restores it into
-        its own structures, whose shapes may depend on what the checkpoint says (pruning)."""
-        data = (self.checkpoints / f"ckpt_{step:08d}.msgpack").read_bytes()
-        return serialization.msgpack_restore(data)
+    def create(self) -> None:
+        pass
 
-    def load_latest_checkpoint(self) -> tuple[int, dict] | None:
-        """The newest checkpoint that reads back, as (step, state dict); an unreadable one (a
-        torn or corrupted file) is reported and the one before it is taken."""
-        for step in reversed(self.checkpoint_steps()):
-            try:
-                return step, self.load_checkpoint(step)
-            except Exception as err:  # msgpack raises several types on corrupted data
-                log.warning("checkpoint %d cannot be read (%s: %s); trying the one before",
-                            step, type(err).__name__, err)
-        return None
+    def write_config(self, values: dict[str, Any]) -> None:
+        pass
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def write_masks(self, step: int, layer_masks: list[np.ndarray]) -> None:
+        pass
+
+    def write_units(self, step: int, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def drop_after(self, step: int) -> int:
+        return 0

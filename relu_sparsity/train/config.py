@@ -54,6 +54,9 @@ class TrainSettings:
     # the update (optax.apply_if_finite); more than max_skips in a row is a divergence.
     on_nonfinite: str = "stop"
     max_skips: int = 10
+    # Devices each MLP's width is split over (the mesh's `model` axis, train/sharding.py); the
+    # other devices of all processes form the `data` axis.
+    model_parallel: int = 1
 
 
 @dataclasses.dataclass
@@ -217,7 +220,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 AT_LEAST_ONE = {
     "model": ("num_layers", "d_model", "num_heads", "seq_len"),
     "train": ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-              "keep_checkpoints", "mean_last", "prune_multiple", "max_skips", "prune_window"),
+              "keep_checkpoints", "mean_last", "prune_multiple", "max_skips", "prune_window",
+              "model_parallel"),
     "data": ("vocab_size",),
 }
 
@@ -258,6 +262,16 @@ def validate(config: Config) -> None:
         _require(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), got "
                  f"{getattr(t, name)}")
     _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    shard = 32 * t.model_parallel  # each shard's width a whole number of 32-unit mask words
+    _require(t.model_parallel == 1 or all(w % shard == 0 for w in widths),
+             f"model.d_ff {m.d_ff} must split into train.model_parallel={t.model_parallel} "
+             "shards of a multiple of 32 units (the statistics' bit-packed words)")
+    _require(t.model_parallel == 1 or t.prune_multiple % shard == 0,
+             f"train.prune_multiple {t.prune_multiple} must be a multiple of 32 x "
+             f"train.model_parallel = {shard}: compacted widths are split like d_ff")
+    _require(t.model_parallel == 1 or t.prune in ("none", "compact"),
+             f"train.prune={t.prune} computes the kept units by gathering them, which the "
+             "width-sharded MLP (train.model_parallel > 1) does not do; use compact")
     _one_of("train.prune", t.prune, PRUNE_MODES)
     _one_of("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     if t.prune != "none":

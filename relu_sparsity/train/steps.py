@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 
 from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
 from relu_sparsity.train import history
@@ -97,24 +96,9 @@ def init_state(model: Transformer, optimizer, config: Config,
                       jnp.full((), -1, jnp.int32), units)
 
 
-def restore_state(template: TrainState, saved: dict) -> TrainState:
-    """`saved` (a checkpoint's state dict) into `template`'s structure; every array must have
-    the template's shape (a checkpoint of another width is an error, not a silent reshape)."""
-    # Fields a checkpoint may predate: no divergence seen, and unit histories starting afresh.
-    saved = {"first_nonfinite": np.int32(-1),
-             "units": serialization.to_state_dict(template.units), **saved}
-    state = serialization.from_state_dict(template, saved)
-    mismatched = [(jax.tree_util.keystr(path), a.shape, b.shape) for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(state), strict=True)
-        if np.shape(a) != np.shape(b)]
-    if mismatched:
-        raise ValueError(f"the checkpoint does not fit this model: {mismatched[:3]} "
-                         "(name, model shape, checkpoint shape)")
-    return jax.tree.map(jnp.asarray, state)
-
-
 def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = None,
-                    unit_ids: tuple | None = None, window: int = 200) -> Callable:
+                    unit_ids: tuple | None = None, window: int = 200,
+                    state_sharding=None) -> Callable:
     """(state, tokens [B, L + 1]) -> (state after one update, scalars, per-layer SparsityStats
     of this step's forward pass). Jitted, donating the state.
 
@@ -124,7 +108,9 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
     when the optimizer stops skipping (more than max_skips non-finite updates in a row): its
     update is then applied. The state's unit histories, if it has them, take this step's batch
     masks (`unit_ids`: per layer the original ids of compacted columns, or None; `window`: the
-    off period after which a unit's use counts as a return)."""
+    off period after which a unit's use counts as a return). `state_sharding` (the state's
+    shardings) keeps the new state placed as the old one, so the step can take its own output
+    (XLA would otherwise be free to split, e.g., the unit histories like the width)."""
     def loss_fn(params, tokens):
         logits, state = model.apply({"params": params}, tokens[:, :-1],
                                     mutable=["intermediates"])
@@ -152,7 +138,7 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
             units = history.update_all(units, stats, ids, state.step, loss_finite, window)
         return TrainState(state.step + 1, params, opt_state, first, units), scalars, stats
 
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None, None))
 
 
 @jax.jit
@@ -176,14 +162,15 @@ def make_eval_step(model: Transformer) -> Callable:
     return eval_step
 
 
-def evaluate(eval_step, params, batches: Iterable[np.ndarray], place=jnp.asarray
-             ) -> dict[str, float]:
-    """Mean next-token loss and accuracy over every target token of `batches`."""
+def evaluate(eval_step, params, batches: Iterable[np.ndarray], place=jnp.asarray,
+             fetch=jax.device_get) -> dict[str, float]:
+    """Mean next-token loss and accuracy over every target token of `batches` (global batches:
+    `place` puts one on the devices, `fetch` brings results to every host)."""
     sums, count = [], 0
     for tokens in batches:
         sums.append(eval_step(params, place(tokens)))  # queued; fetched once below
         count += tokens.shape[0] * (tokens.shape[1] - 1)
-    sums = jax.device_get(sums)
+    sums = fetch(sums)
     loss_sum = sum(float(loss) for loss, _ in sums)
     correct = sum(int(hits) for _, hits in sums)
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
@@ -207,7 +194,9 @@ def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning |
     max_skips = t.max_skips if t.on_nonfinite == "skip" else None
     unit_ids = pruning.compacted_ids() if pruning is not None else None
     with tracing():
-        train_step = make_train_step(model, optimizer, max_skips=max_skips, unit_ids=unit_ids,
-                                     window=t.prune_window).lower(state, tokens).compile()
+        train_step = make_train_step(
+            model, optimizer, max_skips=max_skips, unit_ids=unit_ids, window=t.prune_window,
+            state_sharding=jax.tree.map(lambda x: x.sharding, state),
+        ).lower(state, tokens).compile()
     eval_model = Transformer(model_config(config, vocab_size, instrument="off", pruning=pruning))
     return Program(model, train_step, make_eval_step(eval_model))

@@ -26,13 +26,14 @@ from relu_sparsity.data import TokenCache, open_cache
 from relu_sparsity.kernels import resolve_fused_backend
 from relu_sparsity.kernels.bits import np_or_rows, np_pack_bits
 from relu_sparsity.model import Transformer
-from relu_sparsity.runs.folder import RunFolder
+from relu_sparsity.runs.checkpoints import Checkpoints, NoReadableCheckpoint
+from relu_sparsity.runs.folder import FollowerFolder, RunFolder
 from relu_sparsity.runs.metadata import run_metadata
 from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
 from relu_sparsity.train.history import auto_prune_ready, dead_units, to_arrays
 from relu_sparsity.train.metrics import UnitStates, layer_records
-from relu_sparsity.train.parallel import DataParallel
+from relu_sparsity.train.parallel import Parallel
 from relu_sparsity.train.preflight import check_memory, check_splits
 from relu_sparsity.train.pruning import Pruning, choose_units, compact_tree
 from relu_sparsity.train.steps import (
@@ -44,7 +45,6 @@ from relu_sparsity.train.steps import (
     learning_rate,
     make_optimizer,
     model_config,
-    restore_state,
 )
 
 log = logging.getLogger(__name__)
@@ -82,26 +82,30 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     check_memory(config, config.data.vocab_size, compute_dtype(config))
     cache = open_cache(config.data.source, config.data.vocab_size, config.data.cache)
     check_splits(config, cache)
-    folder = open_run_folder(run_dir, config, allow_config_change)
+    parallel = Parallel(config.train.model_parallel)
+    folder = open_run_folder(run_dir, config, allow_config_change, parallel.is_primary)
     if start_over:
         folder.clear()
-    parallel = DataParallel()
+    checkpoints = Checkpoints(folder.checkpoints, config.train.keep_checkpoints,
+                              start_over=start_over)
     folder.write_config(run_metadata(to_dict(config), cache.meta, cache.path,
                                      dtype=compute_dtype(config), backend=backend))
     log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
              folder.path, config.instrument, backend, compute_dtype(config))
-    trainer = Trainer(config, folder, cache, parallel)
-    end = config.train.steps if max_steps is None else min(config.train.steps,
-                                                          trainer.start + max_steps)
-    trainer.run(end, progress=progress)
+    with checkpoints:  # closing it completes the save in flight
+        trainer = Trainer(config, folder, checkpoints, cache, parallel)
+        end = config.train.steps if max_steps is None else min(config.train.steps,
+                                                              trainer.start + max_steps)
+        trainer.run(end, progress=progress)
     return folder.path
 
 
-def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bool
-                    ) -> RunFolder:
+def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bool,
+                    writes: bool = True) -> RunFolder:
     """The run folder, created; one that holds a run of another configuration is refused unless
-    `allow_config_change`."""
-    folder = RunFolder(run_dir)
+    `allow_config_change`. Without `writes` (processes other than 0), a view that writes
+    nothing."""
+    folder = RunFolder(run_dir) if writes else FollowerFolder(run_dir)
     saved = folder.read_config()
     if saved is not None and not allow_config_change:
         wanted = to_dict(config)
@@ -130,19 +134,21 @@ class Trainer:
     """One run's training state (parameters and optimizer, unit states, pruning) and the
     programs compiled for it."""
 
-    def __init__(self, config: Config, folder: RunFolder, cache: TokenCache,
-                 parallel: DataParallel):
+    def __init__(self, config: Config, folder: RunFolder, checkpoints: Checkpoints,
+                 cache: TokenCache, parallel: Parallel):
         self.config, self.folder, self.cache, self.parallel = config, folder, cache, parallel
+        self.checkpoints = checkpoints
         self.optimizer = make_optimizer(config)
         self.widths = model_config(config, cache.vocab_size).layer_widths()  # the original
-        self.batch_size = config.train.batch_size * parallel.num_devices  # the global batch
+        self.batch_size = config.train.batch_size * parallel.num_data  # the global batch
         if parallel.num_devices > 1:
-            log.info("data parallel over %d devices: %d sequences per device, %d per step",
-                     parallel.num_devices, config.train.batch_size, self.batch_size)
+            log.info("mesh data %d x model %d over %d processes: %d sequences per device "
+                     "batch, %d per step", parallel.num_data, parallel.num_model,
+                     parallel.num_processes, config.train.batch_size, self.batch_size)
         # Unit histories need the statistics: none with --instrument off.
         self.history_widths = self.widths if config.instrument != "off" else None
         self.state, self.unit_states, self.pruning = self._restore_or_init()
-        self.start = int(self.state.step)
+        self.start = int(parallel.fetch(self.state.step))
         self.program = None
         self.units: dict = {}  # the unit histories at the last logged step, as host arrays
 
@@ -150,12 +156,11 @@ class Trainer:
     def _restore_or_init(self) -> tuple[Any, list[UnitStates], Pruning | None]:
         """The state of the newest readable checkpoint (a compacted one at its widths), or a
         fresh one; what was logged after it is dropped (the resume redoes it)."""
-        latest = self.folder.load_latest_checkpoint()
-        if latest is None and self.folder.checkpoint_steps():
-            raise ValueError(
-                f"no checkpoint of {self.folder.path} can be read (tried steps "
-                f"{self.folder.checkpoint_steps()}; the log says why); pass --start-over to "
-                "discard its checkpoints, metrics and masks and train from step 0")
+        try:
+            latest = self.checkpoints.restore_latest(self.abstract_state)
+        except NoReadableCheckpoint as err:
+            raise ValueError(f"{err}; pass --start-over to discard its checkpoints, metrics and "
+                             "masks and train from step 0") from None
         if latest is None:
             dropped = self.folder.drop_after(0)
             if dropped:
@@ -164,23 +169,30 @@ class Trainer:
             model = Transformer(model_config(self.config, self.cache.vocab_size))
             state = init_state(model, self.optimizer, self.config, self.history_widths)
             return self.parallel.state(state), [UnitStates(w) for w in self.widths], None
-        step, saved = latest
-        pruning = Pruning.from_state_dict(saved["pruning"]) if saved.get("pruning") else None
-        model = Transformer(model_config(self.config, self.cache.vocab_size, pruning=pruning))
-        state = restore_state(init_state(model, self.optimizer, self.config,
-                                         self.history_widths), saved["train_state"])
-        unit_states = [UnitStates.from_state_dict(w, saved["unit_states"][str(i)])
+        step, state, meta = latest
+        unit_states = [UnitStates.from_state_dict(w, meta["unit_states"][str(i)])
                        for i, w in enumerate(self.widths)]
         dropped = self.folder.drop_after(step)
         log.info("resumed from step %d (dropped %d log lines written after it)", step, dropped)
-        return self.parallel.state(state), unit_states, pruning
+        return state, unit_states, saved_pruning(meta)
+
+    def abstract_state(self, meta: dict):
+        """The shapes, dtypes and placements of a checkpoint's state, from its meta: the
+        configured widths, or the compacted ones after a compaction."""
+        pruning = saved_pruning(meta)
+        model = Transformer(model_config(self.config, self.cache.vocab_size, pruning=pruning))
+        shapes = jax.eval_shape(lambda: init_state(model, self.optimizer, self.config,
+                                                   self.history_widths))
+        return self.parallel.abstract(shapes)
 
     def batch(self, step: int) -> jax.Array:
-        """Step `step`'s global batch, placed on the devices: a function of the step alone."""
+        """Step `step`'s global batch, placed on the devices: a function of the step alone, of
+        which this process reads only its own rows."""
         t = self.config.train
+        rows = self.parallel.rows(self.batch_size)
         tokens = self.cache.batch("train", step, self.batch_size, self.config.model.seq_len,
-                                  seed=t.seed)
-        return self.parallel.batch(tokens)
+                                  seed=t.seed, rows=rows)
+        return self.parallel.place_rows(tokens, self.batch_size)
 
     def compile(self, tokens: jax.Array) -> None:
         start = time.perf_counter()
@@ -220,7 +232,7 @@ class Trainer:
         t, m = self.config.train, self.config.model
         batches = self.cache.eval_batches(t.eval_batches, self.batch_size, m.seq_len)
         return evaluate(self.program.eval_step, self.state.params, batches,
-                        place=self.parallel.batch)
+                        place=self.parallel.place, fetch=self.parallel.fetch)
 
     def observe(self, step: int, scalars, stats, meter: "Throughput"
                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -228,7 +240,7 @@ class Trainer:
         records, and its batch masks (per layer [n_devices, W], original unit ids). A step
         whose loss is not finite (train.on_nonfinite=skip) has no per-layer records: its
         statistics would read as units unused."""
-        scalars, stats, units = jax.device_get((scalars, stats, self.state.units))
+        scalars, stats, units = self.parallel.fetch((scalars, stats, self.state.units))
         if int(scalars["first_nonfinite"]) >= 0:
             raise self.diverged(int(scalars["first_nonfinite"]), step)
         fields: dict[str, Any] = {"loss": float(scalars["loss"]),
@@ -243,7 +255,7 @@ class Trainer:
         if stats and bool(scalars["loss_finite"]):
             ever_on = [u.first_on >= 0 for u in units]
             fields["layers"], masks = layer_records(stats, self.unit_states, self.pruning,
-                                                    self.parallel.num_devices, ever_on)
+                                                    self.parallel.num_data, ever_on)
             self.folder.write_masks(step, masks)
         if units:
             self.units = to_arrays(units)
@@ -253,7 +265,7 @@ class Trainer:
     def diverged(self, first: int, step: int,
                  what: str = "its loss or gradient norm is not finite") -> Diverged:
         """Records the divergence in metrics.jsonl; the exception that ends the run."""
-        kept = self.folder.checkpoint_steps()
+        kept = self.checkpoints.steps()
         last = kept[-1] if kept else None
         self.folder.append_metrics({"step": first, "diverged": {
             "detected_at": step, "on_nonfinite": self.config.train.on_nonfinite,
@@ -274,7 +286,10 @@ class Trainer:
         entry = {"mode": self.pruning.mode, "kept": list(self.pruning.widths)}
         if self.pruning.mode == "compact":
             entry["padded"] = list(self.pruning.padded_widths)
-            self.state = self.parallel.state(compact_tree(self.state, self.pruning.keep,
+            # Across processes the state is cut on the host, where every process holds it whole.
+            state = self.state if self.parallel.num_processes == 1 else \
+                self.parallel.fetch(self.state)
+            self.state = self.parallel.state(compact_tree(state, self.pruning.keep,
                                                           self.pruning.padded_widths))
         self.compile(tokens)
         log.info("pruned (%s) after step %d: units per layer %s of %s%s", self.pruning.mode,
@@ -285,17 +300,16 @@ class Trainer:
     def save(self, done: int) -> None:
         """A checkpoint of the state after `done` updates; a state that holds a non-finite
         value, or that followed a diverged step, is never written (Diverged instead)."""
-        first, finite = jax.device_get((self.state.first_nonfinite, all_finite(self.state)))
+        first, finite = self.parallel.fetch((self.state.first_nonfinite,
+                                             all_finite(self.state)))
         if first >= 0:
             raise self.diverged(int(first), done - 1)
         if not finite:
             raise self.diverged(done - 1, done - 1, "its update left non-finite values in the "
                                 "parameters or the optimizer state")
-        self.folder.save_checkpoint(done, {
-            "train_state": self.state,
+        self.checkpoints.save(done, self.state, {
             "unit_states": {str(i): u.state_dict() for i, u in enumerate(self.unit_states)},
-            "pruning": self.pruning.state_dict() if self.pruning else {}},
-            keep=self.config.train.keep_checkpoints)
+            "pruning": self.pruning.state_dict() if self.pruning else {}})
 
     # The loop ------------------------------------------------------------------------------
     def run(self, end: int, *, progress: bool) -> None:
@@ -305,9 +319,10 @@ class Trainer:
             log.info("the run is complete (%d steps)", self.start)
             return
         self.compile(self.batch(self.start))
-        events = EventLog(self.folder.path, self.start)
+        events = EventLog(self.folder.path, self.start) if self.parallel.is_primary else NoEvents()
         meter = Throughput(self.start, self.batch_size * self.config.model.seq_len)
-        bar = tqdm(total=self.config.train.steps, initial=self.start, disable=not progress,
+        bar = tqdm(total=self.config.train.steps, initial=self.start,
+                   disable=not (progress and self.parallel.is_primary),
                    unit="step", dynamic_ncols=True)
         try:
             with stop_requests() as stop:
@@ -318,16 +333,26 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss']:.3f}",
                                         tok_s=f"{record['tokens_per_s']:.0f}")
                     bar.update(1)
-                    if self.checkpoint_due(step + 1, end) or stop["stop"]:
+                    stopping = self.stop_agreed(step, end, stop["stop"])
+                    if self.checkpoint_due(step + 1, end) or stopping:
                         jax.block_until_ready(self.state)
                         with meter.paused():
                             self.save(step + 1)
-                    if stop["stop"]:
+                    if stopping:
                         raise Interrupted(f"stopped at step {step + 1} (checkpointed); run "
                                           "again with the same --run-dir to resume")
         finally:
             bar.close()
             events.close()
+
+    def stop_agreed(self, step: int, end: int, requested: bool) -> bool:
+        """Whether to stop after `step`. One process stops at once; several agree at logged and
+        checkpoint steps (each process's request gathered), so that all stop at the same step."""
+        if self.parallel.num_processes == 1:
+            return requested
+        if not (self.logged(step) or self.checkpoint_due(step + 1, end)):
+            return False
+        return self.parallel.any_process(requested)
 
     def step(self, step: int, meter: "Throughput") -> dict[str, Any] | None:
         """One training step; at a logged step, its record (also written to metrics.jsonl)."""
@@ -358,6 +383,20 @@ class Trainer:
         self.folder.append_metrics(record)
         meter.restart(step + 1)
         return record
+
+
+def saved_pruning(meta: dict) -> Pruning | None:
+    return Pruning.from_state_dict(meta["pruning"]) if meta.get("pruning") else None
+
+
+class NoEvents:
+    """The event log of processes other than 0: process 0 writes the events."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Throughput:

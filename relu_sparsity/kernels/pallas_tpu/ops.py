@@ -2,7 +2,8 @@
 
 On a TPU the kernel is compiled by Mosaic; anywhere else it runs in Pallas's TPU interpret mode
 (`pltpu.InterpretParams`), with a warning, so that CPUs and CI can check it (`interpret`: see
-kernels/backends.py). Tile configurations are data (`kernels/configs/pallas_tpu.json`, one entry
+kernels/backends.py). Across several processes it runs in Pallas's generic interpreter instead:
+the TPU interpret mode simulates the devices of one process and waits for the others' forever. Tile configurations are data (`kernels/configs/pallas_tpu.json`, one entry
 per shape for every TPU; see kernel.py for why); shapes not listed there use
 `kernel.DEFAULT_CONFIG`.
 """
@@ -35,6 +36,10 @@ def _select_rows(a: jax.Array, plan: tpu_kernel.Plan) -> jax.Array:
     return a.reshape(plan.T, *a.shape[2:])
 
 
+def default_interpreter():
+    return pltpu.InterpretParams() if jax.process_count() == 1 else True
+
+
 def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
             config: tpu_kernel.TileConfig | None = None, interpret=None):
     """The backend forward (kernels/backends.py)."""
@@ -43,7 +48,7 @@ def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
     if config is None:
         config = tile_config("tpu", (T, D, F), jnp.dtype(x.dtype).name)
     interpret = resolve_interpret(interpret, backend="pallas_tpu", platform="tpu",
-                                  make_params=pltpu.InterpretParams)
+                                  make_params=default_interpreter)
     plan = tpu_kernel.make_plan(T, D, F, seq_len, config)
     # Pad: sequences to Lp rows and to a multiple of m sequences; D and F with zeros (zero
     # columns give h = 0, so their bits stay clear).

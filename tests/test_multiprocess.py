@@ -1,0 +1,129 @@
+"""Training on JAX's multi-controller runtime, on the CPU: several `relu-sparsity train`
+processes on localhost (jax.distributed, gloo collectives), each with simulated devices, give the
+run of one process holding all the devices."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from relu_sparsity.runs.folder import RunFolder
+
+TIMEOUT_S = 300
+
+
+def overrides(cache_dir, *extra: str) -> list[str]:
+    return [f"data.cache={json.dumps(str(cache_dir))}", "model.num_layers=2", "model.d_model=32",
+            "model.num_heads=2", "model.d_ff=[64,128]", "model.seq_len=32",
+            "train.batch_size=2", "train.steps=12", "train.warmup_steps=2",
+            "data.vocab_size=512", "train.log_every=2", "train.eval_every=6",
+            "train.eval_batches=1", "train.checkpoint_every=4", "train.peak_lr=1e-2", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir, config: list[str], *, processes: int, devices: int,
+           heartbeat_s: int = 100) -> list[subprocess.Popen]:
+    """`processes` train commands, each seeing `devices` CPU devices."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "-m", "relu_sparsity.cli", "train", "--run-dir", str(run_dir),
+               "--no-report", "--no-progress", *config]
+    if processes > 1:
+        command += ["--coordinator-address", f"localhost:{free_port()}",
+                    "--num-processes", str(processes), "--heartbeat-timeout", str(heartbeat_s)]
+        return [subprocess.Popen([*command, "--process-id", str(i)], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for i in range(processes)]
+    return [subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """Each process's exit status and output; a process still running at the timeout fails."""
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=TIMEOUT_S)
+        results.append((p.returncode, out))
+    return results
+
+
+def run(run_dir, config, **kwargs) -> None:
+    for status, out in finish(launch(run_dir, config, **kwargs)):
+        assert status == 0, out[-3000:]
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def assert_same_run(a, b) -> None:
+    """Same steps, losses and evaluations; per-layer metrics and masks equal."""
+    ra, rb = RunFolder(a).read_metrics(), RunFolder(b).read_metrics()
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(strip_timing(ra), strip_timing(rb), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        if "eval_loss" in x:
+            assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
+        for lx, ly in zip(x["layers"], y["layers"], strict=True):
+            assert ly == pytest.approx(lx, rel=1e-6, abs=1e-9)
+    fa, fb = RunFolder(a), RunFolder(b)
+    assert fa.mask_steps() == fb.mask_steps()
+    for step in fa.mask_steps():
+        for ma, mb in zip(fa.read_masks(step), fb.read_masks(step), strict=True):
+            np.testing.assert_array_equal(ma, mb)
+
+
+@pytest.mark.parametrize("instrument", ["xla", "fused"])
+def test_two_processes_of_two_devices_match_one_of_four(cache_dir, tmp_path, instrument):
+    config = overrides(cache_dir, f"instrument={instrument}",
+                       "kernel=" + ("pallas_tpu" if instrument == "fused" else "auto"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, config, processes=1, devices=4)
+    run(two, config, processes=2, devices=2)
+    assert_same_run(one, two)
+    last = RunFolder(two).read_metrics()[-1]["layers"][0]
+    assert last["batch_use"] <= last["batch_use_all_devices"]  # four device batches, one union
+    assert RunFolder(two).read_masks(RunFolder(two).mask_steps()[-1])[0].shape[0] == 4
+
+
+def test_a_killed_process_stops_the_other_and_both_resume(cache_dir, tmp_path):
+    config = overrides(cache_dir, "train.steps=40", "train.checkpoint_every=8")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    procs = launch(killed, config, processes=2, devices=1, heartbeat_s=5)
+    metrics = RunFolder(killed).metrics_file
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and '"step": 10' in metrics.read_text()):
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stdout.read()
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    (status, out), _ = finish(procs)
+    assert status != 0, out[-3000:]  # process 0 stopped with an error instead of waiting
+    run(killed, config, processes=2, devices=1)
+    run(whole, config, processes=2, devices=1)
+    assert_same_run(whole, killed)
+
+
+def test_width_sharded_over_two_processes_matches_data_parallel(cache_dir, tmp_path):
+    # A data x model mesh of 2 x 2 over two processes (each process one data index, its two
+    # devices the two halves of every MLP's width) against two devices of one process holding
+    # whole MLPs: the same global batch, losses, statistics and masks, through a compaction
+    # (compacted widths split like d_ff: prune_multiple 64 = 32 units x 2 shards).
+    config = overrides(cache_dir, "train.prune=compact", "train.prune_at=4",
+                       "train.prune_multiple=64")
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    run(whole, config, processes=1, devices=2)
+    run(sharded, [*config, "train.model_parallel=2"], processes=2, devices=2)
+    assert_same_run(whole, sharded)
+    pruned = next(r for r in RunFolder(sharded).read_metrics() if "pruned" in r)["pruned"]
+    assert pruned["mode"] == "compact" and all(w % 64 == 0 for w in pruned["padded"])
