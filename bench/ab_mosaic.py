@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from relu_sparsity.kernels.mosaic_gpu import ops
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
-from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs
+from relu_sparsity.bench.timing import median_ms
 
 VARIANTS = (("no stats", False, False), ("stats", True, False), ("stats+token mask", True, True))
 
@@ -49,7 +50,7 @@ def load_version(folder: Path):
 
 
 def time_ms(fn, *args) -> float:
-    return time_fn(fn, args, repeats=5, launches=50)
+    return median_ms(fn, args, repeats=5, launches=50)
 
 
 @functools.cache

@@ -25,7 +25,8 @@ import triton
 
 from relu_sparsity.kernels import backends, fused_mlp_up
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
-from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs
+from relu_sparsity.bench.timing import median_ms
 from relu_sparsity.kernels.triton import ops
 
 CANDIDATES = {"committed": None}  # the working tree's TileConfigs to time; None: committed
@@ -45,7 +46,7 @@ def load_ops(folder: Path):
 
 
 def time_ms(fn, args):
-    return time_fn(fn, args, repeats=5, launches=50)
+    return median_ms(fn, args, repeats=5, launches=50)
 
 
 def forward_fn(ops_module, config, with_stats, with_token_mask=False):

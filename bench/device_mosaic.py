@@ -31,7 +31,8 @@ from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
 from relu_sparsity.kernels.mosaic_gpu import ops as mgpu_ops
 from relu_sparsity.kernels.reference import reference_forward
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
-from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs
+from relu_sparsity.bench.timing import median_ms
 
 REPS, LAUNCHES = 5, 50
 TC = mgpu_kernel.TileConfig
@@ -48,7 +49,7 @@ SWEEP = [
 
 def time_ms(fn, *args) -> float:
     """Median over REPS batches of LAUNCHES launches, ms per launch (the CLI bench's timer)."""
-    return time_fn(fn, args, repeats=REPS, launches=LAUNCHES)
+    return median_ms(fn, args, repeats=REPS, launches=LAUNCHES)
 
 
 @functools.cache

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from relu_sparsity.kernels import backends, fused_mlp_up
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN as SEQ_LEN
-from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs, time_fn
+from relu_sparsity.kernels.testing import BENCH_SHAPES, full_size_check, random_inputs
+from relu_sparsity.bench.timing import median_ms
 from relu_sparsity.kernels.triton import kernel, ops
 
 CANDIDATES = [
@@ -36,7 +37,7 @@ def triton_fn(config, with_stats, with_token_mask=False):
 
 
 def time_ms(fn, args):
-    return time_fn(fn, args, repeats=5, launches=50)
+    return median_ms(fn, args, repeats=5, launches=50)
 
 
 def check(x, w1, b1, config) -> dict:

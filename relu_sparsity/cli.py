@@ -23,6 +23,14 @@ checkpointed: run the same command again to resume)
 """
 
 
+def step_range(text: str) -> tuple[int, int]:
+    try:
+        first, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (two step numbers), got {text!r}") from None
+    return first, stop
+
+
 def sweep_value(kind):
     """A sweep axis' value parser; an override caught by the axis' nargs="+" gets a hint."""
     def parse(text: str):
@@ -107,6 +115,9 @@ def _add_train(sub) -> None:
                        "from step 0")
     train.add_argument("--no-report", action="store_true", help="skip tables and plots")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--profile-steps", metavar="A:B", type=step_range,
+                       help="record a jax.profiler trace of steps A .. B-1 in RUN_DIR/profile "
+                       "(open with TensorBoard's profile plugin or ui.perfetto.dev)")
     _add_processes(train)
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
@@ -256,7 +267,8 @@ def cmd_train(args) -> None:
     start_processes(args.coordinator_address, args.num_processes, args.process_id,
                     args.heartbeat_timeout)
     train(config, run_dir, allow_config_change=args.allow_config_change,
-          progress=not args.no_progress, start_over=args.start_over)
+          progress=not args.no_progress, start_over=args.start_over,
+          profile_steps=args.profile_steps)
     if not args.no_report and jax.process_index() == 0:
         tables = write_report([run_dir], last_k=config.train.mean_last)
         print(f"\nrun folder: {run_dir}\ntables: {tables}\nplots: {run_dir / 'plots'}\n")

@@ -1,42 +1,69 @@
-"""pytest-benchmark timings of the kernel variants (speed is judged from these and from
-`relu-sparsity bench` on the device, never asserted). On a CPU: a small shape, the reference;
-on a GPU also the Triton backend at a paper shape."""
+"""pytest-benchmark timings of every kernel variant of `relu-sparsity bench` (speed is judged
+from these and from `relu-sparsity bench` on the device, never asserted), through the same timer
+(bench/timing.py: a round of back-to-back launches), grouped by shape; each variant's output is
+first checked against the reference. On a CPU: two small shapes, XLA and the reference; on a GPU
+a grid of training shapes and every compiled backend. `pytest tests/test_benchmarks.py
+--benchmark-only --benchmark-json=FILE` keeps a history."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from relu_sparsity.kernels import fused_mlp_up
-from relu_sparsity.kernels.testing import random_inputs
+from relu_sparsity.bench.kernels import launches_per_round, seq_len_for, variants
+from relu_sparsity.bench.timing import environment, kernel_round
+from relu_sparsity.kernels.testing import full_size_check, random_inputs, tolerance
 
 ON_GPU = jax.default_backend() == "gpu"
-SHAPE = (8192, 1024, 32768) if ON_GPU else (512, 128, 512)
+# T x D x F (seq_len): the benchmark shapes, a compacted width (a multiple of 256), untuned
+# shapes whose widths and sequence lengths are not tile multiples.
+GPU_GRID = ["8192x1024x32768", "8192x2048x16384", "8192x512x8192", "8192x1024x23040",
+            "4096x768x3000", "6000x512x4100:1000"]
+CPU_GRID = ["512x128x512", "384x96x200:96"]
+GRID = GPU_GRID if ON_GPU else CPU_GRID
 DTYPE = jnp.bfloat16 if ON_GPU else jnp.float32
+LABELS = list(variants(512))  # the same variants at every sequence length
+ROUNDS = 5
 
 
-@pytest.fixture(scope="module")
-def operands():
-    return random_inputs(*SHAPE, DTYPE)
+def parse(point: str) -> tuple[tuple[int, int, int], int]:
+    shape, _, seq_len = point.partition(":")
+    t, d, f = (int(v) for v in shape.split("x"))
+    return (t, d, f), seq_len_for(t, int(seq_len) if seq_len else None)
 
 
-def run(benchmark, fn, operands):
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*operands))  # compile outside the timing
-    out = benchmark(lambda: jax.block_until_ready(fn(*operands)))
-    assert out is not None
+@pytest.fixture(scope="module", params=GRID)
+def point(request):
+    (t, d, f), seq_len = parse(request.param)
+    return request.param, seq_len, random_inputs(t, d, f, DTYPE)
 
 
-def test_xla_dot_bias_relu(benchmark, operands):
-    run(benchmark, lambda x, w, b: jax.nn.relu(x @ w + b), operands)
+def check_output(label: str, out, operands, seq_len: int) -> None:
+    """The variant computes relu(x @ w1 + b1), and its statistics, if any, exactly."""
+    x, w1, b1 = operands
+    if isinstance(out, tuple):
+        h, stats = out
+        if stats is not None:
+            full_size_check(h, stats, x, w1, b1, seq_len=seq_len, with_token_mask=False,
+                            tol=tolerance(DTYPE))
+            return
+    else:
+        h = out
+    want = jax.nn.relu(x.astype(jnp.float32) @ w1.astype(jnp.float32) + b1.astype(jnp.float32))
+    tol = tolerance(DTYPE)
+    close = jnp.isclose(h.astype(jnp.float32), want, rtol=tol, atol=tol)
+    assert float(jnp.mean(close)) > 0.999, f"{label}: h is not relu(x @ w1 + b1)"
 
 
-def test_reference_with_stats(benchmark, operands):
-    run(benchmark, lambda x, w, b: fused_mlp_up(x, w, b, seq_len=512, backend="reference"),
-        operands)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("with_stats", [False, True])
-def test_triton(benchmark, operands, with_stats):
-    run(benchmark, lambda x, w, b: fused_mlp_up(x, w, b, seq_len=512, with_stats=with_stats,
-                                                backend="triton"), operands)
+@pytest.mark.parametrize("label", LABELS)
+def test_kernel_variant(benchmark, point, label):
+    name, seq_len, operands = point
+    fn = variants(seq_len)[label]
+    check_output(label, fn(*operands), operands, seq_len)
+    t, d, f = (int(v) for v in name.split(":")[0].split("x"))
+    launches = launches_per_round(2.0 * t * d * f)
+    benchmark.group = f"{name} {jnp.dtype(DTYPE).name}"
+    benchmark.extra_info.update(environment(), seq_len=seq_len, calls_per_round=launches)
+    out = benchmark.pedantic(kernel_round(fn, operands, launches), rounds=ROUNDS,
+                             warmup_rounds=1)
+    assert np.all(np.isfinite(np.asarray(jax.tree.leaves(out)[0], np.float32)))

@@ -52,9 +52,13 @@ def launch(run_dir, config: list[str], *, processes: int, devices: int,
 def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     """Each process's exit status and output; a process still running at the timeout fails."""
     results = []
-    for p in procs:
-        out, _ = p.communicate(timeout=TIMEOUT_S)
-        results.append((p.returncode, out))
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT_S)
+            results.append((p.returncode, out))
+    finally:
+        for p in procs:  # a hung process fails the test and must not outlive it
+            p.kill()
     return results
 
 

@@ -265,3 +265,15 @@ def test_data_parallel_on_two_devices_matches_one(cache_dir, tmp_path, instrumen
     # The union of the two devices' masks is the one-device batch mask.
     for m2, m1 in zip(masks, RunFolder(one).read_masks(8), strict=True):
         np.testing.assert_array_equal(np.bitwise_or.reduce(m2, axis=0), m1[0])
+
+
+def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="--profile-steps"):
+        train(small_config(cache_dir, "train.steps=6"), run, progress=False,
+              profile_steps=(4, 9))
+    assert not run.exists()  # refused before the folder is made
+    train(small_config(cache_dir, "train.steps=6"), run, progress=False, profile_steps=(2, 4))
+    traces = list((run / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert RunFolder(run).read_metrics()[-1]["step"] == 5  # training went on after the trace

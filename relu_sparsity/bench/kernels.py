@@ -1,7 +1,8 @@
 """Kernel microbenchmarks: every built backend of `fused_mlp_up` against XLA's dot+bias+ReLU.
 
-Times are medians over `repeats` rounds of `launches` back-to-back calls, after warm-up, on
-random (never zero) inputs; ratios are against XLA dot+bias+ReLU measured in the same run.
+Times are the shared timer's (bench/timing.py): `repeats` rounds of `launches` back-to-back
+calls after warm-up, on random (never zero) inputs, with the median and the spread over rounds;
+ratios are of medians, against XLA dot+bias+ReLU measured in the same run.
 """
 
 import json
@@ -13,13 +14,8 @@ import jax
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.backends import compiled_backends
 from relu_sparsity.kernels.contract import check_seq_len
-from relu_sparsity.kernels.testing import (
-    BENCH_SEQ_LEN,
-    BENCH_SHAPES,
-    parse_shape,
-    random_inputs,
-    time_fn,
-)
+from relu_sparsity.bench.timing import environment, kernel_round, measure
+from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +68,31 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
     for shape, t, d, f, shape_seq_len in plans:
         x, w1, b1 = random_inputs(t, d, f, dtype)
         flops = 2.0 * t * d * f
-        # 50 back-to-back launches a round on accelerators; fewer on a CPU.
-        launches = 50 if jax.default_backend() != "cpu" else max(1, min(20, int(2e10 / flops)))
+        launches = launches_per_round(flops)
         base = None
         for name, fn in variants(shape_seq_len).items():
-            ms = time_fn(fn, (x, w1, b1), repeats=repeats, launches=launches)
+            timing = measure(kernel_round(fn, (x, w1, b1), launches), rounds=repeats,
+                             calls_per_round=launches)
+            ms = timing.median_ms
             base = base or ms
             rows.append({"shape": shape, "seq_len": shape_seq_len, "variant": name, "ms": ms,
+                         "min_ms": timing.min_ms, "iqr_ms": timing.iqr_ms,
                          "tflops": flops / ms / 1e9, "ratio": ms / base})
     return rows
 
 
+def launches_per_round(flops: float) -> int:
+    """50 back-to-back launches a round on accelerators; fewer on a CPU."""
+    return 50 if jax.default_backend() != "cpu" else max(1, min(20, int(2e10 / flops)))
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| shape T x D x F | seq_len | variant | ms | TF/s | / xla dot+bias+relu |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = ["| shape T x D x F | seq_len | variant | median ms | min ms | IQR ms | TF/s | "
+             "/ xla dot+bias+relu |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['shape']} | {r['seq_len']} | {r['variant']} | {r['ms']:.3f} | "
-              f"{r['tflops']:.1f} | {r['ratio']:.2f} |" for r in rows]
+              f"{r['min_ms']:.3f} | {r['iqr_ms']:.3f} | {r['tflops']:.1f} | {r['ratio']:.2f} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -101,8 +106,10 @@ def main(shapes=None, seq_len: int | None = None, dtype: str | None = None, repe
              compiled_backends() or "none")
     rows = run(shapes, seq_len=seq_len, dtype=dtype, repeats=repeats)
     table = format_table(rows)
-    print(f"device: {device}; dtype {dtype}\n{table}")
+    env = environment()
+    print(f"device: {device}; dtype {dtype}; jax {env['jax']}, jaxlib {env['jaxlib']}, "
+          f"triton {env['triton']}; commit {env['commit']}\n{table}")
     if out:
         with open(out, "w") as f:
-            json.dump({"device": device, "dtype": dtype, "rows": rows}, f, indent=2)
+            json.dump({**env, "dtype": dtype, "repeats": repeats, "rows": rows}, f, indent=2)
     return rows

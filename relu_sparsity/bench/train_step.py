@@ -10,14 +10,13 @@ random tokens (the data pipeline is not what is measured).
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 
+from relu_sparsity.bench.timing import measure
 from relu_sparsity.model import Transformer
 from relu_sparsity.train.config import preset
 from relu_sparsity.train.steps import init_state, make_optimizer, make_train_step, model_config
@@ -58,21 +57,19 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
                                                     config.model.seq_len + 1), 0, vocab)
     unit_ids = pruning.compacted_ids() if pruning is not None else None
     step = make_train_step(model, optimizer, unit_ids=unit_ids).lower(state, tokens).compile()
-    for _ in range(3):  # warm-up
-        state, scalars, _ = step(state, tokens)
-    jax.block_until_ready(scalars)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
+    carried = {"state": state}
+
+    def run_round():  # the state is donated: each step takes the one before's
         for _ in range(steps_per_round):
-            state, scalars, _ = step(state, tokens)
-        jax.block_until_ready(scalars)
-        times.append((time.perf_counter() - start) / steps_per_round * 1e3)
+            carried["state"], scalars, _ = step(carried["state"], tokens)
+        return jax.block_until_ready(scalars)
+
+    timing = measure(run_round, rounds=rounds, calls_per_round=steps_per_round)
     memory = jax.devices()[0].memory_stats() or {}
     return {"config": config_name, "instrument": instrument, "prune": prune, "history": history,
             "d_ff": list(model.config.layer_widths()) if pruning is None
             else list(pruning.widths), "param_widths": list(model.config.layer_widths()),
-            "ms": statistics.median(times),
+            "ms": timing.median_ms, "min_ms": timing.min_ms, "iqr_ms": timing.iqr_ms,
             "peak_bytes": memory.get("peak_bytes_in_use"), "device": jax.devices()[0].device_kind,
             "dtype": model.config.dtype, "kernel": config.kernel if instrument == "fused"
             else "reference"}

@@ -67,16 +67,20 @@ class Interrupted(TrainingStopped):
 
 
 def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = False,
-          progress: bool = True, max_steps: int | None = None, start_over: bool = False) -> Path:
+          progress: bool = True, max_steps: int | None = None, start_over: bool = False,
+          profile_steps: tuple[int, int] | None = None) -> Path:
     """Train `config` in `run_dir`, resuming it if it holds a checkpoint. Returns the folder.
 
     Everything that can refuse the run (the configuration, the fused backend, memory, the token
     cache) is checked before the folder is created. max_steps stops (with a checkpoint) after
     that many steps of this call, for tests and for splitting long runs; the run resumes where it
-    stopped. start_over discards the folder's checkpoints, metrics and masks first. Raises
-    Diverged or Interrupted when the run ends early.
+    stopped. start_over discards the folder's checkpoints, metrics and masks first.
+    profile_steps (A, B) records a jax.profiler trace of steps A .. B - 1 in the folder's
+    `profile/` (TensorBoard's profile plugin or Perfetto read it). Raises Diverged or Interrupted
+    when the run ends early.
     """
     validate(config)
+    check_profile_steps(profile_steps, config.train.steps)
     backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
         else "reference"
     check_memory(config, config.data.vocab_size, compute_dtype(config))
@@ -94,6 +98,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
              folder.path, config.instrument, backend, compute_dtype(config))
     with checkpoints:  # closing it completes the save in flight
         trainer = Trainer(config, folder, checkpoints, cache, parallel)
+        trainer.profile_steps = profile_steps
         end = config.train.steps if max_steps is None else min(config.train.steps,
                                                               trainer.start + max_steps)
         trainer.run(end, progress=progress)
@@ -150,6 +155,8 @@ class Trainer:
         self.state, self.unit_states, self.pruning = self._restore_or_init()
         self.start = int(parallel.fetch(self.state.step))
         self.program = None
+        self.profile_steps: tuple[int, int] | None = None
+        self.profiling = False  # a jax.profiler trace is being recorded
         self.units: dict = {}  # the unit histories at the last logged step, as host arrays
 
     # Setup ---------------------------------------------------------------------------------
@@ -327,6 +334,7 @@ class Trainer:
         try:
             with stop_requests() as stop:
                 for step in range(self.start, end):
+                    self.profile(step)
                     record = self.step(step, meter)
                     if record is not None:
                         events.write(record)
@@ -342,8 +350,26 @@ class Trainer:
                         raise Interrupted(f"stopped at step {step + 1} (checkpointed); run "
                                           "again with the same --run-dir to resume")
         finally:
+            if self.profiling:
+                jax.profiler.stop_trace()
             bar.close()
             events.close()
+
+    def profile(self, step: int) -> None:
+        """Starts the trace before step A (or the first step, on a resume inside A .. B) and
+        stops it before step B, once the steps before have run."""
+        if self.profile_steps is None:
+            return
+        first, stop = self.profile_steps
+        if not self.profiling and first <= step < stop:
+            jax.block_until_ready(self.state)
+            jax.profiler.start_trace(str(self.folder.path / "profile"))
+            self.profiling = True
+            log.info("profiling steps %d-%d into %s", step, stop - 1, self.folder.path / "profile")
+        elif self.profiling and step == stop:
+            jax.block_until_ready(self.state)
+            jax.profiler.stop_trace()
+            self.profiling = False
 
     def stop_agreed(self, step: int, end: int, requested: bool) -> bool:
         """Whether to stop after `step`. One process stops at once; several agree at logged and
@@ -383,6 +409,12 @@ class Trainer:
         self.folder.append_metrics(record)
         meter.restart(step + 1)
         return record
+
+
+def check_profile_steps(steps: tuple[int, int] | None, total: int) -> None:
+    if steps is not None and not 0 <= steps[0] < steps[1] <= total:
+        raise ValueError(f"--profile-steps A:B needs 0 <= A < B <= train.steps = {total}, "
+                         f"got {steps[0]}:{steps[1]}")
 
 
 def saved_pruning(meta: dict) -> Pruning | None:
