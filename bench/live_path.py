@@ -1,0 +1,53 @@
+"""On the device: the `live` path (pruning's mask and random modes: only the live units are
+computed, model/live.py) against the full-width kernel, per fused backend, at the paper's MLP
+shape with 70% of the units live. Checks the live path's output against the reference on the
+gathered weights, times both with the shared timer, prints a table last.
+
+    source bench/device_env.sh; python3 bench/live_path.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relu_sparsity.bench.timing import median_ms
+from relu_sparsity.kernels import fused_mlp_up
+from relu_sparsity.kernels.backends import compiled_backends
+from relu_sparsity.kernels.testing import full_size_check, random_inputs
+from relu_sparsity.model.live import live_weights, padded_width, stats_in_unit_ids
+
+T, D, F, SEQ_LEN, KEEP, MULTIPLE = 8192, 1024, 32768, 512, 0.7, 256
+
+
+def main() -> None:
+    x, w1, b1 = random_inputs(T, D, F, jnp.bfloat16)
+    wo = jnp.zeros((F, D), jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    live = tuple(int(i) for i in np.sort(rng.choice(F, int(KEEP * F), replace=False)))
+    width = padded_width(len(live), MULTIPLE, F)
+    rows = []
+    for backend in compiled_backends():
+        full = jax.jit(lambda x, w, b, n=backend: fused_mlp_up(x, w, b, seq_len=SEQ_LEN,
+                                                                 backend=n))
+
+        @jax.jit
+        def live_path(x, w, b, n=backend):
+            wl, bl, _ = live_weights(w, b, wo, live, width)
+            h, stats = fused_mlp_up(x, wl, bl, seq_len=SEQ_LEN, backend=n)
+            return h, stats_in_unit_ids(stats, live, F)
+
+        wl, bl, _ = live_weights(w1, b1, wo, live, width)
+        h, stats = fused_mlp_up(x, wl, bl, seq_len=SEQ_LEN, backend=backend)
+        full_size_check(h, stats, x, wl, bl, seq_len=SEQ_LEN, with_token_mask=False)
+        t_full = median_ms(full, (x, w1, b1), repeats=5, launches=20)
+        t_live = median_ms(live_path, (x, w1, b1), repeats=5, launches=20)
+        rows.append((backend, t_full, t_live, t_live / t_full))
+    print(f"{jax.devices()[0].device_kind}; {T}x{D}x{F}, {len(live)} live units "
+          f"({KEEP:.0%}) computed at width {width}")
+    print("| backend | full width ms | live ms | live / full |\n| --- | ---: | ---: | ---: |")
+    for backend, t_full, t_live, ratio in rows:
+        print(f"| {backend} | {t_full:.3f} | {t_live:.3f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
