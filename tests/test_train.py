@@ -83,12 +83,13 @@ def test_unit_states_recompute_from_masks(cache_dir, tmp_path):
         assert set(UNIT_STATE_KEYS) == {*want, "never_on"}
 
 
-def test_resume_gives_identical_metrics(cache_dir, tmp_path):
+@pytest.mark.parametrize("stop", [8, 10])  # resuming at a logged step (8) and between (10)
+def test_resume_gives_identical_metrics(cache_dir, tmp_path, stop):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(small_config(cache_dir), straight, progress=False)
-    train(small_config(cache_dir), resumed, progress=False, max_steps=10)
+    train(small_config(cache_dir), resumed, progress=False, max_steps=stop)
     folder = RunFolder(resumed)
-    assert folder.checkpoint_steps()[-1] == 10
+    assert folder.checkpoint_steps()[-1] == stop
     # A crash after the checkpoint leaves log lines the resume must drop, and a torn last line.
     with folder.metrics_file.open("a") as f:
         f.write(json.dumps({"step": 12, "loss": 99.0}) + "\n" + '{"step": 1')
@@ -100,6 +101,10 @@ def test_resume_gives_identical_metrics(cache_dir, tmp_path):
         for a, b in zip(RunFolder(straight).read_masks(step), folder.read_masks(step),
                         strict=True):
             np.testing.assert_array_equal(a, b)
+    units, want = (np.load(f / "units.npz") for f in (resumed, straight))
+    assert sorted(units.files) == sorted(want.files)
+    for name in want.files:
+        np.testing.assert_array_equal(units[name], want[name])
 
 
 def test_evaluations_off_the_log_grid_are_logged(cache_dir, tmp_path):
