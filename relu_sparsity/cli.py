@@ -23,6 +23,15 @@ checkpointed: run the same command again to resume)
 """
 
 
+def config_name(text: str) -> str:
+    """A preset's name or a .json file's path (read later, with the overrides)."""
+    if text not in PRESETS and not text.endswith(".json"):
+        presets = ", ".join(sorted(PRESETS))
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a preset ({presets}) nor a "
+                                         ".json file")
+    return text
+
+
 def step_range(text: str) -> tuple[int, int]:
     try:
         first, stop = (int(v) for v in text.split(":"))
@@ -90,8 +99,9 @@ def _add_train(sub) -> None:
     """`train`: one run."""
     train = sub.add_parser("train", help="train a ReLU Transformer and log its sparsity",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawTextHelpFormatter)
-    train.add_argument("--config", default="tiny", choices=sorted(PRESETS),
-                       help="preset (default: tiny, a few minutes on a CPU)")
+    train.add_argument("--config", default="tiny", type=config_name, metavar="PRESET|FILE.json",
+                       help=f"preset ({', '.join(sorted(PRESETS))}; default: tiny, a few minutes "
+                       "on a CPU) or a JSON file of config fields, e.g. a run's config.json")
     train.add_argument("--run-dir", help="run folder (default: runs/<config>); an existing one "
                        "is resumed")
     train.add_argument("--cache", help="token cache folder from `prepare` (default: the "
@@ -149,7 +159,9 @@ def _add_experiment(sub) -> None:
     exp.add_argument("--d-ff", nargs="+", type=sweep_value(int), help="sweep: MLP widths")
     exp.add_argument("--layers", nargs="+", type=sweep_value(int),
                      help="sweep: numbers of layers")
-    exp.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    exp.add_argument("--config", default="tiny", type=config_name, metavar="PRESET|FILE.json",
+                     help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON file of config "
+                     "fields")
     exp.add_argument("--out", required=True, help="folder for the runs and the comparison")
     exp.add_argument("--prune-at", type=int, help="masking: the step whose batch mask decides "
                      "(default: a third of the steps)")
@@ -256,13 +268,13 @@ def cmd_train(args) -> None:
     if args.prune_at is not None:
         overrides.append(f"train.prune_at={args.prune_at}")  # an int, or the string auto
     if args.widths_from:
-        last_k = config_lib.preset(args.config).train.mean_last
+        last_k = config_lib.load(args.config).train.mean_last
         used = [max(1, round(u)) for u in used_units(read_metrics(args.widths_from), last_k)]
         if not used:
             raise ValueError(f"{args.widths_from} logged no per-layer metrics")
         overrides.append(f"model.d_ff={json.dumps(used)}")
-    config = config_lib.preset(args.config, overrides)
-    run_dir = Path(args.run_dir or Path("runs") / args.config)
+    config = config_lib.load(args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
     config_lib.validate(config)  # refused here, before processes wait for each other
     start_processes(args.coordinator_address, args.num_processes, args.process_id,
                     args.heartbeat_timeout)
@@ -279,7 +291,7 @@ def cmd_experiment(args) -> None:
     from relu_sparsity.train import config as config_lib
     from relu_sparsity.train import experiments
 
-    config = config_lib.preset(args.config, common_overrides(args))
+    config = config_lib.load(args.config, common_overrides(args))
     if args.which == "masking":
         prune_at = args.prune_at if args.prune_at is not None else config.train.steps // 3
         table = experiments.masking_experiment(config, args.out, prune_at,

@@ -282,3 +282,18 @@ def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path):
     traces = list((run / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert RunFolder(run).read_metrics()[-1]["step"] == 5  # training went on after the trace
+
+
+def test_a_runs_config_json_gives_back_its_configuration(cache_dir, tmp_path):
+    from relu_sparsity.train.config import from_file, load, to_dict
+
+    config = small_config(cache_dir, "train.steps=2", "train.eval_every=100")
+    train(config, tmp_path / "run", progress=False)
+    again = load(str(tmp_path / "run" / "config.json"), ["train.steps=4"])
+    assert to_dict(again) == {**to_dict(config), "train": {**to_dict(config)["train"], "steps": 4}}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"stepz": 3}}))
+    with pytest.raises(ValueError, match="unknown train fields"):
+        from_file(str(bad))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["train", "--config", "notes.txt"])

@@ -16,6 +16,8 @@ INSTRUMENT_MODES = ("off", "xla", "fused")
 
 class ReluMLP(nn.Module):
     """y = relu(x @ wi + bi)[live] @ wo[live] + bo, with the hidden layer's sparsity stats sown.
+    x is [batch, seq_len, d_model] or one sequence [seq_len, d_model]; the statistics count per
+    sequence.
 
     The hidden layer runs through `kernels.fused_mlp_up`; its `SparsityStats` go to
     `self.sow("intermediates", "stats", ...)`, so `apply(..., mutable=["intermediates"])` hands
@@ -46,6 +48,12 @@ class ReluMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.instrument not in INSTRUMENT_MODES:
             raise ValueError(f"instrument must be one of {INSTRUMENT_MODES}, got {self.instrument!r}")
+        if x.ndim not in (2, 3):
+            raise ValueError(f"ReluMLP takes [seq_len, d_model] (one sequence) or [batch, "
+                             f"seq_len, d_model], got shape {x.shape}")
+        one_sequence = x.ndim == 2
+        if one_sequence:
+            x = x[None]
         batch, seq_len, d_model = x.shape
         init = nn.initializers.lecun_normal()
         wi = self.param("wi", init, (d_model, self.d_ff), self.param_dtype)
@@ -75,7 +83,8 @@ class ReluMLP(nn.Module):
             self.sow("intermediates", "stats", stats)
         y = jnp.dot(h, wo.astype(self.dtype), preferred_element_type=jnp.float32)
         y = y.astype(self.dtype) + bo.astype(self.dtype)
-        return y.reshape(batch, seq_len, d_model)
+        y = y.reshape(batch, seq_len, d_model)
+        return y[0] if one_sequence else y
 
     def _hidden(self, tokens, wi, bi, *, seq_len: int, backend: str):
         """fused_mlp_up, per device under a mesh (`jax.set_mesh`): a fused kernel is one device's

@@ -2,11 +2,13 @@
 the instrumented ReLU MLP, learned positions, tied or untied embeddings."""
 
 import dataclasses
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from relu_sparsity.kernels import SparsityStats
 from relu_sparsity.model.mlp import ReluMLP
 
 
@@ -97,7 +99,21 @@ class Transformer(nn.Module):
 
 
 def layer_stats(intermediates) -> list:
-    """The per-layer `SparsityStats` sown by one apply, in layer order."""
-    blocks = sorted((k for k in intermediates if k.startswith("block_")),
-                    key=lambda k: int(k.split("_")[1]))
-    return [intermediates[k]["mlp"]["stats"][0] for k in blocks]
+    """Every `ReluMLP`'s `SparsityStats` sown in one apply (`mutable=["intermediates"]`), in the
+    order the MLPs ran (a Transformer's layer order), whatever the modules around them are
+    named. Raises a ValueError when the intermediates hold none (an MLP run with
+    instrument="off", or `intermediates` not taken from the apply); an empty dict gives []."""
+    found = []
+
+    def walk(node):
+        for key, value in node.items():
+            if key == "stats" and isinstance(value, tuple):
+                found.extend(v for v in value if isinstance(v, SparsityStats))
+            elif isinstance(value, Mapping):
+                walk(value)
+
+    walk(intermediates)
+    if intermediates and not found:
+        raise ValueError("no ReluMLP statistics in these intermediates (looked for the "
+                         "`stats` ReluMLP sows, at any depth): is the MLP's instrument 'off'?")
+    return found

@@ -28,7 +28,7 @@ def run_metadata(config_dict: dict[str, Any], cache_meta: dict[str, Any], cache_
                  *, dtype: str, backend: str) -> dict[str, Any]:
     """config.json's contents: the configuration's fields, then what the run ran on."""
     device = jax.devices()[0]
-    return {
+    return {  # the keys after the configuration's are RUN_METADATA_KEYS (train/config.py)
         **config_dict,
         "version": relu_sparsity.__version__,
         "git_commit": git_commit(),

@@ -203,6 +203,30 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
+# What runs/metadata.py adds to a run's config.json beside the configuration's fields.
+RUN_METADATA_KEYS = ("version", "git_commit", "corpus", "cache", "runtime")
+
+
+def from_file(path: str, overrides: list[str] | None = None) -> Config:
+    """The configuration a JSON file holds: a run's own config.json (what produced the run is
+    left out), or a file of the same fields (any subset; the rest take their defaults)."""
+    try:
+        values = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path}: cannot read a JSON configuration ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of configuration fields")
+    values = {k: v for k, v in values.items() if k not in RUN_METADATA_KEYS}
+    return apply_overrides(from_dict(values), overrides or [])
+
+
+def load(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A preset by name, or the configuration of a JSON file (`from_file`)."""
+    if name_or_path in PRESETS or not name_or_path.endswith(".json"):
+        return preset(name_or_path, overrides)
+    return from_file(name_or_path, overrides)
+
+
 def preset(name: str, overrides: list[str] | None = None) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {sorted(PRESETS)}")
