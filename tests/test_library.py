@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from relu_sparsity.model import ReluMLP, layer_stats
-from relu_sparsity.train.metrics import sparsity_metrics
 
 README = Path(__file__).parents[1] / "README.md"
 

@@ -7,13 +7,13 @@ interquartile range) beside the environment that produced it."""
 import dataclasses
 import importlib.metadata
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
+
+from relu_sparsity.runs.metadata import git_commit
 
 
 def kernel_round(fn: Callable, args, launches: int) -> Callable[[], Any]:
@@ -74,14 +74,4 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return {"device": device.device_kind, "platform": device.platform, **versions,
-            "commit": _commit()}
-
-
-def _commit() -> str | None:
-    """The git commit of this source tree, None outside a checkout (an installed package)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, cwd=Path(__file__).parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+            "commit": git_commit()}
