@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version lives in relu_sparsity/__init__.py alone; read here without importing the package.
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (Path(__file__).parent / "relu_sparsity" / "__init__.py").read_text()).group(1)
 
 setup(
     name="relu-sparsity",
-    version="0.1.0",
+    version=VERSION,
     description="Watch and exploit activation sparsity in ReLU Transformers while they train.",
     packages=find_packages(include=["relu_sparsity", "relu_sparsity.*"]),
     package_data={"relu_sparsity": ["kernels/configs/*.json"]},
@@ -25,7 +32,9 @@ setup(
         # Triton and jax's CUDA plugin (not a GPU).
         "test": ["pytest>=8", "pytest-benchmark>=4", "jax-triton>=0.3.1", "triton>=3.6.0",
                  "jax-cuda13-plugin"],
-        "gpu": ["jax-triton==0.3.1", "triton==3.6.0"],
+        # A working NVIDIA install: CUDA jax (its plugin and pjrt, for CUDA 13) and the Triton
+        # backend, in ranges; the exact versions CI and the GPU image use are constraints.txt's.
+        "gpu": ["jax[cuda13]>=0.10.0", "jax-triton>=0.3.1", "triton>=3.6.0"],
         "seqio": ["seqio", "tensorflow-datasets"],
     },
     entry_points={"console_scripts": ["relu-sparsity=relu_sparsity.cli:main"]},
