@@ -273,6 +273,8 @@ def cmd_train(args) -> None:
         if not used:
             raise ValueError(f"{args.widths_from} logged no per-layer metrics")
         overrides.append(f"model.d_ff={json.dumps(used)}")
+        print(f"--widths-from {args.widths_from}: per-layer d_ff {used} (units it used per "
+              "batch over its last logged steps, after its prune step if it pruned)")
     config = config_lib.load(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     config_lib.validate(config)  # refused here, before processes wait for each other

@@ -116,3 +116,35 @@ def test_mask_and_compact_report_the_same_figures_for_the_same_model():
         records[mode], _ = layer_records([stats], [UnitStates(F)], pruning)
     assert records["compact"][0] == pytest.approx(records["mask"][0])
     assert records["compact"][0]["d_ff"] == 40
+
+
+def test_a_pruned_run_is_reported_on_one_base(tmp_path, monkeypatch):
+    # 64 units until the prune step 8, 40 kept after it. The window holds only steps after the
+    # prune (one width), Table 1 gives both bases, Figure 1 marks the prune step.
+    from relu_sparsity.report.figures import write_plots
+    from relu_sparsity.report.numbers import last_layer_records
+    from relu_sparsity.report.tables import format_tables
+
+    def rec(step, d_ff, use, **extra):
+        return {"step": step, "loss": 1.0, **extra,
+                "layers": [{"d_ff": d_ff, "batch_use": use, "token_use": use / 10}]}
+
+    records = [rec(0, 64, 1.0), rec(4, 64, 0.8), rec(8, 64, 0.625, pruned={"mode": "compact"}),
+               rec(12, 40, 0.9), rec(16, 40, 1.0)]
+    assert [r["step"] for r in last_layer_records(records, 5)] == [12, 16]
+    assert final_means(records, 5)[0]["batch_use"] == pytest.approx(0.95)
+    assert used_units(records, 5) == [pytest.approx(38.0)]  # what --widths-from takes
+    table1 = format_tables("run", records, 5).split("### Table 2")[0]
+    assert "| 0 | 9.5 | n/a | 95.0 | n/a | n/a | 59.4 |" in table1  # 0.95 x 40 / 64 = 59.4%
+    assert "after the prune step 8" in table1
+    from relu_sparsity.report import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_finish",
+                        lambda fig, path, handles: drawn.setdefault(path.name, (fig, handles)))
+    write_plots([("run", records)], tmp_path)
+    fig, handles = drawn["fig1_batch_use.png"]
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    verticals = [line for line in ax.get_lines() if list(line.get_xdata()) == [8, 8]]
+    assert len(verticals) == 1 and any("prune step" in h.get_label() for h in handles)
+    assert ax.get_ylabel() == "fraction of current d_ff"

@@ -9,7 +9,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from relu_sparsity.report.numbers import number, with_layers
+from relu_sparsity.report.numbers import number, prune_step, with_layers
 
 DPI = 120
 LINESTYLES = ["-", "--", ":", "-."]
@@ -67,6 +67,10 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
             for layer in range(values.shape[1]):
                 ax.plot(steps, values[:, layer], color=colors[layer], linestyle=linestyle,
                         marker=marker, markersize=3, linewidth=1.4)
+        for (_, recs), (linestyle, _) in zip(runs, styles):
+            pruned = prune_step(recs)
+            if pruned is not None:  # after it, "current d_ff" is the kept width
+                ax.axvline(pruned, color=PRUNE_COLOR, linestyle=linestyle, linewidth=1.0)
         ax.set_title(panel_title)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
@@ -77,6 +81,9 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
         ax.set_visible(False)
     fig.suptitle(title if len(runs) > 1 else f"{title} — {runs[0][0]}")
     handles = [Line2D([], [], color=c, linewidth=2, label=f"layer {i}") for i, c in enumerate(colors)]
+    if any(prune_step(recs) is not None for _, recs in runs):
+        handles.append(Line2D([], [], color=PRUNE_COLOR, linewidth=1.0,
+                              label="prune step (after it:\nfraction of the kept d_ff)"))
     if len(runs) > 1:
         handles += [Line2D([], [], color="black", linestyle=linestyle, marker=marker,
                            markersize=4, label=name)
@@ -84,7 +91,8 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
     _finish(fig, path, handles)
 
 
-FRACTION_D_FF = "fraction of d_ff"
+FRACTION_D_FF = "fraction of current d_ff"
+PRUNE_COLOR = "0.45"
 FRACTION_TOKENS = "fraction of the sequence's tokens"
 FRACTION_ORIG = "fraction of original d_ff"
 

@@ -28,10 +28,23 @@ def with_layers(records: Iterable[dict]) -> list[dict]:
 
 
 def last_layer_records(records: Sequence[dict], last_k: int) -> list[dict]:
-    """The last `last_k` records that have per-layer metrics: the window the tables average."""
+    """The last `last_k` records that have per-layer metrics: the window the tables average. It
+    never straddles a prune step: after one, only records after it (one width, one base for the
+    percentages), unless none is logged yet."""
     if last_k < 1:
         raise ValueError(f"last_k must be >= 1, got {last_k}")
-    return with_layers(records)[-last_k:]
+    layered = with_layers(records)
+    pruned = prune_step(records)
+    if pruned is not None:
+        after = [r for r in layered if r["step"] > pruned]
+        layered = after or [r for r in layered if r["step"] <= pruned]
+    return layered[-last_k:]
+
+
+def prune_step(records: Sequence[dict]) -> int | None:
+    """The step whose batch decided a prune (its record has `pruned`), or None."""
+    steps = [r["step"] for r in records if "pruned" in r]
+    return steps[-1] if steps else None
 
 
 def diverged_step(records: Sequence[dict]) -> int | None:

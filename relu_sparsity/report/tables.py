@@ -13,6 +13,7 @@ from relu_sparsity.report.numbers import (
     final_means,
     last_layer_records,
     number,
+    prune_step,
     total_batch_use,
     used_units,
     with_layers,
@@ -213,15 +214,23 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
     changed = _widths_changed(records)
     if changed or len(set(map(str, last))) > 1:
         extra = [("Width", [str(w) for w in last])]
+    table1_extra: list[tuple[str, list[str]]] = []
     if changed:
         # Table 2's fractions are of the original width, Table 1's of the current one: show both.
         extra.append(("Orig. Width", [str(w) for w in first]))
+        table1_extra = [("Per-Batch of Orig. (%)", [
+            f"{100 * m.get('batch_use', float('nan')) * w / w0:.1f}"
+            for m, w, w0 in zip(means, last, first)])]
+        pruned = prune_step(records)
+        if pruned is not None and window[0]["step"] > pruned:
+            span += (f", after the prune step {pruned}: percent of the kept width; Per-Batch of "
+                     "Orig.: the same units as percent of the original width")
     if len(window) < last_k:
         span += f" (only {len(window)} logged steps have per-layer metrics; {last_k} were asked for)"
 
     out += [
         "### Table 1: hidden unit use per token, sequence and batch", "",
-        _metric_table(means, TABLE1), "",
+        _metric_table(means, TABLE1, table1_extra), "",
         f"*Table 1: {span}. {TABLE1_CAPTION}*", "",
         "### Table 2: unit states relative to the first batch", "",
         _metric_table(means, TABLE2, extra), "",
