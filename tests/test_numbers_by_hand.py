@@ -148,3 +148,22 @@ def test_a_pruned_run_is_reported_on_one_base(tmp_path, monkeypatch):
     verticals = [line for line in ax.get_lines() if list(line.get_xdata()) == [8, 8]]
     assert len(verticals) == 1 and any("prune step" in h.get_label() for h in handles)
     assert ax.get_ylabel() == "fraction of current d_ff"
+
+
+def test_masking_table_gives_step_times_with_their_spread(tmp_path):
+    import json
+
+    from relu_sparsity.train.experiments import masking_table
+
+    # 1000 tokens a step; tokens/s 1e5 -> 10 ms. Before the prune step (4): 10, 10, 20 ms
+    # (median 10, IQR 5); after it (from step 6): 5, 5, 5 ms.
+    speeds = {0: 1e3, 2: 1e5, 3: 1e5, 4: 5e4, 5: 7e4, 6: 2e5, 8: 2e5, 10: 2e5}
+    run = tmp_path / "compact"
+    run.mkdir()
+    records = [{"step": s, "tokens_per_s": v, "layers": [{"d_ff": 10}]} for s, v in speeds.items()]
+    records[3]["pruned"] = {"kept": [6]}
+    records[-1].update(eval_loss=2.0, eval_accuracy=0.5)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = next(line for line in masking_table({"compact": run}, 4, 1000).splitlines()
+               if line.startswith("| compact"))
+    assert row == "| compact | 6 / 10 (60.0%) | 2.0000 | 50.00% | 10.00 (5.00, 3) | 5.00 (0.00, 3) | 0.500 |"

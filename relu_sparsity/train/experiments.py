@@ -8,9 +8,9 @@
 
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 
+from relu_sparsity.bench.timing import Timing
 from relu_sparsity.report import used_units, write_report
 from relu_sparsity.runs.reader import read_metrics
 from relu_sparsity.train.config import Config, apply_overrides
@@ -24,11 +24,16 @@ def _variant(config: Config, name: str, **train_fields) -> Config:
                                train=dataclasses.replace(config.train, **train_fields))
 
 
-def _median_speed(records: list[dict], keep) -> float | None:
+def _step_times(records: list[dict], keep, tokens_per_step: int) -> Timing | None:
+    """ms per step over the logged intervals whose step passes `keep`: median and spread."""
     # The first logged step of a (re)compiled program is one step long: leave it out.
-    speeds = [r["tokens_per_s"] for r in records[1:] if keep(r["step"]) and
-              r.get("tokens_per_s")]
-    return statistics.median(speeds) if speeds else None
+    ms = [tokens_per_step / r["tokens_per_s"] * 1e3 for r in records[1:]
+          if keep(r["step"]) and r.get("tokens_per_s")]
+    return Timing.from_rounds(ms, calls_per_round=1) if ms else None
+
+
+def _fmt_times(timing: Timing | None) -> str:
+    return f"{timing.median_ms:.2f} ({timing.iqr_ms:.2f}, {timing.rounds})" if timing else "n/a"
 
 
 def _final_eval(records: list[dict]) -> dict:
@@ -39,7 +44,7 @@ def _final_eval(records: list[dict]) -> dict:
 def masking_table(runs: dict[str, Path], prune_at: int, tokens_per_step: int) -> str:
     lines = [f"# Masking experiment (pruned after step {prune_at})", "",
              "| run | units kept (all layers) | final eval loss | final eval accuracy | "
-             "ms/step before | ms/step after | after / before |",
+             "ms/step before (IQR, n) | ms/step after (IQR, n) | after / before |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, run in runs.items():
         records = read_metrics(run)
@@ -48,16 +53,15 @@ def masking_table(runs: dict[str, Path], prune_at: int, tokens_per_step: int) ->
         kept = f"{sum(pruned['kept'])} / {sum(widths)} ({100 * sum(pruned['kept']) / sum(widths):.1f}%)" \
             if pruned and widths else "all"
         final = _final_eval(records)
-        before = _median_speed(records, lambda s: s <= prune_at)
-        after = _median_speed(records, lambda s: s > prune_at + 1)
-        ms = [tokens_per_step / v * 1e3 if v else None for v in (before, after)]
-        ratio = f"{ms[1] / ms[0]:.3f}" if all(ms) else "n/a"
-        fmt = lambda v: f"{v:.2f}" if v else "n/a"  # noqa: E731
+        before = _step_times(records, lambda s: s <= prune_at, tokens_per_step)
+        after = _step_times(records, lambda s: s > prune_at + 1, tokens_per_step)
+        ratio = f"{after.median_ms / before.median_ms:.3f}" if before and after else "n/a"
         lines.append(f"| {name} | {kept} | {final.get('eval_loss', float('nan')):.4f} | "
-                     f"{100 * final.get('eval_accuracy', float('nan')):.2f}% | {fmt(ms[0])} | "
-                     f"{fmt(ms[1])} | {ratio} |")
+                     f"{100 * final.get('eval_accuracy', float('nan')):.2f}% | "
+                     f"{_fmt_times(before)} | {_fmt_times(after)} | {ratio} |")
     lines += ["", "Step times are medians of the logged intervals (evaluation excluded) on each "
-              "side of the prune step; `mask` computes only the live columns, `compact` trains "
+              "side of the prune step, with their interquartile range and count (judge the "
+              "ratio against the spread); `mask` computes only the live columns, `compact` trains "
               "at the smaller width, `random` keeps as many units per layer as `mask`, chosen at "
               "random. All four share the initialization and the data order."]
     return "\n".join(lines) + "\n"
