@@ -220,6 +220,9 @@ def test_batch(cache_dir, cache):
     starts = np.random.default_rng([0, 3, 1]).integers(0, eval_stream.shape[0] - 9, 2)  # split id 1
     for row, start in zip(ev, starts):
         assert np.array_equal(row, eval_stream[start : start + 9])
+    # A process of a multi-process run reads only its rows of the same global batch.
+    assert np.array_equal(cache.batch("train", 7, b, t, rows=slice(1, 3)), x[1:3])
+    assert np.array_equal(cache.batch("train", 7, b, t, rows=slice(2, 4)), x[2:4])
 
 
 def test_batch_shortest_split(cache):

@@ -65,7 +65,7 @@ def test_random_pruning_is_seeded_by_seed_and_step():
     masks = [np_pack_bits(np.arange(F) < 20)]
     pick = lambda seed, step: choose_units("random", masks, (F,), step, seed).keep[0]  # noqa: E731
     np.testing.assert_array_equal(pick(0, 4), pick(0, 4))  # a resumed run picks the same units
-    assert len(pick(0, 4)) == 20
+    assert len(pick(0, 4)) == 20 and np.all(np.diff(pick(0, 4)) > 0)  # sorted unit ids
     assert not np.array_equal(pick(0, 4), pick(1, 4))
     assert not np.array_equal(pick(0, 4), pick(0, 5))
 
