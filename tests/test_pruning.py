@@ -155,6 +155,18 @@ def test_loop_mask_compact_random(cache_dir, tmp_path):
     # The random control keeps as many units per layer, but others.
     rand = next(r for r in RunFolder(runs["random"]).read_metrics() if "pruned" in r)
     assert rand["pruned"]["kept"] == kept
+    # The compacted run's report on one base, by hand from its metrics.jsonl: Table 1's window is
+    # after the prune step, Per-Batch of the kept width and of the original width.
+    from relu_sparsity.report import used_units, write_report
+
+    window = [r for r in compact if r["step"] > 6 and r.get("layers")][-5:]
+    use = [np.mean([r["layers"][i]["batch_use"] for r in window]) for i in range(2)]
+    table1 = write_report([runs["compact"]]).read_text().split("### Table 2")[0]
+    for i, (u, k, w) in enumerate(zip(use, kept, (96, 70))):
+        assert f"| {i} | " in table1 and f" | {100 * u:.1f} | " in table1
+        assert f" | {100 * u * k / w:.1f} |" in table1
+    assert f"{window[0]['step']}-{window[-1]['step']}, after the prune step 6" in table1
+    assert used_units(compact, 5) == pytest.approx([u * k for u, k in zip(use, kept)])
 
 
 def pruned_units(folder: RunFolder, mode: str) -> list[np.ndarray]:
