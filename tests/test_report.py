@@ -314,12 +314,30 @@ def test_comparison_names_the_differing_keys(multi):
     assert "model.d_model" not in line and "`name`" not in line  # equal keys are not listed
 
 
-def test_multi_run_figures_share_axes(multi):
-    _, path = multi
+def test_multi_run_figures_share_axes(multi, monkeypatch, tmp_path):
+    (run_a, run_b), path = multi
     for name in ("fig1_batch_use", "unit_states", "loss"):
         png = path.parent / "plots" / f"{name}.png"
         assert png.stat().st_size > 10_000
         assert matplotlib.image.imread(png).ndim in (2, 3)
+    # What Figure 1 draws: on one axes, every layer of both runs, a line style per run named in
+    # the legend, each line the run's logged batch_use.
+    from relu_sparsity.report import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_finish",
+                        lambda fig, out, handles: drawn.setdefault(out.name, (fig, handles)))
+    runs = [(run.name, reader.read_metrics(run)) for run in (run_a, run_b)]
+    figures.write_plots(runs, tmp_path)
+    fig, handles = drawn["fig1_batch_use.png"]
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    lines = ax.get_lines()
+    assert len(lines) == 2 * NUM_LAYERS
+    assert len({line.get_linestyle() for line in lines}) == 2
+    assert {"lr1e-3", "lr3e-3"} <= {h.get_label() for h in handles}
+    records = [r for r in runs[1][1] if r.get("layers")]
+    want = [r["layers"][NUM_LAYERS - 1]["batch_use"] for r in records]
+    assert any(np.allclose(line.get_ydata(), want) for line in lines)
 
 
 def test_several_runs_need_out_dir(tmp_path):
