@@ -61,3 +61,21 @@ def test_train_step_bench_after_pruning(prune):
     assert row["prune"] == prune and row["d_ff"] == [45, 45] and row["ms"] > 0
     with pytest.raises(ValueError, match="keep_fraction"):
         train_step.random_pruning(prune, (64,), 0.0)
+
+
+def test_timing_spread_and_environment(tmp_path):
+    import json
+
+    from relu_sparsity.bench.timing import Timing, environment, measure
+
+    t = Timing.from_rounds([4.0, 1.0, 3.0, 2.0, 10.0], calls_per_round=5)
+    assert (t.min_ms, t.median_ms, t.iqr_ms, t.rounds) == (1.0, 3.0, 2.0, 5)  # q1 2, q3 4
+    calls = []
+    timing = measure(lambda: calls.append(1), rounds=3, calls_per_round=2)
+    assert len(calls) == 4 and timing.rounds == 3  # a warm-up round, then the timed ones
+    rows = bench.main(["64x16x32"], seq_len=16, dtype="float32", repeats=2,
+                      out=str(tmp_path / "b.json"))
+    assert all(r["min_ms"] <= r["ms"] and r["iqr_ms"] >= 0 for r in rows)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    env = environment()
+    assert saved["jax"] == env["jax"] and saved["device"] == env["device"] and saved["commit"]
