@@ -73,9 +73,9 @@ case "${1:-}" in
     train_two_processes proc2 "${fused[@]}" "train.batch_size=$batch" ;;
   compare)
     c() { echo; echo "## $1"; python3 bench/compare_runs.py "${@:2}" | tail -12; }
-    c "data parallel, fused: 2 devices (B) against 1 (A)" "$ROOT/dp1_fused" "$ROOT/dp2_fused"
-    c "data parallel, off: 2 devices (B) against 1 (A)" "$ROOT/dp1_off" "$ROOT/dp2_off"
-    c "2 devices: fused (B) against off (A)" "$ROOT/dp2_off" "$ROOT/dp2_fused"
+    c "speed, fused: 2 devices (B) against 1 (A; half the global batch, so only tokens/s compare)" "$ROOT/dp1_fused" "$ROOT/dp2_fused"
+    c "speed, off: 2 devices (B) against 1 (A; only tokens/s compare)" "$ROOT/dp1_off" "$ROOT/dp2_off"
+    c "speed on 2 devices: fused (B) against off (A)" "$ROOT/dp2_off" "$ROOT/dp2_fused"
     c "one global batch: 2 devices (B) against 1 device holding it (A), compacted halfway" \
       "$ROOT/one_global" "$ROOT/dp2_pruned"
     c "width-sharded over 2 devices (B) against 1 device (A)" "$ROOT/one_device" "$ROOT/model2" \
