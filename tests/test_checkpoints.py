@@ -12,7 +12,12 @@ import optax
 import pytest
 from flax import struct
 
-from relu_sparsity.runs.checkpoints import CheckpointMismatch, Checkpoints, check_not_legacy
+from relu_sparsity.runs.checkpoints import (
+    CheckpointMismatch,
+    Checkpoints,
+    check_not_legacy,
+    read_on_host,
+)
 
 LOGGER = "relu_sparsity.runs.checkpoints"
 
@@ -108,6 +113,19 @@ def test_round_trip(tmp_path, pruning):
     assert_states_equal(restored, state)
     assert_same(meta, restored_meta)
     assert isinstance(restored_meta["misc"]["scalar"], np.float32)
+
+
+def test_a_relative_folder_works(tmp_path, monkeypatch):
+    # Run folders are often relative (runs/tiny); orbax itself takes absolute paths only.
+    monkeypatch.chdir(tmp_path)
+    state = make_state()
+    with Checkpoints("runs/x/checkpoints", keep=2) as checkpoints:
+        checkpoints.save(4, state, make_meta())
+    with Checkpoints("runs/x/checkpoints", keep=2) as checkpoints:
+        step, restored, _ = checkpoints.restore_latest(lambda m: abstract(state))
+    assert step == 4
+    assert_states_equal(restored, state)
+    assert read_on_host("runs/x/checkpoints", 4)[1]["pruning"] == {}
 
 
 def test_restore_into_shapes_chosen_from_the_meta(tmp_path):

@@ -61,7 +61,7 @@ class Checkpoints:
         checkpoints, of either format, instead of refusing a legacy folder."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()  # orbax takes absolute paths only
         if start_over:
             _delete_legacy(self.directory)
         check_not_legacy(self.directory)
@@ -162,7 +162,7 @@ class Checkpoints:
 def read_on_host(directory: str | Path, step: int) -> tuple[dict, dict]:
     """Checkpoint `step`'s (state, meta) as host numpy arrays, in the structure it was saved
     with (the state as nested dicts): for looking into a checkpoint from one process."""
-    folder = Path(directory) / f"{step:0{STEP_DIGITS}d}"
+    folder = Path(directory).absolute() / f"{step:0{STEP_DIGITS}d}"
     meta = _decode(ocp.JsonCheckpointHandler().restore(epath.Path(folder / "meta")))
     handler = ocp.PyTreeCheckpointHandler()
     try:
