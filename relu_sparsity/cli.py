@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_train, _add_experiment, _add_report, _add_bench):
+    for add in (_add_prepare, _add_train, _add_experiment, _add_report, _add_bench, _add_tune):
         add(sub)
     return parser
 
@@ -181,6 +181,24 @@ def _add_report(sub) -> None:
     report.add_argument("--last-k", type=int, default=None,
                         help="average the tables over the last K logged steps (default: the "
                         "runs' train.mean_last, else 5)")
+
+
+def _add_tune(sub) -> None:
+    """`tune`: tile configurations searched on the device."""
+    tune = sub.add_parser("tune", help="search a fused kernel's tile configurations at these "
+                          "shapes on this device (each checked exact, then timed) and write the "
+                          "fastest to its configuration file")
+    tune.add_argument("--backend", default="mosaic_gpu", help="mosaic_gpu, triton or pallas_tpu")
+    tune.add_argument("--shapes", nargs="+", required=True, help="TxDxF shapes")
+    tune.add_argument("--dtype", default="bfloat16")
+    tune.add_argument("--seq-len", type=int, default=None,
+                      help="tokens per sequence (default: 512, or the largest divisor of T)")
+    tune.add_argument("--candidates", type=int, default=24,
+                      help="configurations tried per shape, the configured one first (default 24)")
+    tune.add_argument("--repeats", type=int, default=5, help="timed rounds per candidate")
+    tune.add_argument("--out", help="configuration file to update (default: the package's "
+                      "kernels/configs/<backend>.json)")
+    tune.add_argument("--report", help="also write every candidate's result as JSON here")
 
 
 def _add_bench(sub) -> None:
@@ -323,6 +341,17 @@ def cmd_report(args) -> None:
     print(f"tables: {tables}")
 
 
+def cmd_tune(args) -> None:
+    import json
+
+    from relu_sparsity.bench.tune import main as tune_main
+
+    result = tune_main(args.backend, args.shapes, dtype=args.dtype, seq_len=args.seq_len,
+                       limit=args.candidates, repeats=args.repeats, out=args.out)
+    if args.report:
+        Path(args.report).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def cmd_bench(args) -> None:
     if args.train_step:
         import json
@@ -368,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         {"prepare": cmd_prepare, "train": cmd_train, "experiment": cmd_experiment,
-         "report": cmd_report, "bench": cmd_bench}[args.command](args)
+         "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune}[args.command](args)
     except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_STATUS["refused"]
