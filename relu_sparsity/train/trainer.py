@@ -97,8 +97,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
              folder.path, config.instrument, backend, compute_dtype(config))
     with checkpoints:  # closing it completes the save in flight
-        trainer = Trainer(config, folder, checkpoints, cache, parallel)
-        trainer.profile_steps = profile_steps
+        trainer = Trainer(config, folder, checkpoints, cache, parallel, profile_steps)
         end = config.train.steps if max_steps is None else min(config.train.steps,
                                                               trainer.start + max_steps)
         trainer.run(end, progress=progress)
@@ -140,7 +139,8 @@ class Trainer:
     programs compiled for it."""
 
     def __init__(self, config: Config, folder: RunFolder, checkpoints: Checkpoints,
-                 cache: TokenCache, parallel: Parallel):
+                 cache: TokenCache, parallel: Parallel,
+                 profile_steps: tuple[int, int] | None = None):
         self.config, self.folder, self.cache, self.parallel = config, folder, cache, parallel
         self.checkpoints = checkpoints
         self.optimizer = make_optimizer(config)
@@ -155,7 +155,7 @@ class Trainer:
         self.state, self.unit_states, self.pruning = self._restore_or_init()
         self.start = int(parallel.fetch(self.state.step))
         self.program = None
-        self.profile_steps: tuple[int, int] | None = None
+        self.profile_steps = profile_steps  # (A, B): trace steps A .. B - 1
         self.profiling = False  # a jax.profiler trace is being recorded
         self.units: dict = {}  # the unit histories at the last logged step, as host arrays
 
