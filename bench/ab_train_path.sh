@@ -7,11 +7,7 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export PYTHONUNBUFFERED=1 RELU_SPARSITY_CACHE=/tmp/c
 steps=${STEPS:-150}
-cache=/tmp/c/english
-if [ ! -f "$cache/meta.json" ]; then
-  python3 -m relu_sparsity.cli prepare .corpus/english.txt.gz --out "$cache" --vocab-size 32768 \
-    --tokenizer-sample-mb 20 --no-progress 2>&1 | tail -1
-fi
+cache=$(english_cache)
 site=${PYTHONPATH%%:*}
 for round in 1 2; do
   for tree in old new; do

@@ -54,7 +54,8 @@ def dictionary_entries(root: Path) -> list[str]:
     with gzip.open(root / "usr/share/dictd/gcide.dict.dz", "rt", encoding="utf-8",
                    errors="replace") as f:
         text = f.read()
-    return [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 40]
+    paragraphs = (p.strip() for p in re.split(r"\n\s*\n", text))
+    return [p for p in paragraphs if len(p) > MIN_PARAGRAPH_CHARS]
 
 
 def wordnet_paragraphs(root: Path) -> list[str]:

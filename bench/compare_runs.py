@@ -30,7 +30,8 @@ def max_diff(pairs) -> float:
 
 
 def compare(a: Path, b: Path, same_device_batches: bool, skip: int) -> dict:
-    ra, rb = RunFolder(a).read_metrics(), RunFolder(b).read_metrics()
+    fa, fb = RunFolder(a), RunFolder(b)
+    ra, rb = fa.read_metrics(), fb.read_metrics()
     if [r["step"] for r in ra] != [r["step"] for r in rb]:
         raise SystemExit(f"{a} and {b} logged different steps")
     layered = [(x, y) for x, y in zip(ra, rb) if x.get("layers") and y.get("layers")]
@@ -52,7 +53,6 @@ def compare(a: Path, b: Path, same_device_batches: bool, skip: int) -> dict:
     kept = [next((r["pruned"]["kept"] for r in recs if "pruned" in r), None) for recs in (ra, rb)]
     if kept[0] is not None or kept[1] is not None:
         out["units kept per layer equal"] = str(kept[0] == kept[1])
-    fa, fb = RunFolder(a), RunFolder(b)
     steps = fa.mask_steps()
     differ = [s for s in steps if any(
         not np.array_equal(np_or_rows(ma), np_or_rows(mb))

@@ -20,3 +20,11 @@ if ! python3 -c "import tensorboardX" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site-protobuf .whl/protobuf*.whl
   export PYTHONPATH=/tmp/site-protobuf:$PYTHONPATH
 fi
+# english_cache: the token cache of .corpus/english.txt.gz (bench/build_english_corpus.py, carried
+# in .corpus) at /tmp/c/english with a 32k vocabulary, prepared on first use; prints its path.
+english_cache() {
+  local cache=/tmp/c/english
+  [ -f "$cache/meta.json" ] || python3 -m relu_sparsity.cli prepare .corpus/english.txt.gz \
+    --out "$cache" --vocab-size 32768 --tokenizer-sample-mb 20 --no-progress >&2
+  echo "$cache"
+}

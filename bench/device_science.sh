@@ -11,13 +11,9 @@ source "$(dirname "$0")/device_env.sh"
 export PYTHONUNBUFFERED=1 RELU_SPARSITY_CACHE=/tmp/c
 OUT=${OUT:-/tmp/out}
 seconds=${STAGE_SECONDS:-480}
-cache=/tmp/c/english
 run_settings="train.log_every=100 train.eval_every=1000 train.checkpoint_every=3000"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ ! -f "$cache/meta.json" ]; then
-  python3 -m relu_sparsity.cli prepare .corpus/english.txt.gz --out "$cache" --vocab-size 32768 \
-    --tokenizer-sample-mb 20 --no-progress 2>&1 | tail -3
-fi
+cache=$(english_cache)
 case "$1" in
   run)
     timeout -s TERM "$seconds" python3 -m relu_sparsity.cli train --config paper8k --cache "$cache" \

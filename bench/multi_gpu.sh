@@ -24,9 +24,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 else
   source bench/device_env.sh
   export RELU_SPARSITY_CACHE=/tmp/c
-  cache=/tmp/c/english
-  [ -f "$cache/meta.json" ] || python3 -m relu_sparsity.cli prepare .corpus/english.txt.gz \
-    --out "$cache" --vocab-size 32768 --tokenizer-sample-mb 20 --no-progress | tail -1
+  cache=$(english_cache)
   config=(--config paper --cache "$cache" "train.steps=$STEPS" "train.log_every=10"
           "train.eval_every=100000" "train.checkpoint_every=100000")
   batch=16

@@ -295,7 +295,6 @@ def cmd_train(args) -> None:
               "batch over its last logged steps, after its prune step if it pruned)")
     config = config_lib.load(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    config_lib.validate(config)  # refused here, before processes wait for each other
     start_processes(args.coordinator_address, args.num_processes, args.process_id,
                     args.heartbeat_timeout)
     train(config, run_dir, allow_config_change=args.allow_config_change,

@@ -62,9 +62,12 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     return results
 
 
-def run(run_dir, config, **kwargs) -> None:
-    for status, out in finish(launch(run_dir, config, **kwargs)):
+def run(run_dir, config, **kwargs) -> str:
+    """Process 0's output; every process must finish."""
+    results = finish(launch(run_dir, config, **kwargs))
+    for status, out in results:
         assert status == 0, out[-3000:]
+    return results[0][1]
 
 
 def strip_timing(records):
@@ -113,7 +116,9 @@ def test_a_killed_process_stops_the_other_and_both_resume(cache_dir, tmp_path):
     procs[1].send_signal(signal.SIGKILL)
     (status, out), _ = finish(procs)
     assert status != 0, out[-3000:]  # process 0 stopped with an error instead of waiting
-    run(killed, config, processes=2, devices=1)
+    saved = RunFolder(killed).checkpoint_steps()
+    assert saved and saved[-1] >= 8
+    assert f"resumed from step {saved[-1]}" in run(killed, config, processes=2, devices=1)
     run(whole, config, processes=2, devices=1)
     assert_same_run(whole, killed)
 

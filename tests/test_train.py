@@ -187,7 +187,8 @@ def test_cli_prepare(tmp_path, capsys):
     assert data.TokenCache(tmp_path / "c").vocab_size == 512
 
 
-def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and schedulers
+def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path, stop):
     run = tmp_path / "run"
     overrides = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=48",
                  "model.seq_len=32", "train.batch_size=4", "train.steps=100000",
@@ -203,7 +204,7 @@ def test_interrupt_checkpoints_and_resumes(cache_dir, tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, output  # interrupted, resumable
     assert "resume" in output

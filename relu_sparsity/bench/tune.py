@@ -9,7 +9,6 @@ the configured (or default) one is always a candidate, so a tuned file never get
 """
 
 import dataclasses
-import importlib
 import itertools
 import json
 import logging
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 
 from relu_sparsity.bench.kernels import seq_len_for
 from relu_sparsity.bench.timing import environment, kernel_round, measure
-from relu_sparsity.kernels.backends import FUSED_BACKENDS, device_kind
+from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, device_kind
 from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
 from relu_sparsity.kernels.tile_configs import CONFIG_DIR
 
@@ -40,7 +39,7 @@ SEARCH_SPACES = {
 def backend_ops(backend: str):
     if backend not in SEARCH_SPACES:
         raise ValueError(f"tune: backend must be one of {sorted(SEARCH_SPACES)}, got {backend!r}")
-    return importlib.import_module(f"relu_sparsity.kernels.{backend}.ops")
+    return backend_module(backend)
 
 
 def config_key(backend: str) -> str:
@@ -53,7 +52,7 @@ def candidates(backend: str, base, limit: int, seed: int = 0) -> list:
     space = SEARCH_SPACES[backend]
     points = [dataclasses.replace(base, **dict(zip(space, values)))
               for values in itertools.product(*space.values())]
-    points = [p for p in dict.fromkeys(points) if p != base and _plausible(p)]
+    points = [p for p in points if p != base and _plausible(p)]
     random.Random(seed).shuffle(points)
     return [base, *points[:max(limit - 1, 0)]]
 

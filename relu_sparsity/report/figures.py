@@ -58,6 +58,7 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
     colors = layer_colors(num_layers)
     few = max(len(with_layers(recs)) for _, recs in runs) <= MARKER_MAX_POINTS
     styles = [_run_style(r, few) for r in range(len(runs))]
+    prune_steps = [prune_step(recs) for _, recs in runs]
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(5.2 * ncols + 1.6, 3.8 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -67,8 +68,7 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
             for layer in range(values.shape[1]):
                 ax.plot(steps, values[:, layer], color=colors[layer], linestyle=linestyle,
                         marker=marker, markersize=3, linewidth=1.4)
-        for (_, recs), (linestyle, _) in zip(runs, styles):
-            pruned = prune_step(recs)
+        for pruned, (linestyle, _) in zip(prune_steps, styles):
             if pruned is not None:  # after it, "current d_ff" is the kept width
                 ax.axvline(pruned, color=PRUNE_COLOR, linestyle=linestyle, linewidth=1.0)
         ax.set_title(panel_title)
@@ -81,7 +81,7 @@ def _layer_plot(path: Path, runs: list[tuple[str, list[dict]]], title: str,
         ax.set_visible(False)
     fig.suptitle(title if len(runs) > 1 else f"{title} — {runs[0][0]}")
     handles = [Line2D([], [], color=c, linewidth=2, label=f"layer {i}") for i, c in enumerate(colors)]
-    if any(prune_step(recs) is not None for _, recs in runs):
+    if any(pruned is not None for pruned in prune_steps):
         handles.append(Line2D([], [], color=PRUNE_COLOR, linewidth=1.0,
                               label="prune step (after it:\nfraction of the kept d_ff)"))
     if len(runs) > 1:

@@ -219,8 +219,7 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
         # Table 2's fractions are of the original width, Table 1's of the current one: show both.
         extra.append(("Orig. Width", [str(w) for w in first]))
         table1_extra = [("Per-Batch of Orig. (%)", [
-            f"{100 * m.get('batch_use', float('nan')) * w / w0:.1f}"
-            for m, w, w0 in zip(means, last, first)])]
+            f"{100 * used / w0:.1f}" for used, w0 in zip(used_units(records, last_k), first)])]
         pruned = prune_step(records)
         if pruned is not None and window[0]["step"] > pruned:
             span += (f", after the prune step {pruned}: percent of the kept width; Per-Batch of "

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from relu_sparsity.train.sharding import state_shardings
+from relu_sparsity.train.sharding import shard_state, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Parallel:
             return state
         if self.num_processes > 1:  # device_put reads host values the same on every process
             state = jax.device_get(state) if _fully_addressable(state) else state
-        return jax.device_put(state, state_shardings(state, self.mesh))
+        return shard_state(state, self.mesh)
 
     def abstract(self, shapes):
         """`shapes` (jax.ShapeDtypeStruct leaves) with the placements `state` gives them, for

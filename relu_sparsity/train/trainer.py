@@ -146,6 +146,7 @@ class Trainer:
         self.optimizer = make_optimizer(config)
         self.widths = model_config(config, cache.vocab_size).layer_widths()  # the original
         self.batch_size = config.train.batch_size * parallel.num_data  # the global batch
+        self.rows = parallel.rows(self.batch_size)  # this process's rows of every batch
         if parallel.num_devices > 1:
             log.info("mesh data %d x model %d over %d processes: %d sequences per device "
                      "batch, %d per step", parallel.num_data, parallel.num_model,
@@ -196,9 +197,8 @@ class Trainer:
         """Step `step`'s global batch, placed on the devices: a function of the step alone, of
         which this process reads only its own rows."""
         t = self.config.train
-        rows = self.parallel.rows(self.batch_size)
         tokens = self.cache.batch("train", step, self.batch_size, self.config.model.seq_len,
-                                  seed=t.seed, rows=rows)
+                                  seed=t.seed, rows=self.rows)
         return self.parallel.place_rows(tokens, self.batch_size)
 
     def compile(self, tokens: jax.Array) -> None:
