@@ -6,6 +6,8 @@ gathered weights, times both with the shared timer, prints a table last.
     source bench/device_env.sh; python3 bench/live_path.py
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,16 +21,27 @@ from relu_sparsity.model.live import live_weights, padded_width, stats_in_unit_i
 T, D, F, SEQ_LEN, KEEP, MULTIPLE = 8192, 1024, 32768, 512, 0.7, 256
 
 
+def xla_dot_bias_relu(x, w, b):
+    return jax.nn.relu(jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(x.dtype)
+
+
 def main() -> None:
     x, w1, b1 = random_inputs(T, D, F, jnp.bfloat16)
     wo = jnp.zeros((F, D), jnp.bfloat16)
     rng = np.random.default_rng(0)
     live = tuple(int(i) for i in np.sort(rng.choice(F, int(KEEP * F), replace=False)))
     width = padded_width(len(live), MULTIPLE, F)
-    rows = []
+    wl, bl, _ = live_weights(w1, b1, wo, live, width)
+    time = functools.partial(median_ms, repeats=5, launches=20)
+    xla = jax.jit(xla_dot_bias_relu)
+    print(f"{jax.devices()[0].device_kind}; {T}x{D}x{F}, {len(live)} live units "
+          f"({KEEP:.0%}) computed at width {width}; XLA dot+bias+relu full "
+          f"{time(xla, (x, w1, b1)):.3f} ms, at the live width {time(xla, (x, wl, bl)):.3f} ms")
+    print("| backend | full width ms | kernel at live width ms | live path ms | live / full |"
+          "\n| --- | ---: | ---: | ---: | ---: |", flush=True)
     for backend in compiled_backends():
-        full = jax.jit(lambda x, w, b, n=backend: fused_mlp_up(x, w, b, seq_len=SEQ_LEN,
-                                                                 backend=n))
+        kernel = jax.jit(lambda x, w, b, n=backend: fused_mlp_up(x, w, b, seq_len=SEQ_LEN,
+                                                                   backend=n))
 
         @jax.jit
         def live_path(x, w, b, n=backend):
@@ -36,17 +49,12 @@ def main() -> None:
             h, stats = fused_mlp_up(x, wl, bl, seq_len=SEQ_LEN, backend=n)
             return h, stats_in_unit_ids(stats, live, F)
 
-        wl, bl, _ = live_weights(w1, b1, wo, live, width)
-        h, stats = fused_mlp_up(x, wl, bl, seq_len=SEQ_LEN, backend=backend)
+        h, stats = kernel(x, wl, bl)
         full_size_check(h, stats, x, wl, bl, seq_len=SEQ_LEN, with_token_mask=False)
-        t_full = median_ms(full, (x, w1, b1), repeats=5, launches=20)
-        t_live = median_ms(live_path, (x, w1, b1), repeats=5, launches=20)
-        rows.append((backend, t_full, t_live, t_live / t_full))
-    print(f"{jax.devices()[0].device_kind}; {T}x{D}x{F}, {len(live)} live units "
-          f"({KEEP:.0%}) computed at width {width}")
-    print("| backend | full width ms | live ms | live / full |\n| --- | ---: | ---: | ---: |")
-    for backend, t_full, t_live, ratio in rows:
-        print(f"| {backend} | {t_full:.3f} | {t_live:.3f} | {ratio:.3f} |")
+        t_full, t_width = time(kernel, (x, w1, b1)), time(kernel, (x, wl, bl))
+        t_live = time(live_path, (x, w1, b1))
+        print(f"| {backend} | {t_full:.3f} | {t_width:.3f} | {t_live:.3f} | "
+              f"{t_live / t_full:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,49 @@ def test_interpreter_matches_reference(case):
     check_against_reference(x, w1, b1, seq_len=seq_len, config=config)
 
 
+# x, w1 and h unpadded (kernel.tma_edges): T and F past a CTA tile's edge (T a multiple of 8,
+# D and F of 64); TMA zero-fills the loads past the edges and drops the stores.
+UNPADDED = [
+    (200, 192, 320, 40, SMALL_PP, jnp.bfloat16),  # ping-pong, segments, 3 steps over 2 stages
+    (200, 64, 320, 40, SMALL, jnp.float32),  # cooperative along M; the bf16x3 split (K = 192)
+    (168, 64, 320, 56, SMALL_N, jnp.bfloat16),  # cooperative along N, 64-wide column tiles
+]
+
+
+@pytest.mark.parametrize("case", UNPADDED, ids=["pingpong", "coop-m-f32", "coop-n"])
+def test_unpadded_edges_match_reference(case):
+    T, D, F, seq_len, config, dtype = case
+    D_k = 3 * D if dtype == jnp.float32 else D
+    assert kernel.tma_edges(T, D_k, F, config, jnp.bfloat16, dtype)
+    x, w1, b1 = inputs(T, D, F, dtype)
+    check_against_reference(x, w1, b1, seq_len=seq_len, config=config)
+
+
+def copies_of_edges(T, D, F, config) -> tuple[int, int]:
+    """(pads of a 2-D array, slices to h's [T, F]) in the forward's traced program."""
+    fn = functools.partial(ops.forward, seq_len=T // 4, with_stats=True, with_token_mask=True,
+                           config=config, interpret=False)
+    eqns = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(s, jnp.bfloat16)
+                                for s in ((T, D), (D, F), (F,)))).eqns
+    pads = sum(e.params.get("name") == "_pad" and e.invars[0].aval.shape in ((T, D), (D, F))
+               for e in eqns)  # jnp.pad, traced as a nested jit
+    slices = sum(e.primitive.name == "slice" and e.outvars[0].aval.shape == (T, F)
+                 for e in eqns)
+    return pads, slices
+
+
+def test_unpadded_edges_copy_nothing():
+    # Past the tiles' edges but TMA-addressable: no padded copy of x or w1, no sliced copy of h.
+    assert copies_of_edges(200, 128, 320, SMALL_PP) == (0, 0)
+    # Otherwise x and w1 are padded to whole tiles and h sliced: F not a multiple of the
+    # 64-column SMEM tile of w1's blocks, T not of 8 rows, D not of 64 columns, or h stored from
+    # registers (which would write past the edge).
+    for T, D, F, config in ((200, 128, 288, SMALL_PP), (204, 128, 320, SMALL_PP),
+                            (200, 96, 320, SMALL_PP),
+                            (200, 128, 320, dataclasses.replace(SMALL_PP, h_store="direct"))):
+        assert copies_of_edges(T, D, F, config) == (2, 1)
+
+
 def test_stats_equal_reference_on_exact_inputs():
     # Small integers: every sum is exact in bf16 and f32, so the statistics equal the reference.
     x, w1, b1 = integer_inputs(64, 24, 100, jnp.bfloat16)
@@ -138,6 +181,22 @@ def test_lowers_for_cuda_at_bench_shapes(shape):
                                with_token_mask=with_token_mask, config=config, interpret=False)
         text = lower_for_cuda(fn, ((T, D), bf16), ((D, F), bf16), ((F,), bf16))
         assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("shape, seq_len, unpadded", [((4096, 768, 3000), 512, False),
+                                                     ((6000, 512, 4100), 1000, False),
+                                                     ((6000, 512, 8192), 1000, True)],
+                         ids=["4096x768x3000", "6000x512x4100", "6000x512x8192"])
+def test_untuned_shapes_lower_for_cuda(shape, seq_len, unpadded):
+    # Untuned shapes with the default configuration: F = 3000 and 4100 (not multiples of 64) are
+    # padded; T = 6000 (not a multiple of the 128-row tile) with F = 8192 is not.
+    T, D, F = shape
+    config = ops.fitted_tile_config(shape, jnp.bfloat16)
+    assert kernel.tma_edges(T, D, F, config, jnp.bfloat16, jnp.bfloat16) == unpadded
+    fn = functools.partial(ops.forward, seq_len=seq_len, with_stats=True,
+                           with_token_mask=False, interpret=False)
+    bf16 = jnp.bfloat16
+    assert "mosaic_gpu" in lower_for_cuda(fn, ((T, D), bf16), ((D, F), bf16), ((F,), bf16))
 
 
 def test_ragged_f32_and_gradient_lower_for_cuda(monkeypatch):

@@ -25,8 +25,10 @@ CONFIGS = {
     "pingpong-ordered": kernel.TileConfig(128, 128, 64, 6, "pingpong", 32, "m", 16,
                                           ordered=True),
 }
-# (n_seq, seq_len, D, F): tiles spanning sequences, sequences spanning tiles, ragged F and D.
-SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024, 4096)]
+# (n_seq, seq_len, D, F): tiles spanning sequences, sequences spanning tiles, ragged F and D;
+# T and F past a tile's edge but left unpadded, their edges to TMA (kernel.tma_edges).
+SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024, 4096),
+          (6, 100, 192, 640)]
 
 
 def compiled(config, *, seq_len, with_token_mask=True):

@@ -60,10 +60,15 @@ The atomic adds are of integers, so the counts do not depend on their order: the
 deterministic. The interpreter runs neither inline Mosaic GPU nor atomics: there, the kernel
 writes per-tile partials (plain-JAX sums of the same packed words) and JAX adds them.
 
-Padding (done by the caller, ops.py): Tp, Fp, Dp are multiples of the CTA tile and tile_k. Zero
-columns of w1 and b1 give h = 0 (never used); zero rows of x give h = relu(b1), which may be > 0,
-but those rows lie outside every sequence segment and their token counts / mask words are sliced
-off. f32 inputs are not fed to wgmma (which would round them to TF32): ops.py splits them into
+Edges: the grid covers Tp x Fp (multiples of the CTA tile) and each tile Dp (a multiple of
+tile_k). Where TMA can address x [T, D], w1 [D, F] and h [T, F] as they are (`tma_edges`), they
+stay unpadded in global memory: TMA fills the parts of a load past an edge with zeros and drops
+the parts of a store past one, so no padded copy of the inputs and no sliced copy of h (a full
+extra pass over h) is made. Otherwise the caller (ops.py) pads them to Tp, Dp, Fp with zeros.
+Either way the kernel computes the same values past the edges: zero columns of w1 and b1 (b1 is
+always padded: it is read into registers, not by TMA) give h = 0 (never used); zero rows of x
+give h = relu(b1), which may be > 0, but those rows lie outside every sequence segment and their
+token counts / mask words are sliced off. f32 inputs are not fed to wgmma (which would round them to TF32): ops.py splits them into
 bf16 pieces (see there), and the kernel writes h in the output dtype it is given.
 
 Code: `build_call` picks the schedule, declares the outputs and the epilogue's SMEM and calls
@@ -190,6 +195,9 @@ class Plan:
     seq_len: int
     config: TileConfig
     n_seg: int  # sequence segments a row tile can meet (static upper bound, >= 1)
+    # x [T, D], w1 [D, F] and h [T, F] unpadded in global memory (`tma_edges`); else padded to
+    # [Tp, Dp], [Dp, Fp] and [Tp, Fp].
+    unpadded: bool = False
 
     @property
     def n_seq(self) -> int:
@@ -233,9 +241,31 @@ class Plan:
         return ids
 
 
-def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig) -> Plan:
+def swizzle_cols(width: int, dtype) -> int:
+    """Columns of one swizzled SMEM row for blocks `width` elements wide: the inner tile of the
+    blocks' TMA copies (`KernelFacts.in_transforms`, `out_transforms`)."""
+    dtype = jnp.dtype(dtype)
+    return plgpu.find_swizzle(width * dtype.itemsize * 8) // dtype.itemsize
+
+
+def tma_edges(T: int, D: int, F: int, config: TileConfig, in_dtype, out_dtype) -> bool:
+    """Whether x [T, D], w1 [D, F] (in_dtype) and h [T, F] (out_dtype) can stay unpadded, their
+    edges left to TMA. A tiled TMA copy views the global array in its SMEM tiles (8 rows by
+    `swizzle_cols` columns), so each dimension must be a whole number of them; no array may be
+    smaller than one block; h must be stored by TMA (a store from registers past an edge would
+    write out of bounds)."""
+    in_cols = swizzle_cols(config.tile_k, in_dtype)
+    out_cols = swizzle_cols(config.epi_tile_n, out_dtype)
+    return (config.h_store == "tma" and T % 8 == 0 and D % in_cols == 0
+            and F % math.lcm(in_cols, out_cols) == 0
+            and T >= config.cta_m and D >= config.tile_k and F >= config.cta_n)
+
+
+def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig,
+              unpadded: bool = False) -> Plan:
     """The plan of a call on x [T, D], w1 [D, F] counted in sequences of seq_len tokens (T a
-    whole number of them: the contract's check, kernels/contract.py)."""
+    whole number of them: the contract's check, kernels/contract.py); `unpadded` where
+    `tma_edges` allows it."""
     config.validate()
     tm = config.tile_m
     # Sequences a row tile [r0, r0 + tm) meets: the most over all tiles (computed, not bounded,
@@ -244,7 +274,7 @@ def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig) -> Plan:
     for r0 in range(0, min(T, math.lcm(tm, seq_len)), tm):
         last = min(r0 + tm, T) - 1
         n_seg = max(n_seg, last // seq_len - r0 // seq_len + 1)
-    return Plan(T=T, D=D, F=F, seq_len=seq_len, config=config, n_seg=n_seg)
+    return Plan(T=T, D=D, F=F, seq_len=seq_len, config=config, n_seg=n_seg, unpadded=unpadded)
 
 
 def smem_bytes(config: TileConfig, in_itemsize: int, out_itemsize: int) -> int:
@@ -529,16 +559,16 @@ class KernelFacts:
     @property
     def in_transforms(self) -> tuple:
         """SMEM tiling and swizzle of the x and w1 blocks."""
-        swizzle = plgpu.find_swizzle(self.config.tile_k * self.in_dtype.itemsize * 8)
-        return (plgpu.TilingTransform((8, swizzle // self.in_dtype.itemsize)),
-                plgpu.SwizzleTransform(swizzle))
+        cols = swizzle_cols(self.config.tile_k, self.in_dtype)
+        return (plgpu.TilingTransform((8, cols)),
+                plgpu.SwizzleTransform(cols * self.in_dtype.itemsize))
 
     @property
     def out_transforms(self) -> tuple:
         """SMEM tiling and swizzle of the [64, epi_tile_n] h pieces."""
-        swizzle = plgpu.find_swizzle(self.config.epi_tile_n * self.out_dtype.itemsize * 8)
-        return (plgpu.TilingTransform((8, swizzle // self.out_dtype.itemsize)),
-                plgpu.SwizzleTransform(swizzle))
+        cols = swizzle_cols(self.config.epi_tile_n, self.out_dtype)
+        return (plgpu.TilingTransform((8, cols)),
+                plgpu.SwizzleTransform(cols * self.out_dtype.itemsize))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,10 +577,10 @@ class GlobalRefs:
     (token_mask also without the token mask). Compiled, token_count [Tp] and seq_count
     [n_seq, Fp / 2] are the zeroed accumulators the kernel adds into; interpreted, they are the
     per-tile partials tc_part [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]."""
-    x: Any  # [Tp, Dp]
-    w: Any  # [Dp, Fp]
+    x: Any  # [Tp, Dp], or [T, D] (plan.unpadded)
+    w: Any  # [Dp, Fp], or [D, F]
     b: Any  # [Fp]
-    h: Any  # [Tp, Fp]
+    h: Any  # [Tp, Fp], or [T, F]
     token_count: Any = None
     seq_count: Any = None
     token_mask: Any = None  # tm_part [Tp, Fp / 32] int32
@@ -982,11 +1012,12 @@ def pingpong_schedule(facts: KernelFacts, refs: GlobalRefs, epilogue_scratch: di
 
 
 def _out_types(facts: KernelFacts) -> tuple:
-    """The kernel's outputs: h [Tp, Fp]; interpreted with statistics, the partials tc_part
-    [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]; with the token mask, tm_part
-    [Tp, Fp / 32] int32."""
+    """The kernel's outputs: h [Tp, Fp] ([T, F] unpadded); interpreted with statistics, the
+    partials tc_part [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]; with the
+    token mask, tm_part [Tp, Fp / 32] int32."""
     plan = facts.plan
-    out_type = [jax.ShapeDtypeStruct((plan.Tp, plan.Fp), facts.out_dtype)]
+    h_shape = (plan.T, plan.F) if plan.unpadded else (plan.Tp, plan.Fp)
+    out_type = [jax.ShapeDtypeStruct(h_shape, facts.out_dtype)]
     if facts.with_stats and facts.interpret:
         out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
                      jax.ShapeDtypeStruct((plan.row_tiles, plan.n_seg, WARPS, plan.Fp // 4),
@@ -1022,10 +1053,12 @@ def _with_count_arrays(kernel, facts: KernelFacts):
 def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_mask: bool,
                num_sms: int, interpret=None, profile_dir: str | None = None,
                profile_ranges: int = 200):
-    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] bf16 or f32) -> outputs.
+    """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] bf16 or f32) -> outputs
+    (x [T, D], w1 [D, F] where plan.unpadded).
 
-    Outputs: h [Tp, Fp] out_dtype; with stats also token_count [Tp], seq_count [n_seq, Fp]
-    and, with the token mask, tm_part [Tp, Fp / 32] (int32; see the module docstring). Compiled,
+    Outputs: h [Tp, Fp] ([T, F] where plan.unpadded) out_dtype; with stats also token_count
+    [Tp], seq_count [n_seq, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32; see the
+    module docstring). Compiled,
     the kernel adds the counts atomically into zeroed arrays it is given; interpreted, it writes
     per-tile partials (tc_part [col_tiles, Tp], sc_part [row_tiles, n_seg, WARPS, Fp / 4]) that
     JAX reduces here (the interpreter runs neither inline Mosaic GPU nor atomics).

@@ -1,5 +1,5 @@
-"""The `mosaic_gpu` backend: `kernel.build_call` with padding, the dtype policy and the small
-JAX steps after the kernel.
+"""The `mosaic_gpu` backend: `kernel.build_call` with padding where TMA cannot take the edges
+(`kernel.tma_edges`), the dtype policy and the small JAX steps after the kernel.
 
 On a GPU the kernel is compiled by Mosaic GPU (Hopper: TMA, wgmma, warp specialization);
 anywhere else it runs in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), with a warning,
@@ -108,9 +108,10 @@ def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
     else:
         xk, wk = x, w1
     count_len = counting_seq_len(seq_len) if with_stats else seq_len
-    plan = mgpu_kernel.make_plan(T, xk.shape[1], F, count_len, config)
-    xp = _pad2(xk, plan.Tp, plan.Dp)
-    wp = _pad2(wk, plan.Dp, plan.Fp)
+    unpadded = mgpu_kernel.tma_edges(T, xk.shape[1], F, config, jnp.bfloat16, out_dtype)
+    plan = mgpu_kernel.make_plan(T, xk.shape[1], F, count_len, config, unpadded)
+    xp = xk if plan.unpadded else _pad2(xk, plan.Tp, plan.Dp)
+    wp = wk if plan.unpadded else _pad2(wk, plan.Dp, plan.Fp)
     if b1.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         b1 = b1.astype(jnp.float32)
     bp = b1 if plan.Fp == F else jnp.pad(b1, (0, plan.Fp - F))
