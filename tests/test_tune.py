@@ -3,6 +3,7 @@ always among them, the fastest written to the configuration file; refused where 
 only be interpreted. On the CPU through the interpreted pallas_tpu kernel (times meaningless,
 the plumbing checked)."""
 
+import functools
 import json
 
 import pytest
@@ -52,3 +53,23 @@ def test_tune_refuses_an_interpreted_backend(capsys):
     assert "tune on the device" in capsys.readouterr().err
     with pytest.raises(ValueError, match="TxDxF"):
         tune.main("pallas_tpu", ["64x32"], allow_interpreted=True)
+
+
+def test_an_untuned_shape_gets_the_nearest_tuned_shapes_tiles():
+    from relu_sparsity.kernels import tile_configs
+    from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
+    from relu_sparsity.kernels.mosaic_gpu import ops as mgpu_ops
+
+    keys = ["8192x1024x32768:bfloat16", "8192x2048x16384:bfloat16", "8192x512x8192:bfloat16"]
+    nearest = functools.partial(tile_configs.nearest_key, keys, dtype="bfloat16")
+    assert nearest((8192, 2048, 16384)) == keys[1]  # a tuned shape: its own
+    assert nearest((8192, 1024, 23040)) == keys[0]  # a compacted paper width: 0.51 from it
+    assert nearest((6000, 512, 4100)) == keys[2]  # 1.45 from it, 4.45 from the others
+    assert nearest((4096, 768, 3000)) == keys[2]
+    assert tile_configs.nearest_key(keys, (8192, 512, 8192), "float32") is None
+    # Through the backend, with the committed file: tiles tuned at 8192x512x8192, not the default.
+    committed = mgpu_ops.tile_config("NVIDIA H200", (8192, 512, 8192), "bfloat16")
+    assert mgpu_ops.tile_config("NVIDIA H200", (6000, 512, 4100), "bfloat16") == committed
+    assert committed != mgpu_kernel.DEFAULT_CONFIG
+    assert mgpu_ops.tile_config("NVIDIA H100", (6000, 512, 4100), "bfloat16") \
+        == mgpu_kernel.DEFAULT_CONFIG  # no tuned tiles for that device

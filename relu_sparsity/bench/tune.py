@@ -22,7 +22,7 @@ from relu_sparsity.bench.kernels import seq_len_for
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, device_kind
 from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
-from relu_sparsity.kernels.tile_configs import CONFIG_DIR
+from relu_sparsity.kernels.tile_configs import CONFIG_DIR, shape_key
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def main(backend: str, shapes: list[str], *, dtype: str = "bfloat16", seq_len: i
             log.warning("tune: no candidate passed at %s; the configuration file is unchanged",
                         name)
             continue
-        winners[f"{name}:{jnp.dtype(dtype).name}"] = winner["config"]
+        winners[shape_key(shape, jnp.dtype(dtype).name)] = winner["config"]
         base_ms = next((r.get("ms") for r in rows if r["base"]), None)
         print(f"{name}: best {winner['ms']:.3f} ms" + (
             f" (the configured one: {base_ms:.3f} ms)" if base_ms else "") + f" {winner['config']}")

@@ -68,8 +68,9 @@ extra pass over h) is made. Otherwise the caller (ops.py) pads them to Tp, Dp, F
 Either way the kernel computes the same values past the edges: zero columns of w1 and b1 (b1 is
 always padded: it is read into registers, not by TMA) give h = 0 (never used); zero rows of x
 give h = relu(b1), which may be > 0, but those rows lie outside every sequence segment and their
-token counts / mask words are sliced off. f32 inputs are not fed to wgmma (which would round them to TF32): ops.py splits them into
-bf16 pieces (see there), and the kernel writes h in the output dtype it is given.
+token counts / mask words are sliced off. f32 inputs are not fed to wgmma (which would round
+them to TF32): ops.py splits them into bf16 pieces (see there), and the kernel writes h in the
+output dtype it is given.
 
 Code: `build_call` picks the schedule, declares the outputs and the epilogue's SMEM and calls
 `plgpu.kernel`. The parts are top-level functions of `KernelFacts` (the static facts of one

@@ -4,10 +4,11 @@
 On a GPU the kernel is compiled by Mosaic GPU (Hopper: TMA, wgmma, warp specialization);
 anywhere else it runs in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), with a warning,
 so that CPUs can check it (`interpret`: see kernels/backends.py). Tile configurations are data
-(`kernels/configs/mosaic_gpu.json`, per device kind and shape); shapes not listed there use
-`kernel.DEFAULT_CONFIG`. Either gives up pipeline stages where an f32 h's doubled epilogue
-buffers need the shared memory (`kernel.fit_stages`, logged); a configuration passed explicitly
-is used as it is, or rejected if it does not fit.
+(`kernels/configs/mosaic_gpu.json`, per device kind and shape); shapes not listed there take
+the nearest listed shape's (`tile_configs.tuned_entry`), else `kernel.DEFAULT_CONFIG`. Either
+gives up pipeline stages where an f32 h's doubled epilogue buffers need the shared memory
+(`kernel.fit_stages`, logged); a configuration passed explicitly is used as it is, or rejected
+if it does not fit.
 
 Dtypes. bf16 inputs go to wgmma as they are (f32 accumulation), h is written in bf16.
 f32 inputs: wgmma would round f32 operands to TF32 (10-bit mantissa), far from the reference's
@@ -49,7 +50,8 @@ INTERPRET_NUM_SMS = 2  # CTAs the interpreter simulates (each runs three warpgro
 
 def tile_config(device_kind: str, shape: tuple[int, int, int], dtype: str
                 ) -> mgpu_kernel.TileConfig:
-    """The committed configuration for this device and shape (T, D, F), else the default."""
+    """The committed configuration for this device and shape (T, D, F) or the nearest tuned
+    one, else the default."""
     entry = tuned_entry("mosaic_gpu", device_kind, shape, dtype)
     return mgpu_kernel.TileConfig(**entry) if entry else mgpu_kernel.DEFAULT_CONFIG
 

@@ -3,9 +3,10 @@
 On a TPU the kernel is compiled by Mosaic; anywhere else it runs in Pallas's TPU interpret mode
 (`pltpu.InterpretParams`), with a warning, so that CPUs and CI can check it (`interpret`: see
 kernels/backends.py). Across several processes it runs in Pallas's generic interpreter instead:
-the TPU interpret mode simulates the devices of one process and waits for the others' forever. Tile configurations are data (`kernels/configs/pallas_tpu.json`, one entry
-per shape for every TPU; see kernel.py for why); shapes not listed there use
-`kernel.DEFAULT_CONFIG`.
+the TPU interpret mode simulates the devices of one process and waits for the others' forever.
+Tile configurations are data (`kernels/configs/pallas_tpu.json`, one entry per shape for every
+TPU; see kernel.py for why); shapes not listed there take the nearest listed shape's
+(`tile_configs.tuned_entry`), else `kernel.DEFAULT_CONFIG`.
 """
 
 import jax
@@ -21,8 +22,9 @@ from relu_sparsity.kernels.tile_configs import tuned_entry
 
 def tile_config(device_kind: str, shape: tuple[int, int, int], dtype: str
                 ) -> tpu_kernel.TileConfig:
-    """The committed configuration for this shape (T, D, F), else the default. One entry serves
-    every TPU generation (sized for the smallest VMEM), so `device_kind` does not select."""
+    """The committed configuration for this shape (T, D, F) or the nearest tuned one, else the
+    default. One entry serves every TPU generation (sized for the smallest VMEM), so
+    `device_kind` does not select."""
     del device_kind
     entry = tuned_entry("pallas_tpu", "tpu", shape, dtype)
     return tpu_kernel.TileConfig(**entry) if entry else tpu_kernel.DEFAULT_CONFIG

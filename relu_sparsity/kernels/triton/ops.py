@@ -1,7 +1,8 @@
 """The `triton` backend: `kernel.fused_mlp_up_kernel` called from JAX through jax-triton.
 
 Tile configurations are data (`kernels/configs/triton.json`, per device kind and shape, tuned on
-the device); shapes not listed there use `kernel.DEFAULT_CONFIG`. Triton's interpreter runs the
+the device); shapes not listed there take the nearest listed shape's
+(`tile_configs.tuned_entry`), else `kernel.DEFAULT_CONFIG`. Triton's interpreter runs the
 kernel in its own environment (tests/interpreter), so `interpret` must be False or None here.
 """
 
@@ -22,7 +23,8 @@ COMPUTE_CAPABILITY: int | None = None
 
 def tile_config(device_kind: str, shape: tuple[int, int, int], dtype: str
                 ) -> triton_kernel.TileConfig:
-    """The committed configuration for this device and shape (T, D, F), else the default."""
+    """The committed configuration for this device and shape (T, D, F) or the nearest tuned
+    one, else the default."""
     entry = tuned_entry("triton", device_kind, shape, dtype)
     return triton_kernel.TileConfig(**entry) if entry else triton_kernel.DEFAULT_CONFIG
 
