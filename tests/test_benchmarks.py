@@ -17,8 +17,10 @@ from relu_sparsity.kernels.testing import full_size_check, random_inputs, tolera
 ON_GPU = jax.default_backend() == "gpu"
 # T x D x F (seq_len): the benchmark shapes, a compacted width (a multiple of 256), untuned
 # shapes whose widths and sequence lengths are not tile multiples.
+# The benchmark shapes, a compacted paper width, and shapes past the tiles' edges: ragged F
+# (padded by mosaic_gpu) and ragged T with an aligned F (left unpadded to TMA).
 GPU_GRID = ["8192x1024x32768", "8192x2048x16384", "8192x512x8192", "8192x1024x23040",
-            "4096x768x3000", "6000x512x4100:1000"]
+            "4096x768x3000", "6000x512x4100:1000", "6000x1024x8192:1000"]
 CPU_GRID = ["512x128x512", "384x96x200:96"]
 GRID = GPU_GRID if ON_GPU else CPU_GRID
 DTYPE = jnp.bfloat16 if ON_GPU else jnp.float32
