@@ -297,21 +297,25 @@ def test_column_counts_up_to_tile_m(tile_m):
     assert (counts[:, np.asarray(always)] == tile_m).all()
 
 
-@pytest.mark.parametrize("config", [SMALL_N, SMALL_PP, SMALL_PP3,
-                                    dataclasses.replace(SMALL_PP, epi_tile_n=32, epi_slots=4)],
-                         ids=["wgN", "pingpong", "pingpong-3", "all-slots"])
-def test_interpreter_finds_no_races(config):
+@pytest.mark.parametrize("config, shape", [
+    (SMALL_N, (160, 64, 200, 80)), (SMALL_PP, (160, 64, 200, 80)),
+    (SMALL_PP3, (160, 64, 200, 80)),
+    (dataclasses.replace(SMALL_PP, epi_tile_n=32, epi_slots=4), (160, 64, 200, 80)),
+    (SMALL_PP, (200, 128, 320, 40)),
+], ids=["wgN", "pingpong", "pingpong-3", "all-slots", "pingpong-unpadded"])
+def test_interpreter_finds_no_races(config, shape):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     # Two compute warpgroups, segments straddling tiles, the token mask: the SMEM ring, the
-    # h staging slots, checked by the race detector.
-    x, w1, b1 = inputs(160, 64, 200, jnp.bfloat16)
-    h, stats = ops.forward(x, w1, b1, seq_len=80, with_stats=True,
-                                      with_token_mask=True, config=config,
-                                      interpret=plgpu.InterpretGPUParams(detect_races=True))
+    # h staging slots, checked by the race detector (and the stores past unpadded edges).
+    T, D, F, seq_len = shape
+    x, w1, b1 = inputs(T, D, F, jnp.bfloat16)
+    h, stats = ops.forward(x, w1, b1, seq_len=seq_len, with_stats=True,
+                           with_token_mask=True, config=config,
+                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready((h, stats))
     assert not gpu_callbacks.get_races().races_found
-    own = stats_from_h(h, seq_len=80, with_token_mask=True)
+    own = stats_from_h(h, seq_len=seq_len, with_token_mask=True)
     np.testing.assert_array_equal(np.asarray(stats.token_mask), np.asarray(own.token_mask))
 
 
