@@ -41,8 +41,18 @@ def live_weights(wi: jax.Array, bi: jax.Array, wo: jax.Array, live: tuple[int, .
     zero units after the len(live) live ones."""
     idx = jnp.asarray(live)
     pad = width - len(live)
-    return (jnp.pad(wi[:, idx], ((0, 0), (0, pad))), jnp.pad(bi[idx], (0, pad)),
-            jnp.pad(wo[idx], ((0, pad), (0, 0))))
+    return (jnp.pad(take_units(wi, idx, 1), ((0, 0), (0, pad))),
+            jnp.pad(take_units(bi, idx, 0), (0, pad)),
+            jnp.pad(take_units(wo, idx, 0), ((0, pad), (0, 0))))
+
+
+def take_units(a: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+    """a's entries at the unit ids idx along axis. The ids are sorted, unique and in range
+    (`check_live`), and the gather says so: its gradient, a scatter-add into the full-width
+    parameter, then needs no atomics and no bounds masks."""
+    index = (slice(None),) * axis + (idx,)
+    return a.at[index].get(indices_are_sorted=True, unique_indices=True,
+                           mode="promise_in_bounds")
 
 
 def stats_in_unit_ids(stats: SparsityStats, live: tuple[int, ...], num_units: int
@@ -52,7 +62,8 @@ def stats_in_unit_ids(stats: SparsityStats, live: tuple[int, ...], num_units: in
     [T, W] mask words): no [T, F] temporary."""
     idx = jnp.asarray(live)
     seq_count = jnp.zeros((stats.seq_count.shape[0], num_units), jnp.int32).at[:, idx].set(
-        stats.seq_count[:, :len(live)])
+        stats.seq_count[:, :len(live)], indices_are_sorted=True, unique_indices=True,
+        mode="promise_in_bounds")
     token_mask = None
     if stats.token_mask is not None:
         token_mask = scatter_token_mask(stats.token_mask, live, num_units)
