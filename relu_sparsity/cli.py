@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_train, _add_experiment, _add_report, _add_bench, _add_tune):
+    for add in (_add_prepare, _add_train, _add_experiment, _add_report, _add_bench, _add_tune,
+                _add_profile):
         add(sub)
     return parser
 
@@ -199,6 +200,14 @@ def _add_tune(sub) -> None:
     tune.add_argument("--out", help="configuration file to update (default: the package's "
                       "kernels/configs/<backend>.json)")
     tune.add_argument("--report", help="also write every candidate's result as JSON here")
+
+
+def _add_profile(sub) -> None:
+    """`profile`: where a profiled train step's device time goes."""
+    profile = sub.add_parser("profile", help="the device time per step of a run's profiled "
+                             "steps (train --profile-steps), by model part and phase")
+    profile.add_argument("run_dir", help="the run folder")
+    profile.add_argument("--top", type=int, default=15, help="kernels listed (default 15)")
 
 
 def _add_bench(sub) -> None:
@@ -351,6 +360,14 @@ def cmd_tune(args) -> None:
         Path(args.report).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cmd_profile(args) -> None:
+    from relu_sparsity.bench import step_profile
+
+    summary = step_profile.profile_run(args.run_dir)
+    print(step_profile.format_summary(summary, args.top))
+    print(f"summary: {Path(args.run_dir) / 'profile' / 'summary.json'}")
+
+
 def cmd_bench(args) -> None:
     if args.train_step:
         import json
@@ -396,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         {"prepare": cmd_prepare, "train": cmd_train, "experiment": cmd_experiment,
-         "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune}[args.command](args)
+         "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune,
+         "profile": cmd_profile}[args.command](args)
     except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_STATUS["refused"]

@@ -283,6 +283,17 @@ def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path):
     traces = list((run / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert RunFolder(run).read_metrics()[-1]["step"] == 5  # training went on after the trace
+    # `relu-sparsity profile`: the trace's kernels put in the model's parts by their HLO.
+    assert cli.main(["profile", str(run), "--top", "3"]) == 0
+    summary = json.loads((run / "profile" / "summary.json").read_text())
+    parts = summary["parts"]
+    assert summary["steps"] == 2 and summary["device_ms_per_step"] > 0
+    for part in ("MLP", "attention", "layer norms", "loss", "optimizer"):
+        assert parts[part]["total"] > 0, part
+    assert parts["MLP"]["forward"] > 0 and parts["MLP"]["backward"] > 0
+    assert parts["optimizer"].keys() == {"update", "total"}
+    unknown = sum(parts.get(p, {}).get("total", 0) for p in ("other", "unattributed"))
+    assert unknown < 0.25 * summary["device_ms_per_step"], parts
 
 
 def test_a_runs_config_json_gives_back_its_configuration(cache_dir, tmp_path):

@@ -114,14 +114,17 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
     def loss_fn(params, tokens):
         logits, state = model.apply({"params": params}, tokens[:, :-1],
                                     mutable=["intermediates"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        # Named scopes mark the step's parts in profiles (bench/step_profile.py, xprof).
+        with jax.named_scope("loss"):
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         return loss, layer_stats(state.get("intermediates", {}))
 
     def train_step(state: TrainState, tokens: jax.Array):
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         loss_finite = jnp.isfinite(loss)
         scalars = {"loss": loss, "grad_norm": grad_norm, "loss_finite": loss_finite}
         diverged = ~(loss_finite & jnp.isfinite(grad_norm))
@@ -135,7 +138,8 @@ def make_train_step(model: Transformer, optimizer, *, max_skips: int | None = No
         units = state.units
         if units:
             ids = unit_ids or (None,) * len(units)
-            units = history.update_all(units, stats, ids, state.step, loss_finite, window)
+            with jax.named_scope("unit_histories"):
+                units = history.update_all(units, stats, ids, state.step, loss_finite, window)
         return TrainState(state.step + 1, params, opt_state, first, units), scalars, stats
 
     return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None, None))

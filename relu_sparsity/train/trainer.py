@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from relu_sparsity.bench import step_profile
 from relu_sparsity.data import TokenCache, open_cache
 from relu_sparsity.kernels import resolve_fused_backend
 from relu_sparsity.kernels.bits import np_or_rows, np_pack_bits
@@ -363,7 +364,14 @@ class Trainer:
         first, stop = self.profile_steps
         if not self.profiling and first <= step < stop:
             jax.block_until_ready(self.state)
-            jax.profiler.start_trace(str(self.folder.path / "profile"))
+            profile_dir = self.folder.path / "profile"
+            if self.parallel.is_primary:  # what `relu-sparsity profile` attributes kernels by
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                (profile_dir / step_profile.HLO_FILE).write_text(
+                    self.program.train_step.as_text())
+                (profile_dir / step_profile.STEPS_FILE).write_text(
+                    json.dumps({"first": step, "stop": stop}) + "\n")
+            jax.profiler.start_trace(str(profile_dir))
             self.profiling = True
             log.info("profiling steps %d-%d into %s", step, stop - 1, self.folder.path / "profile")
         elif self.profiling and step == stop:
