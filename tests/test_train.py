@@ -296,6 +296,20 @@ def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path):
     assert unknown < 0.25 * summary["device_ms_per_step"], parts
 
 
+def test_a_prune_inside_the_profiled_steps_starts_a_profile_of_the_rebuilt_step(cache_dir,
+                                                                               tmp_path):
+    run = tmp_path / "run"
+    config = small_config(cache_dir, "train.steps=7", "train.prune=compact", "train.prune_at=3",
+                          "train.prune_multiple=32")
+    train(config, run, progress=False, profile_steps=(2, 6))
+    assert json.loads((run / "profile" / "steps.json").read_text()) == {"first": 4, "stop": 6}
+    traces = sorted((run / "profile").rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    assert len(traces) == 2
+    # The HLO beside them is the rebuilt step's, written after the first trace ended.
+    hlo = run / "profile" / "train_step.hlo.txt"
+    assert traces[0].stat().st_mtime <= hlo.stat().st_mtime <= traces[1].stat().st_mtime
+
+
 def test_a_runs_config_json_gives_back_its_configuration(cache_dir, tmp_path):
     from relu_sparsity.train.config import from_file, load, to_dict
 

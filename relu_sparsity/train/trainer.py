@@ -158,7 +158,7 @@ class Trainer:
         self.start = int(parallel.fetch(self.state.step))
         self.program = None
         self.profile_steps = profile_steps  # (A, B): trace steps A .. B - 1
-        self.profiling = False  # a jax.profiler trace is being recorded
+        self.traced: list[int] = []  # the steps of the jax.profiler trace being recorded
         self.units: dict = {}  # the unit histories at the last logged step, as host arrays
 
     # Setup ---------------------------------------------------------------------------------
@@ -300,6 +300,10 @@ class Trainer:
             self.state = self.parallel.state(compact_tree(state, self.pruning.keep,
                                                           self.pruning.padded_widths))
         self.compile(tokens)
+        if self.traced:  # the rebuilt step's kernels are not those of the traced HLO
+            log.warning("the profile ends at the prune step %d; a new one, of the rebuilt "
+                        "step, starts after it", step)
+            self.end_profile()
         log.info("pruned (%s) after step %d: units per layer %s of %s%s", self.pruning.mode,
                  step, list(self.pruning.widths), list(self.widths),
                  f" (parameters padded to {entry['padded']})" if "padded" in entry else "")
@@ -351,8 +355,8 @@ class Trainer:
                         raise Interrupted(f"stopped at step {step + 1} (checkpointed); run "
                                           "again with the same --run-dir to resume")
         finally:
-            if self.profiling:
-                jax.profiler.stop_trace()
+            if self.traced:
+                self.end_profile()
             bar.close()
             events.close()
 
@@ -362,22 +366,33 @@ class Trainer:
         if self.profile_steps is None:
             return
         first, stop = self.profile_steps
-        if not self.profiling and first <= step < stop:
-            jax.block_until_ready(self.state)
-            profile_dir = self.folder.path / "profile"
-            if self.parallel.is_primary:  # what `relu-sparsity profile` attributes kernels by
-                profile_dir.mkdir(parents=True, exist_ok=True)
-                (profile_dir / step_profile.HLO_FILE).write_text(
-                    self.program.train_step.as_text())
-                (profile_dir / step_profile.STEPS_FILE).write_text(
-                    json.dumps({"first": step, "stop": stop}) + "\n")
-            jax.profiler.start_trace(str(profile_dir))
-            self.profiling = True
-            log.info("profiling steps %d-%d into %s", step, stop - 1, self.folder.path / "profile")
-        elif self.profiling and step == stop:
-            jax.block_until_ready(self.state)
-            jax.profiler.stop_trace()
-            self.profiling = False
+        if first <= step < stop:
+            if not self.traced:
+                self.start_profile(step, stop)
+            self.traced.append(step)
+        elif self.traced and step == stop:
+            self.end_profile()
+
+    def start_profile(self, step: int, stop: int) -> None:
+        """The trace, and beside it the compiled step's HLO, which `relu-sparsity profile`
+        attributes the trace's kernels by."""
+        jax.block_until_ready(self.state)
+        profile_dir = self.folder.path / "profile"
+        if self.parallel.is_primary:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            (profile_dir / step_profile.HLO_FILE).write_text(self.program.train_step.as_text())
+        jax.profiler.start_trace(str(profile_dir))
+        log.info("profiling steps %d-%d into %s", step, stop - 1, profile_dir)
+
+    def end_profile(self) -> None:
+        """Stops the trace and records the steps it holds (fewer than asked for where the run
+        stopped or pruned inside them)."""
+        jax.block_until_ready(self.state)
+        jax.profiler.stop_trace()
+        if self.parallel.is_primary:
+            (self.folder.path / "profile" / step_profile.STEPS_FILE).write_text(
+                json.dumps({"first": self.traced[0], "stop": self.traced[-1] + 1}) + "\n")
+        self.traced = []
 
     def stop_agreed(self, step: int, end: int, requested: bool) -> bool:
         """Whether to stop after `step`. One process stops at once; several agree at logged and
