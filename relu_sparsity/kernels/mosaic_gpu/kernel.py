@@ -1059,10 +1059,10 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
 
     Outputs: h [Tp, Fp] ([T, F] where plan.unpadded) out_dtype; with stats also token_count
     [Tp], seq_count [n_seq, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32; see the
-    module docstring). Compiled,
-    the kernel adds the counts atomically into zeroed arrays it is given; interpreted, it writes
-    per-tile partials (tc_part [col_tiles, Tp], sc_part [row_tiles, n_seg, WARPS, Fp / 4]) that
-    JAX reduces here (the interpreter runs neither inline Mosaic GPU nor atomics).
+    module docstring). Compiled, the kernel adds the counts atomically into zeroed arrays it is
+    given; interpreted, it writes per-tile partials (tc_part [col_tiles, Tp], sc_part
+    [row_tiles, n_seg, WARPS, Fp / 4]) that JAX reduces here (the interpreter runs neither
+    inline Mosaic GPU nor atomics).
     `interpret`: None compiles; an InterpretGPUParams runs Mosaic GPU's interpreter.
     `profile_dir`: write a Mosaic GPU profiler trace (Chrome trace JSON) of each call there: the
     named phases (mainloop, epilogue_h, and per piece of the statistics pack (the comparison
