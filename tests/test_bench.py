@@ -79,3 +79,14 @@ def test_timing_spread_and_environment(tmp_path):
     saved = json.loads((tmp_path / "b.json").read_text())
     env = environment()
     assert saved["jax"] == env["jax"] and saved["device"] == env["device"] and saved["commit"]
+
+
+def test_rows_say_which_tiles_a_fused_backend_ran_with():
+    # Looked up for the H200 when no GPU is here (backends.device_kind).
+    assert bench.variant_tiles("mosaic_gpu +stats", (8192, 512, 8192), "bfloat16") == "tuned"
+    assert bench.variant_tiles("mosaic_gpu no stats", (6000, 512, 4100), "bfloat16") \
+        == "nearest 8192x512x8192"
+    assert bench.variant_tiles("triton +stats", (8192, 512, 8192), "float32") == "default"
+    assert bench.variant_tiles("xla dot+bias+relu", (8192, 512, 8192), "bfloat16") is None
+    rows = bench.run(["256x32x100"], seq_len=64, dtype="float32", repeats=1)
+    assert all("tiles" in r for r in rows)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from relu_sparsity.bench.kernels import launches_per_round, seq_len_for, variants
+from relu_sparsity.bench.kernels import launches_per_round, seq_len_for, variant_tiles, variants
 from relu_sparsity.bench.timing import environment, kernel_round
 from relu_sparsity.kernels.testing import full_size_check, random_inputs, tolerance
 
@@ -65,7 +65,8 @@ def test_kernel_variant(benchmark, point, label):
     t, d, f = (int(v) for v in name.split(":")[0].split("x"))
     launches = launches_per_round(2.0 * t * d * f)
     benchmark.group = f"{name} {jnp.dtype(DTYPE).name}"
-    benchmark.extra_info.update(environment(), seq_len=seq_len, calls_per_round=launches)
+    benchmark.extra_info.update(environment(), seq_len=seq_len, calls_per_round=launches,
+                                tiles=variant_tiles(label, (t, d, f), jnp.dtype(DTYPE).name))
     out = benchmark.pedantic(kernel_round(fn, operands, launches), rounds=ROUNDS,
                              warmup_rounds=1)
     assert np.all(np.isfinite(np.asarray(jax.tree.leaves(out)[0], np.float32)))

@@ -12,10 +12,11 @@ from collections.abc import Callable
 import jax
 
 from relu_sparsity.kernels import fused_mlp_up
-from relu_sparsity.kernels.backends import compiled_backends
+from relu_sparsity.kernels.backends import FUSED_BACKENDS, compiled_backends, device_kind
 from relu_sparsity.kernels.contract import check_seq_len
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
+from relu_sparsity.kernels.tile_configs import tiles_source
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,18 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
             base = base or ms
             rows.append({"shape": shape, "seq_len": shape_seq_len, "variant": name, "ms": ms,
                          "min_ms": timing.min_ms, "iqr_ms": timing.iqr_ms,
-                         "tflops": flops / ms / 1e9, "ratio": ms / base})
+                         "tflops": flops / ms / 1e9, "ratio": ms / base,
+                         "tiles": variant_tiles(name, (t, d, f), dtype)})
     return rows
+
+
+def variant_tiles(variant: str, shape: tuple[int, int, int], dtype: str) -> str | None:
+    """A fused backend's tiles at this shape (tile_configs.tiles_source); None for XLA's."""
+    backend = variant.split()[0]
+    if backend not in FUSED_BACKENDS:
+        return None
+    kind = device_kind(FUSED_BACKENDS[backend].platform)
+    return tiles_source(backend, kind, shape, jax.numpy.dtype(dtype).name)
 
 
 def launches_per_round(flops: float) -> int:
@@ -88,11 +99,11 @@ def launches_per_round(flops: float) -> int:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| shape T x D x F | seq_len | variant | median ms | min ms | IQR ms | TF/s | "
-             "/ xla dot+bias+relu |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "/ xla dot+bias+relu | tiles |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     lines += [f"| {r['shape']} | {r['seq_len']} | {r['variant']} | {r['ms']:.3f} | "
-              f"{r['min_ms']:.3f} | {r['iqr_ms']:.3f} | {r['tflops']:.1f} | {r['ratio']:.2f} |"
-              for r in rows]
+              f"{r['min_ms']:.3f} | {r['iqr_ms']:.3f} | {r['tflops']:.1f} | {r['ratio']:.2f} | "
+              f"{r.get('tiles') or ''} |" for r in rows]
     return "\n".join(lines)
 
 

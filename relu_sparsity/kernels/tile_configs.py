@@ -45,6 +45,15 @@ def nearest_key(keys, shape: tuple[int, int, int], dtype: str) -> str | None:
     return min(same_dtype, key=distance) if same_dtype else None
 
 
+def tiles_source(backend: str, device_kind: str, shape: tuple[int, int, int], dtype: str
+                 ) -> str:
+    """Which tiles a call at this shape runs with: "tuned", "nearest TxDxF" or "default"."""
+    key = nearest_key(tuned_configs(backend).get(device_kind, {}), shape, dtype)
+    if key is None:
+        return "default"
+    return "tuned" if key == shape_key(shape, dtype) else f"nearest {key.split(':')[0]}"
+
+
 def tuned_entry(backend: str, device_kind: str, shape: tuple[int, int, int], dtype: str
                 ) -> dict | None:
     """The committed configuration of `backend` for this device, shape (T, D, F) and dtype; for
