@@ -23,16 +23,22 @@ python3 - <<'PY'
 import json, statistics
 def load(name):
     return [json.loads(l) for l in open(f"/tmp/ab/{name}/metrics.jsonl")]
+def differences(a, b):
+    """(largest per-layer metric difference, largest loss difference) of two runs."""
+    metric = max(abs(x[k] - y[k]) for ra, rb in zip(a, b) for x, y in
+                 zip(ra["layers"], rb["layers"]) for k in x if isinstance(x[k], float))
+    return metric, max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
 rows = []
 for r in (1, 2):
     old, new = load(f"old{r}"), load(f"new{r}")
     tps = [statistics.median(x["tokens_per_s"] for x in recs[2:]) for recs in (old, new)]
-    diff = max(abs(a[k] - b[k]) for ro, rn in zip(old, new) for a, b in
-               zip(ro["layers"], rn["layers"]) for k in a if isinstance(a[k], float))
     same0 = old[0]["layers"] == new[0]["layers"]
-    loss = max(abs(a["loss"] - b["loss"]) for a, b in zip(old, new))
-    rows.append((r, tps[0], tps[1], tps[1] / tps[0], same0, diff, loss))
+    rows.append((r, tps[0], tps[1], tps[1] / tps[0], same0, *differences(old, new)))
 print("round | old tokens/s | new tokens/s | new/old | step-0 metrics equal | max metric diff | max loss diff")
 for row in rows:
     print("%d | %.0f | %.0f | %.4f | %s | %.2e | %.2e" % row)
+# The GPU's own run-to-run spread, the scale the differences above are judged by.
+for tree in ("old", "new"):
+    print("%s round 1 vs round 2: max metric diff %.2e, max loss diff %.2e"
+          % (tree, *differences(load(f"{tree}1"), load(f"{tree}2"))))
 PY

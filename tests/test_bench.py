@@ -68,7 +68,7 @@ def test_timing_spread_and_environment(tmp_path):
 
     from relu_sparsity.bench.timing import Timing, environment, measure
 
-    t = Timing.from_rounds([4.0, 1.0, 3.0, 2.0, 10.0], calls_per_round=5)
+    t = Timing.from_rounds([4.0, 1.0, 3.0, 2.0, 10.0])
     assert (t.min_ms, t.median_ms, t.iqr_ms, t.rounds) == (1.0, 3.0, 2.0, 5)  # q1 2, q3 4
     calls = []
     timing = measure(lambda: calls.append(1), rounds=3, calls_per_round=2)
@@ -78,15 +78,22 @@ def test_timing_spread_and_environment(tmp_path):
     assert all(r["min_ms"] <= r["ms"] and r["iqr_ms"] >= 0 for r in rows)
     saved = json.loads((tmp_path / "b.json").read_text())
     env = environment()
-    assert saved["jax"] == env["jax"] and saved["device"] == env["device"] and saved["commit"]
+    from relu_sparsity.runs.metadata import git_commit
+
+    assert saved["jax"] == env["jax"] and saved["device"] == env["device"]
+    assert saved["commit"] == git_commit() != "unknown"
 
 
-def test_rows_say_which_tiles_a_fused_backend_ran_with():
+def test_rows_say_which_tiles_a_fused_backend_ran_with(monkeypatch):
     # Looked up for the H200 when no GPU is here (backends.device_kind).
     assert bench.variant_tiles("mosaic_gpu +stats", (8192, 512, 8192), "bfloat16") == "tuned"
     assert bench.variant_tiles("mosaic_gpu no stats", (6000, 512, 4100), "bfloat16") \
         == "nearest 8192x512x8192"
     assert bench.variant_tiles("triton +stats", (8192, 512, 8192), "float32") == "default"
     assert bench.variant_tiles("xla dot+bias+relu", (8192, 512, 8192), "bfloat16") is None
+    # pallas_tpu's tiles are filed under "tpu" whatever the TPU's own kind.
+    from relu_sparsity.kernels import backends
+    monkeypatch.setattr(backends, "device_kind", lambda platform: "TPU v5 lite")
+    assert bench.variant_tiles("pallas_tpu +stats", (8192, 512, 8192), "bfloat16") == "tuned"
     rows = bench.run(["256x32x100"], seq_len=64, dtype="float32", repeats=1)
     assert all("tiles" in r for r in rows)

@@ -329,14 +329,20 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
 
 
 CRASH_MID_SAVE = """
-import os, sys
+import os, sys, time
+from pathlib import Path
 from tests.test_checkpoints import make_meta, make_state
 from relu_sparsity.runs.checkpoints import Checkpoints
 checkpoints = Checkpoints(sys.argv[1], keep=1)
 checkpoints.save(4, make_state(step=4), make_meta())
 checkpoints.wait()
 checkpoints.save(8, make_state(step=8, width=400_000), make_meta())
-os._exit(0)  # while step 8 is being written
+# orbax makes the temporary folder from a background thread: exit once it exists, while
+# step 8 is being written.
+tmp, deadline = Path(sys.argv[1]) / "00000008.orbax-checkpoint-tmp", time.time() + 60
+while not tmp.is_dir() and time.time() < deadline:
+    time.sleep(0.001)
+os._exit(0)
 """
 
 

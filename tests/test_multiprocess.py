@@ -70,22 +70,18 @@ def run(run_dir, config, **kwargs) -> str:
     return results[0][1]
 
 
-def strip_timing(records):
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
-
-
 def assert_same_run(a, b) -> None:
     """Same steps, losses and evaluations; per-layer metrics and masks equal."""
     ra, rb = RunFolder(a).read_metrics(), RunFolder(b).read_metrics()
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
-    for x, y in zip(strip_timing(ra), strip_timing(rb), strict=True):
+    for x, y in zip(ra, rb, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         if "eval_loss" in x:
             assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
         for lx, ly in zip(x["layers"], y["layers"], strict=True):
             assert ly == pytest.approx(lx, rel=1e-6, abs=1e-9)
     fa, fb = RunFolder(a), RunFolder(b)
-    assert fa.mask_steps() == fb.mask_steps()
+    assert fa.mask_steps() and fa.mask_steps() == fb.mask_steps()
     for step in fa.mask_steps():
         for ma, mb in zip(fa.read_masks(step), fb.read_masks(step), strict=True):
             np.testing.assert_array_equal(ma, mb)
@@ -99,9 +95,16 @@ def test_two_processes_of_two_devices_match_one_of_four(cache_dir, tmp_path, ins
     run(one, config, processes=1, devices=4)
     run(two, config, processes=2, devices=2)
     assert_same_run(one, two)
-    last = RunFolder(two).read_metrics()[-1]["layers"][0]
-    assert last["batch_use"] <= last["batch_use_all_devices"]  # four device batches, one union
-    assert RunFolder(two).read_masks(RunFolder(two).mask_steps()[-1])[0].shape[0] == 4
+    # Four device batches: batch_use their mean, batch_use_all_devices their union.
+    folder = RunFolder(two)
+    last = folder.read_metrics()[-1]
+    masks = folder.read_masks(last["step"])[0]
+    assert masks.shape[0] == 4
+    used = np.unpackbits(masks.view(np.uint8), axis=1).sum(axis=1)
+    union = np.unpackbits(np.bitwise_or.reduce(masks, axis=0).view(np.uint8)).sum()
+    layer = last["layers"][0]
+    assert layer["batch_use"] == pytest.approx(used.mean() / 64)
+    assert layer["batch_use_all_devices"] == pytest.approx(union / 64)
 
 
 def test_a_killed_process_stops_the_other_and_both_resume(cache_dir, tmp_path):
@@ -110,13 +113,16 @@ def test_a_killed_process_stops_the_other_and_both_resume(cache_dir, tmp_path):
     procs = launch(killed, config, processes=2, devices=1, heartbeat_s=5)
     deadline = time.monotonic() + TIMEOUT_S
     while not RunFolder(killed).checkpoint_steps():  # the kill comes after a committed save
-        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stdout.read()
+        if time.monotonic() > deadline or procs[0].poll() is not None:
+            for p in procs:
+                p.kill()
+            pytest.fail(procs[0].communicate()[0][-3000:])
         time.sleep(0.1)
     procs[1].send_signal(signal.SIGKILL)
     (status, out), _ = finish(procs)
     assert status != 0, out[-3000:]  # process 0 stopped with an error instead of waiting
     saved = RunFolder(killed).checkpoint_steps()
-    assert saved and saved[-1] >= 8
+    assert saved and 8 <= saved[-1] < 40  # stopped mid-run, after a checkpoint
     assert f"resumed from step {saved[-1]}" in run(killed, config, processes=2, devices=1)
     run(whole, config, processes=2, devices=1)
     assert_same_run(whole, killed)
@@ -125,8 +131,11 @@ def test_a_killed_process_stops_the_other_and_both_resume(cache_dir, tmp_path):
 def test_width_sharded_over_two_processes_matches_data_parallel(cache_dir, tmp_path):
     # A data x model mesh of 2 x 2 over two processes (each process one data index, its two
     # devices the two halves of every MLP's width) against two devices of one process holding
-    # whole MLPs: the same global batch, losses, statistics and masks, through a compaction
-    # (compacted widths split like d_ff: prune_multiple 64 = 32 units x 2 shards).
+    # whole MLPs: the same global batch, losses, statistics and masks, through the prune step
+    # and the rebuilt program (prune_multiple 64 = 32 units x 2 shards). At these widths the
+    # kept units pad back to the original widths; a compaction that shrinks them (d_ff
+    # [128, 512]) changes the sharded sums' order, and the metrics then differ by about 1e-4,
+    # beyond this exact comparison.
     config = overrides(cache_dir, "train.prune=compact", "train.prune_at=4",
                        "train.prune_multiple=64")
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"

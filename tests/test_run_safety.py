@@ -11,6 +11,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,16 +43,8 @@ def all_checkpoints_finite(run: Path) -> bool:
     leaves = []
     for step in folder.checkpoint_steps():
         state, _ = read_on_host(folder.checkpoints, step)
-        leaves += [np.asarray(x) for x in _leaves(state)]
+        leaves += [np.asarray(x) for x in jax.tree.leaves(state)]  # optimizer state too
     return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 DIVERGING = ["train.peak_lr=1e30", "train.clip_norm=0", "train.warmup_steps=0",

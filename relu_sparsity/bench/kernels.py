@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 
 from relu_sparsity.kernels import fused_mlp_up
-from relu_sparsity.kernels.backends import FUSED_BACKENDS, compiled_backends, device_kind
+from relu_sparsity.kernels.backends import FUSED_BACKENDS, compiled_backends, config_device
 from relu_sparsity.kernels.contract import check_seq_len
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
@@ -88,8 +88,7 @@ def variant_tiles(variant: str, shape: tuple[int, int, int], dtype: str) -> str 
     backend = variant.split()[0]
     if backend not in FUSED_BACKENDS:
         return None
-    kind = device_kind(FUSED_BACKENDS[backend].platform)
-    return tiles_source(backend, kind, shape, jax.numpy.dtype(dtype).name)
+    return tiles_source(backend, config_device(backend), shape, jax.numpy.dtype(dtype).name)
 
 
 def launches_per_round(flops: float) -> int:

@@ -32,16 +32,14 @@ class Timing:
     median_ms: float
     iqr_ms: float  # interquartile range over rounds (0 with fewer than 2 rounds)
     rounds: int
-    calls_per_round: int
 
     @classmethod
-    def from_rounds(cls, per_call_ms: list[float], calls_per_round: int) -> "Timing":
+    def from_rounds(cls, per_call_ms: list[float]) -> "Timing":
         iqr = 0.0
         if len(per_call_ms) > 1:
             q1, _, q3 = statistics.quantiles(per_call_ms, n=4, method="inclusive")
             iqr = q3 - q1
-        return cls(min(per_call_ms), statistics.median(per_call_ms), iqr, len(per_call_ms),
-                   calls_per_round)
+        return cls(min(per_call_ms), statistics.median(per_call_ms), iqr, len(per_call_ms))
 
 
 def measure(run_round: Callable[[], Any], *, rounds: int, calls_per_round: int) -> Timing:
@@ -55,7 +53,7 @@ def measure(run_round: Callable[[], Any], *, rounds: int, calls_per_round: int) 
         start = time.perf_counter()
         run_round()
         per_call.append((time.perf_counter() - start) / calls_per_round * 1e3)
-    return Timing.from_rounds(per_call, calls_per_round)
+    return Timing.from_rounds(per_call)
 
 
 def median_ms(fn: Callable, args, *, repeats: int, launches: int) -> float:

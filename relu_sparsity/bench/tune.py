@@ -5,7 +5,8 @@ Every candidate is first checked by the exactness rule (`full_size_check`, docs/
 fresh random inputs: a configuration that computes wrong statistics, does not compile or does not
 fit is reported and never chosen. The rest are timed with the shared timer (bench/timing.py) and
 ranked by median. The search space is a small grid per backend around its tuned configurations;
-the configured (or default) one is always a candidate, so a tuned file never gets slower.
+the configured (or default) one is always a candidate, so it is replaced only by one measured
+faster.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from relu_sparsity.bench.kernels import seq_len_for
 from relu_sparsity.bench.timing import environment, kernel_round, measure
-from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, device_kind
+from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, config_device
 from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
 from relu_sparsity.kernels.tile_configs import CONFIG_DIR, shape_key
 
@@ -40,11 +41,6 @@ def backend_ops(backend: str):
     if backend not in SEARCH_SPACES:
         raise ValueError(f"tune: backend must be one of {sorted(SEARCH_SPACES)}, got {backend!r}")
     return backend_module(backend)
-
-
-def config_key(backend: str) -> str:
-    """The device key a backend's configurations are filed under (tile_configs.py)."""
-    return "tpu" if backend == "pallas_tpu" else device_kind(FUSED_BACKENDS[backend].platform)
 
 
 def candidates(backend: str, base, limit: int, seed: int = 0) -> list:
@@ -67,7 +63,7 @@ def tune_shape(backend: str, shape: tuple[int, int, int], dtype: str, *, seq_len
     """One row per candidate: the config, and its median / min / IQR ms or why it failed."""
     ops = backend_ops(backend)
     x, w1, b1 = random_inputs(*shape, dtype, seed=1)
-    base = ops.tile_config(config_key(backend), shape, jnp.dtype(dtype).name)
+    base = ops.tile_config(config_device(backend), shape, jnp.dtype(dtype).name)
     rows = []
     for config in candidates(backend, base, limit):
         row = {"config": dataclasses.asdict(config), "base": config == base}
@@ -113,7 +109,7 @@ def main(backend: str, shapes: list[str], *, dtype: str = "bfloat16", seq_len: i
     if interpreted and not allow_interpreted:
         raise ValueError(f"tune: {backend} runs on {platform.upper()}s and this machine has "
                          f"none; tune on the device (its times here would be an interpreter's)")
-    key, winners, report = config_key(backend), {}, {}
+    key, winners, report = config_device(backend), {}, {}
     for name, shape in plans:
         rows = tune_shape(backend, shape, dtype, seq_len=seq_len_for(shape[0], seq_len),
                           limit=limit, repeats=repeats, launches=1 if interpreted else 20,

@@ -70,6 +70,13 @@ def resolve_interpret(interpret, *, backend: str, platform: str, make_params: Ca
     return make_params()
 
 
+def config_device(backend: str) -> str:
+    """The device key a fused backend's tile configurations are filed under
+    (kernels/tile_configs.py): "tpu" for pallas_tpu, whose one entry serves every TPU; else
+    this machine's device kind."""
+    return "tpu" if backend == "pallas_tpu" else device_kind(FUSED_BACKENDS[backend].platform)
+
+
 def device_kind(platform: str) -> str:
     """The device kind tile configurations are looked up by: this machine's device on
     `platform`, else the kind lowering from a CPU targets."""

@@ -101,7 +101,9 @@ class Transformer(nn.Module):
 def layer_stats(intermediates) -> list:
     """Every `ReluMLP`'s `SparsityStats` sown in one apply (`mutable=["intermediates"]`), in the
     order the MLPs ran (a Transformer's layer order), whatever the modules around them are
-    named. Raises a ValueError when the intermediates hold none (an MLP run with
+    named. The order is the dict's, which the apply writes in call order; a dict passed out
+    through a JAX transform (returned from jax.jit) comes back with its keys sorted, so take
+    the statistics inside the transform, as the train step does. Raises a ValueError when the intermediates hold none (an MLP run with
     instrument="off", or `intermediates` not taken from the apply); an empty dict gives []."""
     found = []
 

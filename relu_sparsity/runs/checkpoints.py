@@ -24,10 +24,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from relu_sparsity.runs.folder import STEP_DIGITS
+
 log = logging.getLogger(__name__)
 
 LEGACY_GLOB = "ckpt_*.msgpack"
-STEP_DIGITS = 8
 ARRAY_TAG = "__ndarray__"
 READ, UNREADABLE, MISMATCH = 0, 1, 2  # a read's outcome; the processes take the largest
 

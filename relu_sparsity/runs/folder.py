@@ -15,7 +15,9 @@ import numpy as np
 
 from relu_sparsity.runs.reader import CONFIG_FILE, METRICS_FILE, read_config, read_metrics
 
-CHECKPOINT_RE = re.compile(r"\d{8}")  # orbax's step folders
+# Checkpoint step folders: orbax's fixed-length names (runs/checkpoints.py names them so).
+STEP_DIGITS = 8
+CHECKPOINT_RE = re.compile(rf"\d{{{STEP_DIGITS}}}")
 MASK_RE = re.compile(r"step_(\d{8})\.npz$")
 
 
@@ -68,7 +70,8 @@ class RunFolder:
         return read_metrics(self.path, missing_ok=True)
 
     def write_masks(self, step: int, layer_masks: list[np.ndarray]) -> None:
-        """layer_masks[i]: uint32 [n_devices, W] batch masks of layer i, original unit ids."""
+        """layer_masks[i]: uint32 [num_data, W] batch masks of layer i (one per data-parallel
+        batch), original unit ids."""
         arrays = {f"layer_{i}": np.asarray(m, np.uint32) for i, m in enumerate(layer_masks)}
         tmp = self.masks / f"step_{step:08d}.tmp-{os.getpid()}.npz"
         np.savez_compressed(tmp, **arrays)

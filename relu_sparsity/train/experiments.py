@@ -29,7 +29,7 @@ def _step_times(records: list[dict], keep, tokens_per_step: int) -> Timing | Non
     # The first logged step of a (re)compiled program is one step long: leave it out.
     ms = [tokens_per_step / r["tokens_per_s"] * 1e3 for r in records[1:]
           if keep(r["step"]) and r.get("tokens_per_s")]
-    return Timing.from_rounds(ms, calls_per_round=1) if ms else None
+    return Timing.from_rounds(ms) if ms else None
 
 
 def _fmt_times(timing: Timing | None) -> str:

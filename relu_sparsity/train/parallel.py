@@ -96,7 +96,7 @@ class Parallel:
         if self.single_device:
             return state
         if self.num_processes > 1:  # device_put reads host values the same on every process
-            state = jax.device_get(state) if _fully_addressable(state) else state
+            state = jax.device_get(state)  # a fresh or host-cut state: local arrays
         return shard_state(state, self.mesh)
 
     def abstract(self, shapes):
@@ -128,6 +128,3 @@ class Parallel:
         (and per width shard) inside shard_map (model/mlp.py)."""
         return contextlib.nullcontext() if self.single_device else jax.set_mesh(self.mesh)
 
-
-def _fully_addressable(tree) -> bool:
-    return all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree))

@@ -82,7 +82,7 @@ def choose_units(mode: str, batch_masks: list[np.ndarray], widths: tuple[int, ..
     return Pruning(mode, step, tuple(keep), tuple(widths), multiple)
 
 
-def _mlp_leaf(path) -> tuple[int, str] | None:
+def mlp_leaf(path) -> tuple[int, str] | None:
     """(layer, leaf name) when `path` ends in block_<i>/mlp/<wi|bi|wo>, else None."""
     keys = [getattr(k, "key", None) for k in path]
     if len(keys) >= 3 and keys[-2] == "mlp" and keys[-1] in MLP_LEAVES and \
@@ -97,15 +97,16 @@ def compact_tree(tree, keep: tuple[np.ndarray, ...], widths: tuple[int, ...] | N
     moments). With `widths`, layer i is then zero-padded to widths[i] units (dead padding).
     Leaves that are not MLP weights pass through."""
     def cut(path, leaf):
-        found = _mlp_leaf(path)
+        found = mlp_leaf(path)
         if found is None or np.ndim(leaf) == 0:
             return leaf
         layer, name = found
         axis = MLP_LEAVES[name]
-        out = jax.numpy.take(leaf, jax.numpy.asarray(keep[layer]), axis=axis)
+        xp = np if isinstance(leaf, np.ndarray) else jax.numpy  # host leaves stay on the host
+        out = xp.take(leaf, xp.asarray(keep[layer]), axis=axis)
         pad = 0 if widths is None else widths[layer] - len(keep[layer])
         if pad:
-            out = jax.numpy.pad(out, [(0, pad if a == axis else 0) for a in range(out.ndim)])
+            out = xp.pad(out, [(0, pad if a == axis else 0) for a in range(out.ndim)])
         return out
 
     return jax.tree_util.tree_map_with_path(cut, tree)

@@ -11,6 +11,8 @@ state placed by `shard_state` and the batch sharded `PartitionSpec("data")`.
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from relu_sparsity.train.pruning import mlp_leaf
+
 # The MLP's hidden-unit axis in each of its weights: wi [D, F], bi [F], wo [F, D].
 WIDTH_SPECS = {
     "wi": PartitionSpec(None, "model"),
@@ -19,24 +21,12 @@ WIDTH_SPECS = {
 }
 
 
-def key_name(key) -> str | None:
-    """The name of one key path entry (dict key or attribute), None for sequence indices."""
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    return None
-
-
 def leaf_spec(path) -> PartitionSpec:
     """The spec of the leaf at `path`: an MLP weight `block_<i>/mlp/{wi,bi,wo}` (wherever it
     sits in the tree: params, the optimizer's mu and nu) is split along F, the rest
     replicated."""
-    names = [key_name(k) for k in path]
-    if len(names) >= 3 and names[-1] in WIDTH_SPECS and names[-2] == "mlp" \
-            and (names[-3] or "").startswith("block_"):
-        return WIDTH_SPECS[names[-1]]
-    return PartitionSpec()
+    found = mlp_leaf(path)
+    return WIDTH_SPECS[found[1]] if found else PartitionSpec()
 
 
 def state_shardings(tree, mesh: jax.sharding.Mesh):

@@ -158,7 +158,7 @@ class Trainer:
         self.start = int(parallel.fetch(self.state.step))
         self.program = None
         self.profile_steps = profile_steps  # (A, B): trace steps A .. B - 1
-        self.traced: list[int] = []  # the steps of the jax.profiler trace being recorded
+        self.traced: tuple[int, int] | None = None  # (first, last) step of the running trace
         self.units: dict = {}  # the unit histories at the last logged step, as host arrays
 
     # Setup ---------------------------------------------------------------------------------
@@ -245,9 +245,9 @@ class Trainer:
     def observe(self, step: int, scalars, stats, meter: "Throughput"
                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The logged step's loss, learning rate, throughput and, with statistics, per-layer
-        records, and its batch masks (per layer [n_devices, W], original unit ids). A step
-        whose loss is not finite (train.on_nonfinite=skip) has no per-layer records: its
-        statistics would read as units unused."""
+        records, and its batch masks (per layer [num_data, W]: one per data-parallel batch,
+        original unit ids). A step whose loss is not finite (train.on_nonfinite=skip) has no
+        per-layer records: its statistics would read as units unused."""
         scalars, stats, units = self.parallel.fetch((scalars, stats, self.state.units))
         if int(scalars["first_nonfinite"]) >= 0:
             raise self.diverged(int(scalars["first_nonfinite"]), step)
@@ -300,7 +300,7 @@ class Trainer:
             self.state = self.parallel.state(compact_tree(state, self.pruning.keep,
                                                           self.pruning.padded_widths))
         self.compile(tokens)
-        if self.traced:  # the rebuilt step's kernels are not those of the traced HLO
+        if self.traced is not None:  # the rebuilt step's kernels are not those of the traced HLO
             log.warning("the profile ends at the prune step %d; a new one, of the rebuilt "
                         "step, starts after it", step)
             self.end_profile()
@@ -355,7 +355,7 @@ class Trainer:
                         raise Interrupted(f"stopped at step {step + 1} (checkpointed); run "
                                           "again with the same --run-dir to resume")
         finally:
-            if self.traced:
+            if self.traced is not None:
                 self.end_profile()
             bar.close()
             events.close()
@@ -367,10 +367,12 @@ class Trainer:
             return
         first, stop = self.profile_steps
         if first <= step < stop:
-            if not self.traced:
+            if self.traced is None:
                 self.start_profile(step, stop)
-            self.traced.append(step)
-        elif self.traced and step == stop:
+                self.traced = (step, step)
+            else:
+                self.traced = (self.traced[0], step)
+        elif self.traced is not None and step == stop:
             self.end_profile()
 
     def start_profile(self, step: int, stop: int) -> None:
@@ -391,8 +393,8 @@ class Trainer:
         jax.profiler.stop_trace()
         if self.parallel.is_primary:
             (self.folder.path / "profile" / step_profile.STEPS_FILE).write_text(
-                json.dumps({"first": self.traced[0], "stop": self.traced[-1] + 1}) + "\n")
-        self.traced = []
+                json.dumps({"first": self.traced[0], "stop": self.traced[1] + 1}) + "\n")
+        self.traced = None
 
     def stop_agreed(self, step: int, end: int, requested: bool) -> bool:
         """Whether to stop after `step`. One process stops at once; several agree at logged and
