@@ -229,6 +229,10 @@ def _add_bench(sub) -> None:
                        "own process, with its peak device memory")
     bench.add_argument("--instruments", nargs="+", default=["off", "xla", "fused"],
                        help="modes for --train-step (default: off xla fused)")
+    bench.add_argument("--baseline", choices=("flax", "none"), default="none",
+                       help="for --train-step: also time the plain Flax/optax model of the same "
+                       "shape (what a user would write by hand), and give every row's ratio "
+                       "to it")
     bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="config overrides for --train-step")
     bench.add_argument("--prune", nargs="+", default=["none"],
@@ -377,7 +381,8 @@ def cmd_bench(args) -> None:
         rows = train_step.run_isolated(args.train_step, args.instruments, args.set,
                                        rounds=args.repeats, prunes=tuple(args.prune),
                                        keep_fraction=args.keep_fraction,
-                                       histories=tuple(h == "on" for h in args.history))
+                                       histories=tuple(h == "on" for h in args.history),
+                                       baseline=args.baseline == "flax")
         print(train_step.format_table(rows))
         if args.out:
             with open(args.out, "w") as f:

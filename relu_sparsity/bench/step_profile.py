@@ -129,7 +129,9 @@ def summarize(kernel_list: list[Kernel], steps: int, span_ns: float) -> dict:
         table[part_of(k.op_name)][phase_of(k.op_name)] += k.total_ns / 1e6 / steps
     total = sum(sum(phases.values()) for phases in table.values())
     parts = {part: {**phases, "total": sum(phases.values())} for part, phases in table.items()}
+    unattributed = parts.get("unattributed", {}).get("total", 0.0)
     return {"steps": steps, "device_ms_per_step": total,
+            "attributed": 1.0 - unattributed / total if total else 0.0,
             "span_ms_per_step": span_ns / 1e6 / steps,
             "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1]["total"])),
             "kernels": [{"name": k.name, "part": part_of(k.op_name), "phase": phase_of(k.op_name),
@@ -155,6 +157,7 @@ def profile_run(run_dir: str | Path) -> dict:
     steps = json.loads((profile_dir / STEPS_FILE).read_text())
     kernel_list, span_ns = kernels(trace, hlo.read_text())
     summary = summarize(kernel_list, steps["stop"] - steps["first"], span_ns)
+    summary["command_buffers"] = steps.get("command_buffers", "unknown")
     summary["trace"] = str(trace)
     (profile_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -163,8 +166,12 @@ def profile_run(run_dir: str | Path) -> dict:
 def format_summary(summary: dict, top: int) -> str:
     phases = [p for p in ("forward", "backward", "update", "unknown")
               if any(p in row for row in summary["parts"].values())]
+    buffers = {"off": "off (compiled without them: every kernel is seen)",
+               "unknown": "not recorded"}.get(summary.get("command_buffers"), "on")
     lines = [f"device time per step: {summary['device_ms_per_step']:.2f} ms of kernels in a span "
-             f"of {summary['span_ms_per_step']:.2f} ms (over {summary['steps']} steps)",
+             f"of {summary['span_ms_per_step']:.2f} ms (over {summary['steps']} steps); "
+             f"{summary['attributed']:.1%} attributed to model parts; XLA command buffers "
+             f"{buffers}",
              "| part | " + " | ".join(f"{p} ms" for p in phases) + " | total ms | share |",
              "| --- |" + " ---: |" * (len(phases) + 2)]
     for part, row in summary["parts"].items():

@@ -1,4 +1,5 @@
-"""Train-step benchmark: one model, `--instrument off | xla | fused`, steps that do not log.
+"""Train-step benchmark: one model, `--instrument off | xla | fused`, steps that do not log, and
+beside it (`--baseline flax`) the plain Flax/optax model of the same shape (bench/baseline.py).
 
 With `prune`, the step after pruning is timed: a seeded random `keep_fraction` of each layer's
 units remain, kept as live columns at full shape (`mask`) or physically removed (`compact`).
@@ -16,11 +17,15 @@ import sys
 import jax
 import numpy as np
 
+from relu_sparsity.bench.baseline import plain_setup
 from relu_sparsity.bench.timing import measure
 from relu_sparsity.model import Transformer
 from relu_sparsity.train.config import preset
-from relu_sparsity.train.steps import init_state, make_optimizer, make_train_step, model_config
 from relu_sparsity.train.pruning import Pruning
+from relu_sparsity.train.steps import (compute_dtype, init_state, make_optimizer,
+                                       make_train_step, model_config)
+
+BASELINE = "plain-flax"  # the instrument column's name for bench/baseline.py's model
 
 
 def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, seed: int = 0,
@@ -75,15 +80,45 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
             else "reference"}
 
 
+def time_baseline_step(config_name: str, overrides: list[str], *, rounds: int,
+                       steps_per_round: int) -> dict:
+    """The plain Flax/optax model of the configuration's shape (bench/baseline.py): its step
+    time and peak memory, as `time_train_step` measures ours."""
+    config = preset(config_name, overrides)
+    vocab = config.data.vocab_size
+    step, params, opt_state = plain_setup(config, vocab, seed=config.train.seed)
+    tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size,
+                                                    config.model.seq_len + 1), 0, vocab)
+    step = step.lower(params, opt_state, tokens).compile()
+    carried = {"params": params, "opt_state": opt_state}
+
+    def run_round():
+        for _ in range(steps_per_round):
+            carried["params"], carried["opt_state"], loss = step(
+                carried["params"], carried["opt_state"], tokens)
+        return jax.block_until_ready(loss)
+
+    timing = measure(run_round, rounds=rounds, calls_per_round=steps_per_round)
+    memory = jax.devices()[0].memory_stats() or {}
+    return {"config": config_name, "instrument": BASELINE, "prune": "none", "history": False,
+            "d_ff": [config.model.d_ff] * config.model.num_layers,
+            "param_widths": [config.model.d_ff] * config.model.num_layers,
+            "ms": timing.median_ms, "min_ms": timing.min_ms, "iqr_ms": timing.iqr_ms,
+            "peak_bytes": memory.get("peak_bytes_in_use"), "device": jax.devices()[0].device_kind,
+            "dtype": compute_dtype(config), "kernel": "none"}
+
+
 def run_isolated(config_name: str, instruments: list[str], overrides: list[str], *,
                  rounds: int = 5, steps_per_round: int = 10, prunes: tuple[str, ...] = ("none",),
-                 keep_fraction: float = 0.7, histories: tuple[bool, ...] = (True,)
-                 ) -> list[dict]:
-    """Every (prune, instrument, history) variant in its own process; ratios against the first
-    `off` row."""
-    rows = []
+                 keep_fraction: float = 0.7, histories: tuple[bool, ...] = (True,),
+                 baseline: bool = False) -> list[dict]:
+    """Every (prune, instrument, history) variant in its own process, after the plain Flax
+    baseline's when `baseline`; ratios against the first `off` row and against the baseline."""
     variants = [(p, i, h) for p in prunes for i in instruments for h in histories
                 if h or i != "off"]
+    if baseline:
+        variants.insert(0, ("none", BASELINE, False))
+    rows = []
     for prune, instrument, history in variants:
         cmd = [sys.executable, "-m", "relu_sparsity.bench.train_step", "--config", config_name,
                "--instrument", instrument, "--rounds", str(rounds), "--steps",
@@ -95,26 +130,41 @@ def run_isolated(config_name: str, instruments: list[str], overrides: list[str],
                          "history": history, "error": done.stderr.strip().splitlines()[-1:]})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = next((r for r in rows if r.get("instrument") == "off" and "ms" in r), None)
-    for r in rows:
-        if base and "ms" in r:
-            r["ratio"] = r["ms"] / base["ms"]
-            if base.get("peak_bytes") and r.get("peak_bytes"):
-                r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+    add_ratios(rows, "off", "ratio", "memory_ratio")
+    add_ratios(rows, BASELINE, "baseline_ratio", "baseline_memory_ratio")
     return rows
 
 
+def add_ratios(rows: list[dict], instrument: str, key: str, memory_key: str) -> None:
+    """Each measured row's time and peak memory over those of the first `instrument` row."""
+    base = next((r for r in rows if r.get("instrument") == instrument and "ms" in r), None)
+    if base is None:
+        return
+    for r in rows:
+        if "ms" in r:
+            r[key] = r["ms"] / base["ms"]
+            if base.get("peak_bytes") and r.get("peak_bytes"):
+                r[memory_key] = r["peak_bytes"] / base["peak_bytes"]
+
+
 def format_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table; the `/ baseline` columns only where a baseline ran."""
+    with_base = any("baseline_ratio" in r for r in rows)
+    base_head, base_rule = (" / baseline | memory / baseline |", " ---: | ---: |") if with_base \
+        else ("", "")
     lines = ["| config | prune | d_ff | instrument | unit history | ms / step | / off | "
-             "peak memory (GiB) | / off |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "peak memory (GiB) | / off |" + base_head,
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |" + base_rule]
+    nan = float("nan")
     for r in rows:
         prune = r.get("prune", "none")
         history = "yes" if r.get("history") else "no"
         if "error" in r:
             lines.append(f"| {r['config']} | {prune} | | {r['instrument']} | {history} | "
-                         f"failed: {r['error']} | | | |")
+                         f"failed: {r['error']} | | | |" + " |" * (2 if with_base else 0))
             continue
+        base_cells = (f" {r.get('baseline_ratio', nan):.3f} | "
+                      f"{r.get('baseline_memory_ratio', nan):.3f} |") if with_base else ""
         gib = r["peak_bytes"] / 2**30 if r.get("peak_bytes") else float("nan")
         widths = "/".join(map(str, sorted(set(r.get("d_ff", [])))))
         padded = "/".join(map(str, sorted(set(r.get("param_widths", [])))))
@@ -122,7 +172,7 @@ def format_table(rows: list[dict]) -> str:
             widths += f" (padded {padded})"
         lines.append(f"| {r['config']} | {prune} | {widths} | {r['instrument']} | {history} | "
                      f"{r['ms']:.2f} | {r.get('ratio', float('nan')):.3f} | {gib:.2f} | "
-                     f"{r.get('memory_ratio', float('nan')):.3f} |")
+                     f"{r.get('memory_ratio', float('nan')):.3f} |" + base_cells)
     return "\n".join(lines)
 
 
@@ -137,6 +187,10 @@ def main() -> None:
     parser.add_argument("--no-history", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.instrument == BASELINE:
+        print(json.dumps(time_baseline_step(args.config, args.overrides, rounds=args.rounds,
+                                            steps_per_round=args.steps)))
+        return
     print(json.dumps(time_train_step(args.config, args.instrument, args.overrides,
                                      rounds=args.rounds, steps_per_round=args.steps,
                                      prune=args.prune, keep_fraction=args.keep_fraction,

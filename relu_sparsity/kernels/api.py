@@ -48,15 +48,24 @@ def _fused_bwd(seq_len, with_stats, with_token_mask, backend, residuals, cotange
     del seq_len, with_stats, with_token_mask, backend
     x, w1, h = residuals
     dh, _ = cotangents  # integer statistics carry no cotangent
-    # relu'(0) = 0: a unit that is exactly zero passes no gradient.
+    # relu'(0) = 0: a unit that is exactly zero passes no gradient. The select stays next to the
+    # GEMMs' operand reads, so XLA can fuse it into them rather than write a masked copy.
     dpre = jnp.where(h > 0, dh, jnp.zeros_like(dh))
-    # HIGHEST keeps f32 GEMMs in f32 on GPUs (not TF32); bf16 GEMMs are unaffected.
-    dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32)
-    dx = dot(dpre, w1.T).astype(x.dtype)
-    dw1 = dot(x.T, dpre).astype(w1.dtype)
+    dot = functools.partial(jnp.dot, precision=backward_precision(x.dtype))
+    # Each GEMM writes its operand's dtype: bf16 GEMMs accumulate in f32 inside the GEMM, so
+    # no f32 [T, D] or [D, F] result is written and then cast.
+    dx = dot(dpre, w1.T, preferred_element_type=x.dtype)
+    dw1 = dot(x.T, dpre, preferred_element_type=w1.dtype)
     db1 = jnp.sum(dpre, axis=0, dtype=jnp.float32).astype(w1.dtype)
     return dx, dw1, db1
+
+
+def backward_precision(dtype) -> jax.lax.Precision:
+    """HIGHEST for f32 (a GPU would otherwise take TF32, which would break f32 exactness);
+    DEFAULT for 16-bit types, whose products are exact in the tensor cores' f32 sums."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -81,8 +81,9 @@ class ReluMLP(nn.Module):
             if self.live is not None:
                 stats = stats_in_unit_ids(stats, live, self.d_ff)
             self.sow("intermediates", "stats", stats)
-        y = jnp.dot(h, wo.astype(self.dtype), preferred_element_type=jnp.float32)
-        y = y.astype(self.dtype) + bo.astype(self.dtype)
+        # Output in the compute dtype, as XLA's GEMMs accumulate in f32 anyway: an f32 output
+        # would make the backward's two GEMMs through wo f32 GEMMs on an upcast [T, F] h.
+        y = jnp.dot(h, wo.astype(self.dtype)) + bo.astype(self.dtype)
         y = y.reshape(batch, seq_len, d_model)
         return y[0] if one_sequence else y
 

@@ -26,6 +26,7 @@ class TransformerConfig:
     live: tuple[tuple[int, ...] | None, ...] | None = None  # per-layer live unit ids (mask mode)
     live_multiple: int = 256  # live units are computed at a width padded to this multiple
     dtype: str = "float32"  # compute dtype; parameters are float32
+    attention: str = "auto"  # auto | xla | cudnn (attention_implementation)
 
     def layer_widths(self) -> tuple[int, ...]:
         if isinstance(self.d_ff, int):
@@ -35,9 +36,38 @@ class TransformerConfig:
         return tuple(int(w) for w in self.d_ff)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(name: str, dtype, head_dim: int) -> str:
+    """The `jax.nn.dot_product_attention` implementation to run: `auto` takes cuDNN's flash
+    attention on a GPU for 16-bit types and head sizes it supports, XLA's elsewhere; `cudnn`
+    where cuDNN cannot run is a ValueError, never a quiet switch to XLA."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+    why_not = cudnn_unsupported(jnp.dtype(dtype), head_dim)
+    if name == "cudnn" and why_not:
+        raise ValueError(f"attention=cudnn cannot run here: {why_not}; use attention=xla")
+    if name == "auto":
+        return "xla" if why_not else "cudnn"
+    return name
+
+
+def cudnn_unsupported(dtype: jnp.dtype, head_dim: int) -> str:
+    """Why cuDNN's fused attention cannot run this model here ("" when it can)."""
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()}, not a GPU"
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN's flash attention takes bfloat16 or float16, not {dtype}"
+    if head_dim % 8 or head_dim > 256:
+        return f"head size {head_dim} is not a multiple of 8 up to 256"
+    return ""
+
+
 class CausalSelfAttention(nn.Module):
     num_heads: int
     dtype: jnp.dtype
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -47,8 +77,33 @@ class CausalSelfAttention(nn.Module):
         head_dim = d_model // self.num_heads
         qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        implementation = attention_implementation(self.attention, self.dtype, head_dim)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                           implementation=implementation)
         return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
+class Embed(nn.Module):
+    """Token embeddings [vocab, d_model] (the parameter of `nn.Embed`, named alike), looked up
+    in the parameter dtype and cast after the gather: the gradient is then a scatter-add of
+    f32 rows, where a lookup in a 16-bit copy of the table would scatter 16-bit rows into it
+    (slow atomics, and frequent tokens' sums rounded to 8 bits)."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype
+
+    def setup(self):
+        # Small embeddings (GPT-2's 0.02) keep tied logits near zero at initialization: loss ~ ln V.
+        self.embedding = self.param("embedding", nn.initializers.normal(0.02),
+                                    (self.num_embeddings, self.features))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied logits x @ embedding.T, the table cast to the compute dtype once."""
+        return jnp.dot(x, self.embedding.astype(self.dtype).T)
 
 
 class Block(nn.Module):
@@ -60,7 +115,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        x = x + CausalSelfAttention(cfg.num_heads, dtype, name="attn")(
+        x = x + CausalSelfAttention(cfg.num_heads, dtype, cfg.attention, name="attn")(
             nn.LayerNorm(dtype=dtype, name="ln_attn")(x))
         return x + ReluMLP(self.d_ff, instrument=cfg.instrument, backend=cfg.backend,
                            live=self.live, live_multiple=cfg.live_multiple, dtype=dtype,
@@ -80,9 +135,7 @@ class Transformer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if tokens.shape[1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {cfg.max_len}")
-        # Small embeddings (GPT-2's 0.02) keep tied logits near zero at initialization: loss ~ ln V.
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
-                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        embed = Embed(cfg.vocab_size, cfg.d_model, dtype, name="embed")
         positions = self.param("pos_embed", nn.initializers.normal(0.02),
                                (cfg.max_len, cfg.d_model))
         x = embed(tokens) + positions[None, : tokens.shape[1]].astype(dtype)

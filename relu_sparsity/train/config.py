@@ -21,6 +21,7 @@ class ModelSettings:
     seq_len: int = 512
     tie_embeddings: bool = True
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    attention: str = "auto"  # auto: cuDNN's flash attention on GPUs (16-bit), else XLA's
 
 
 @dataclasses.dataclass
@@ -280,6 +281,7 @@ def validate(config: Config) -> None:
              f"model.d_ff lists {len(widths)} widths for {m.num_layers} layers")
     _require(all(w >= 1 for w in widths), f"model.d_ff must be positive, got {m.d_ff}")
     _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.attention", m.attention, ("auto", "xla", "cudnn"))
     _require(t.peak_lr > 0, f"train.peak_lr must be > 0, got {t.peak_lr}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     for name in ("end_lr_ratio", "weight_decay", "clip_norm"):

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
+from relu_sparsity.model.transformer import attention_implementation
 from relu_sparsity.train import history
 from relu_sparsity.train.config import Config
 from relu_sparsity.train.pruning import Pruning
@@ -55,7 +56,15 @@ def model_config(config: Config, vocab_size: int, *, instrument: str | None = No
         vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
         num_heads=m.num_heads, d_ff=d_ff, max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
         instrument=instrument or config.instrument, backend=config.kernel, live=live,
-        live_multiple=config.train.prune_multiple, dtype=compute_dtype(config))
+        live_multiple=config.train.prune_multiple, dtype=compute_dtype(config),
+        attention=m.attention)
+
+
+def attention_of(config: Config) -> str:
+    """The attention implementation the run's model takes (a ValueError where the configured one
+    cannot run)."""
+    m = config.model
+    return attention_implementation(m.attention, compute_dtype(config), m.d_model // m.num_heads)
 
 
 def make_schedule(config: Config) -> optax.Schedule:
@@ -188,11 +197,17 @@ class Program:
     eval_step: Callable
 
 
+# XLA wraps most of a GPU step in command buffers (CUDA graphs), which a trace shows as one opaque
+# kernel; a step compiled without them shows every kernel to the profiler, at the same speed.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
 def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning | None,
-                  state: TrainState, tokens: jax.Array, tracing) -> Program:
+                  state: TrainState, tokens: jax.Array, tracing,
+                  compiler_options: dict | None = None) -> Program:
     """The model at `pruning`'s widths (None: the configured ones), its train step compiled for
-    `state` and `tokens` inside the `tracing` context (the device mesh), and its evaluation
-    step, which runs the un-instrumented model."""
+    `state` and `tokens` inside the `tracing` context (the device mesh) with XLA's
+    `compiler_options`, and its evaluation step, which runs the un-instrumented model."""
     model = Transformer(model_config(config, vocab_size, pruning=pruning))
     t = config.train
     max_skips = t.max_skips if t.on_nonfinite == "skip" else None
@@ -201,6 +216,6 @@ def build_program(config: Config, vocab_size: int, optimizer, pruning: Pruning |
         train_step = make_train_step(
             model, optimizer, max_skips=max_skips, unit_ids=unit_ids, window=t.prune_window,
             state_sharding=jax.tree.map(lambda x: x.sharding, state),
-        ).lower(state, tokens).compile()
+        ).lower(state, tokens).compile(compiler_options)
     eval_model = Transformer(model_config(config, vocab_size, instrument="off", pruning=pruning))
     return Program(model, train_step, make_eval_step(eval_model))

@@ -38,7 +38,9 @@ from relu_sparsity.train.parallel import Parallel
 from relu_sparsity.train.preflight import check_memory, check_splits
 from relu_sparsity.train.pruning import Pruning, choose_units, compact_tree
 from relu_sparsity.train.steps import (
+    NO_COMMAND_BUFFERS,
     all_finite,
+    attention_of,
     build_program,
     compute_dtype,
     evaluate,
@@ -84,6 +86,7 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     check_profile_steps(profile_steps, config.train.steps)
     backend = resolve_fused_backend(config.kernel) if config.instrument == "fused" \
         else "reference"
+    attention = attention_of(config)
     check_memory(config, config.data.vocab_size, compute_dtype(config))
     cache = open_cache(config.data.source, config.data.vocab_size, config.data.cache)
     check_splits(config, cache)
@@ -95,8 +98,9 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
                               start_over=start_over)
     folder.write_config(run_metadata(to_dict(config), cache.meta, cache.path,
                                      dtype=compute_dtype(config), backend=backend))
-    log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s",
-             folder.path, config.instrument, backend, compute_dtype(config))
+    log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s; "
+             "attention %s", folder.path, config.instrument, backend, compute_dtype(config),
+             attention)
     with checkpoints:  # closing it completes the save in flight
         trainer = Trainer(config, folder, checkpoints, cache, parallel, profile_steps)
         end = config.train.steps if max_steps is None else min(config.train.steps,
@@ -204,8 +208,11 @@ class Trainer:
 
     def compile(self, tokens: jax.Array) -> None:
         start = time.perf_counter()
+        # A profiled run's step is compiled so that its trace shows every kernel.
+        options = NO_COMMAND_BUFFERS if self.profile_steps else None
         self.program = build_program(self.config, self.cache.vocab_size, self.optimizer,
-                                     self.pruning, self.state, tokens, self.parallel.tracing)
+                                     self.pruning, self.state, tokens, self.parallel.tracing,
+                                     options)
         log.info("compiled the train step in %.1f s", time.perf_counter() - start)
 
     # The schedule --------------------------------------------------------------------------
@@ -393,7 +400,8 @@ class Trainer:
         jax.profiler.stop_trace()
         if self.parallel.is_primary:
             (self.folder.path / "profile" / step_profile.STEPS_FILE).write_text(
-                json.dumps({"first": self.traced[0], "stop": self.traced[1] + 1}) + "\n")
+                json.dumps({"first": self.traced[0], "stop": self.traced[1] + 1,
+                            "command_buffers": "off"}) + "\n")
         self.traced = None
 
     def stop_agreed(self, step: int, end: int, requested: bool) -> bool:
