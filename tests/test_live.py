@@ -60,20 +60,19 @@ def test_live_weights_gather_and_pad():
     np.testing.assert_array_equal(c, [[3, 4, 5], [12, 13, 14], [0, 0, 0]])
 
 
-def test_live_gradients_scatter_into_the_full_width_without_collisions():
-    # The gradient of each gather is a scatter-add into the full-width parameter: declared
-    # sorted and unique (so XLA needs no atomics), and each live unit's gradient lands on it.
+def test_live_gradients_scatter_into_the_full_width():
+    # The gradient of each gather is a scatter-add into the full-width parameter: each live
+    # unit's gradient lands on it, the padding's (which reads unit 0) nowhere.
     wi, bi, wo = jnp.ones((2, 6)), jnp.ones(6), jnp.ones((6, 3))
-    scale = jnp.arange(1.0, 5.0)  # a distinct weight per padded column
+    scale = jnp.arange(1.0, 6.0)  # a distinct weight per padded column
 
     def loss(wi, bi, wo):
-        a, b, c = live_weights(wi, bi, wo, (1, 3, 4), 4)
+        a, b, c = live_weights(wi, bi, wo, (1, 3, 4), 5)
         return (a * scale).sum() + (b * scale).sum() + (c * scale[:, None]).sum()
 
-    eqns = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(wi, bi, wo).eqns
-    scatters = [e for e in eqns if e.primitive.name == "scatter-add"]
-    assert len(scatters) == 3
-    assert all(e.params["indices_are_sorted"] and e.params["unique_indices"] for e in scatters)
+    jaxpr = jax.make_jaxpr(loss)(wi, bi, wo)
+    names = [e.primitive.name for e in jaxpr.eqns]
+    assert names.count("gather") == 3 and "pad" not in names  # one gather per weight
     gwi, gbi, gwo = jax.grad(loss, argnums=(0, 1, 2))(wi, bi, wo)
     want = np.array([0, 1, 0, 2, 3, 0], np.float32)
     np.testing.assert_array_equal(gbi, want)

@@ -38,21 +38,25 @@ def check_live(live, num_units: int) -> tuple[int, ...]:
 def live_weights(wi: jax.Array, bi: jax.Array, wo: jax.Array, live: tuple[int, ...],
                  width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """wi [D, F], bi [F], wo [F, D] -> the live units' wi [D, width], bi [width], wo [width, D],
-    zero units after the len(live) live ones."""
-    idx = jnp.asarray(live)
-    pad = width - len(live)
-    return (jnp.pad(take_units(wi, idx, 1), ((0, 0), (0, pad))),
-            jnp.pad(take_units(bi, idx, 0), (0, pad)),
-            jnp.pad(take_units(wo, idx, 0), ((0, pad), (0, 0))))
+    zero units after the len(live) live ones.
+
+    One gather per weight at the padded width, the padding positions (which read unit 0) zeroed
+    by a select that XLA fuses into the gather: a gather at len(live) followed by a pad would
+    write the weights twice. The select also zeroes the padding's gradient, so the backward's
+    scatter-add puts each live unit's gradient, and only it, into the full-width parameter."""
+    ids = np.zeros(width, np.int32)
+    ids[:len(live)] = live
+    ids = jnp.asarray(ids)
+    real = jnp.asarray(np.arange(width) < len(live))
+    return (jnp.where(real[None, :], take_units(wi, ids, 1), 0),
+            jnp.where(real, take_units(bi, ids, 0), 0),
+            jnp.where(real[:, None], take_units(wo, ids, 0), 0))
 
 
-def take_units(a: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
-    """a's entries at the unit ids idx along axis. The ids are sorted, unique and in range
-    (`check_live`), and the gather says so: its gradient, a scatter-add into the full-width
-    parameter, then needs no atomics and no bounds masks."""
-    index = (slice(None),) * axis + (idx,)
-    return a.at[index].get(indices_are_sorted=True, unique_indices=True,
-                           mode="promise_in_bounds")
+def take_units(a: jax.Array, ids: jax.Array, axis: int) -> jax.Array:
+    """a's entries at the unit ids along axis, in range by construction (`check_live`)."""
+    index = (slice(None),) * axis + (ids,)
+    return a.at[index].get(mode="promise_in_bounds")
 
 
 def stats_in_unit_ids(stats: SparsityStats, live: tuple[int, ...], num_units: int
