@@ -5,6 +5,9 @@ the parameters before step s's update."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import jax
@@ -21,7 +24,8 @@ from relu_sparsity.runs.folder import RunFolder
 from relu_sparsity.train import steps
 from relu_sparsity.train.config import preset
 from relu_sparsity.train.metrics import UnitStates, layer_records
-from relu_sparsity.train.trainer import Diverged, Trainer, train
+from relu_sparsity.train.pruning import Pruning
+from relu_sparsity.train.trainer import Diverged, Trainer
 
 VOCAB = 64
 TINY = ["model.num_layers=1", "model.d_model=8", "model.num_heads=2", "model.d_ff=32",
@@ -192,7 +196,7 @@ def device_stats(units_per_device: list[set[int]], width: int, seq_len: int = 3
 
 
 @pytest.mark.parametrize("mode", ["mask", "compact"])
-def test_a_prune_over_two_devices_keeps_the_union_of_their_masks(mode):
+def test_prune_from_two_devices_statistics_keeps_the_union_of_their_units(mode):
     """The loop's prune after two devices each used a different set of units: the kept units
     are the union of the two sets (Python set union), layer by layer."""
     layer_units = [
@@ -227,7 +231,54 @@ def test_a_prune_over_two_devices_keeps_the_union_of_their_masks(mode):
         assert not got[:, len(union):].any()
 
 
-# --- evaluation order ------------------------------------------------------------------------
+# --- a run on two simulated devices: the prune and the evaluation order ----------------------
+
+TWO_DEVICES = ["model.num_layers=1", "model.d_model=16", "model.num_heads=2", "model.d_ff=256",
+               "model.seq_len=4", "train.batch_size=1", "train.steps=2", "train.warmup_steps=0",
+               "train.peak_lr=3e-2", "train.log_every=1", "train.eval_every=1",
+               "train.eval_batches=1", "train.checkpoint_every=1", "train.prune=mask",
+               "train.prune_at=0", "train.prune_multiple=32", "data.vocab_size=512"]
+
+
+@pytest.fixture(scope="module")
+def two_device_run(cache_dir, tmp_path_factory):
+    """(config, run folder) of a run on two CPU devices, one sequence of 4 tokens each at 256
+    units (so each device leaves different units unused), pruned (mask) at step 0, evaluated
+    at steps 0 and 1, checkpointed after every step, at a learning rate that moves the loss."""
+    overrides = [f"data.cache={json.dumps(str(cache_dir))}", *TWO_DEVICES]
+    script = ("import json, sys\n"
+              "import jax\n"
+              "from relu_sparsity.train.config import preset\n"
+              "from relu_sparsity.train.trainer import train\n"
+              "assert jax.device_count() == 2, jax.devices()\n"
+              "train(preset('tiny', json.loads(sys.argv[2])), sys.argv[1], progress=False)\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    run = tmp_path_factory.mktemp("two_devices") / "run"
+    done = subprocess.run([sys.executable, "-c", script, str(run), json.dumps(overrides)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return preset("tiny", overrides), RunFolder(run)
+
+
+def mask_rows(words: np.ndarray, width: int) -> np.ndarray:
+    """bool [n, width] from a mask file's uint32 rows, by numpy's little-endian bit order."""
+    return np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :width].astype(bool)
+
+
+def test_a_run_on_two_devices_prunes_to_the_union_of_their_masks(two_device_run):
+    """The units kept at step 0 are the numpy OR of the two rows of step 0's mask file, which
+    differ: more than either row holds."""
+    _, folder = two_device_run
+    rows = mask_rows(folder.read_masks(0)[0], 256)
+    assert rows.shape == (2, 256) and (rows[0] != rows[1]).any()
+    union = rows[0] | rows[1]
+    assert union.sum() > max(rows[0].sum(), rows[1].sum())
+    records = folder.read_metrics()
+    assert records[0]["pruned"]["kept"] == [int(union.sum())]
+    assert records[1]["layers"][0]["d_ff"] == int(union.sum())
+    later = mask_rows(folder.read_masks(1)[0], 256)
+    assert not (later & ~union).any()  # after the prune only kept units are used
 
 
 def hand_eval(model: Transformer, params, batches) -> float:
@@ -245,25 +296,22 @@ def hand_eval(model: Transformer, params, batches) -> float:
     return total / count
 
 
-def test_the_evaluation_at_step_s_sees_the_parameters_before_its_update(cache_dir, tmp_path):
-    """Step 0's eval loss equals a numpy evaluation of the initial model, and step 1's one of
-    the parameters checkpointed after 1 update (a learning rate that moves the loss at step 0)."""
-    config = preset("tiny", [
-        f"data.cache={json.dumps(str(cache_dir))}", "model.num_layers=1", "model.d_model=16",
-        "model.num_heads=2", "model.d_ff=32", "model.seq_len=8", "train.batch_size=2",
-        "train.steps=2", "train.warmup_steps=0", "train.peak_lr=3e-2", "train.log_every=1",
-        "train.eval_every=1", "train.eval_batches=1", "train.checkpoint_every=1",
-        "data.vocab_size=512"])
-    run = train(config, tmp_path / "run", progress=False)
-    records = RunFolder(run).read_metrics()
+def test_the_evaluation_at_step_s_sees_the_parameters_before_its_update(two_device_run,
+                                                                        cache_dir):
+    """Step 0's eval loss equals a numpy evaluation of the initial model on the global eval
+    batch, and step 1's one of the (pruned) model checkpointed after 1 update."""
+    config, folder = two_device_run
+    records = folder.read_metrics()
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 1]
     cache = TokenCache(cache_dir)
+    batches = list(cache.eval_batches(1, 2, 4))  # 2 devices x 1 sequence
     model = Transformer(steps.model_config(config, cache.vocab_size, instrument="off"))
-    batches = list(cache.eval_batches(1, 2, 8))
-    initial = model.init(jax.random.key(config.train.seed),
-                         jnp.zeros((1, 8), jnp.int32))["params"]
-    after_one = read_on_host(RunFolder(run).checkpoints, 1)[0]["params"]
-    want = [hand_eval(model, initial, batches), hand_eval(model, after_one, batches)]
+    initial = jax.jit(model.init)(jax.random.key(config.train.seed),
+                                  jnp.zeros((1, 4), jnp.int32))["params"]
+    state, meta = read_on_host(folder.checkpoints, 1)
+    pruned = Transformer(steps.model_config(config, cache.vocab_size, instrument="off",
+                                            pruning=Pruning.from_state_dict(meta["pruning"])))
+    want = [hand_eval(model, initial, batches), hand_eval(pruned, state["params"], batches)]
     assert abs(want[1] - want[0]) > 1e-3  # the update moves the eval loss
     got = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert got == pytest.approx(want, rel=1e-5)
