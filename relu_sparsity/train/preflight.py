@@ -37,17 +37,19 @@ def parameter_count(config: Config, vocab_size: int) -> int:
 
 
 def memory_lower_bound(config: Config, vocab_size: int, dtype_bytes: int) -> dict[str, int]:
-    """Bytes one device needs at least: f32 parameters, gradients and Adam's two moments, and
-    the largest activations the backward pass keeps (every MLP's hidden layer, every layer's
-    attention scores, the logits and their gradient)."""
+    """Bytes one device needs at least, by term: the f32 parameters, their gradients and Adam's
+    first and second moments (4 bytes a parameter each), and the largest activations the
+    backward pass keeps (every MLP's hidden layer, every layer's attention scores, the logits
+    and their gradient)."""
     m, t = config.model, config.train
     widths = [m.d_ff] * m.num_layers if isinstance(m.d_ff, int) else list(m.d_ff)
     tokens = t.batch_size * m.seq_len
-    state = 16 * parameter_count(config, vocab_size)
+    f32 = 4 * parameter_count(config, vocab_size)
     hidden = sum(tokens * f * dtype_bytes for f in widths)
     scores = m.num_layers * t.batch_size * m.num_heads * m.seq_len * m.seq_len * 4
     logits = 2 * tokens * vocab_size * 4
-    return {"state": state, "activations": hidden + scores + logits}
+    return {"parameters": f32, "gradients": f32, "first moment": f32, "second moment": f32,
+            "activations": hidden + scores + logits}
 
 
 def device_memory() -> tuple[str, int | None]:
@@ -63,15 +65,24 @@ def device_memory() -> tuple[str, int | None]:
         return "host", None
 
 
+def size_text(num_bytes: int) -> str:
+    """'3.2 GiB', '12.0 MiB' or '512 bytes'."""
+    if num_bytes >= GIB // 10:
+        return f"{num_bytes / GIB:.1f} GiB"
+    if num_bytes >= 2 ** 20 // 10:
+        return f"{num_bytes / 2 ** 20:.1f} MiB"
+    return f"{num_bytes} bytes"
+
+
 def check_memory(config: Config, vocab_size: int, dtype: str) -> None:
-    """A run whose memory lower bound exceeds the device's is refused."""
+    """A run whose memory lower bound exceeds the device's is refused, with the bound's terms."""
     need = memory_lower_bound(config, vocab_size, 2 if dtype == "bfloat16" else 4)
     where, capacity = device_memory()
     total = sum(need.values())
     if capacity is not None and total > capacity:
+        terms = ", ".join(f"{name} {size_text(size)}" for name, size in need.items())
         raise ValueError(
-            f"the model does not fit: it needs at least {total / GIB:.1f} GiB per device "
-            f"(parameters, gradients and Adam state {need['state'] / GIB:.1f} GiB, activations "
-            f"{need['activations'] / GIB:.1f} GiB) and the {where} memory is "
-            f"{capacity / GIB:.1f} GiB; reduce model.d_ff, model.d_model, model.num_layers, "
-            "model.seq_len or train.batch_size")
+            f"the model does not fit: it needs at least {size_text(total)} ({total} bytes) per "
+            f"device ({terms}) and the {where} memory is {size_text(capacity)} ({capacity} "
+            "bytes); reduce model.d_ff, model.d_model, model.num_layers, model.seq_len or "
+            "train.batch_size")
