@@ -116,11 +116,8 @@ DECAYED = ["block_0/attn/qkv/kernel", "block_0/attn/out/kernel", "block_0/mlp/wi
            "block_0/mlp/wo", "embed/embedding", "unembed/kernel"]
 KEPT = ["block_0/attn/out/bias", "block_0/ln_attn/scale", "block_0/ln_attn/bias",
         "block_0/ln_mlp/scale", "block_0/ln_mlp/bias", "block_0/mlp/bi", "block_0/mlp/bo",
-        "ln_final/scale", "ln_final/bias", "unembed/bias"]
-# The attention's qkv bias is [3, heads, head_dim] and the positions [seq_len, d_model]: a bias
-# and the positions, which steps.make_optimizer says keep their values, but its mask decays every
-# leaf of two or more dimensions.
-KEPT_NOT_YET = ["block_0/attn/qkv/bias", "pos_embed"]
+        "ln_final/scale", "ln_final/bias", "unembed/bias", "block_0/attn/qkv/bias",
+        "pos_embed"]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +150,7 @@ def decay_steps(tiny):
 
 def test_weight_decay_lists_name_every_parameter(decay_steps):
     """The lists below name each parameter of the model once."""
-    named = DECAYED + KEPT + KEPT_NOT_YET
+    named = DECAYED + KEPT
     assert sorted(named) == sorted(decay_steps) and len(set(named)) == len(named)
 
 
@@ -166,14 +163,6 @@ def test_weight_decay_decays_the_weight_matrices(decay_steps, name):
 @pytest.mark.parametrize("name", KEPT)
 def test_weight_decay_keeps_biases_and_layer_norms(decay_steps, name):
     """Biases and LayerNorm parameters do not move under a zero gradient."""
-    assert decay_steps[name] is False
-
-
-@pytest.mark.xfail(strict=True, reason="the decay mask decays every leaf of 2+ dimensions, "
-                   "which includes the qkv bias and the positions")
-@pytest.mark.parametrize("name", KEPT_NOT_YET)
-def test_weight_decay_keeps_the_qkv_bias_and_the_positions(decay_steps, name):
-    """The [3, heads, head_dim] qkv bias and the positions do not move under a zero gradient."""
     assert decay_steps[name] is False
 
 

@@ -75,13 +75,18 @@ def make_schedule(config: Config) -> optax.Schedule:
         decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.peak_lr * t.end_lr_ratio)
 
 
+DECAYED_WEIGHTS = ("kernel", "embedding", "wi", "wo")  # the parameter names AdamW decays
+
+
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """AdamW on the schedule, after global-norm clipping when train.clip_norm > 0; with
     train.on_nonfinite=skip, inside optax.apply_if_finite (a non-finite gradient's update is
     skipped, up to train.max_skips in a row)."""
     t = config.train
-    # Decay only matrices: biases, LayerNorm scales and positions keep their values.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    # Decay only the weight matrices, by name: biases (the qkv bias is [3, heads, head_dim]),
+    # LayerNorm scales and positions keep their values.
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, p: getattr(path[-1], "key", None) in DECAYED_WEIGHTS, params)
     parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
     parts.append(optax.adamw(make_schedule(config), b1=t.b1, b2=t.b2,
                              weight_decay=t.weight_decay, mask=decay_mask))
