@@ -9,6 +9,8 @@
 #   bash bench/device_step.sh profile   the `paper` step profiled (fused and off): device time by
 #                                       model part and phase; `paper8k` and `small` against their
 #                                       baselines
+#   bash bench/device_step.sh parts     the `paper` step (off, fused; full and mask) and the
+#                                       baseline, each profiled: device time by model part
 #   bash bench/device_step.sh prune     the `paper` step after pruning to 70% (compact, mask)
 # .devcache/stdlib32k is a token cache with a 32k vocabulary (here: `relu-sparsity prepare --out
 # .devcache/stdlib32k --vocab-size 32768 --max-tokens 1500000 --tokenizer-sample-mb 4`); the
@@ -47,7 +49,16 @@ case "${1:-}" in
     done
     steps step_paper8k paper8k --instruments off fused --baseline flax
     steps step_small small --instruments off fused --baseline flax ;;
+  parts)
+    steps parts "$CONFIG" --instruments off fused --prune none mask --baseline flax \
+      --profile /tmp/parts
+    for variant in /tmp/parts/*; do
+      echo "## $(basename "$variant")"
+      $PY -m relu_sparsity.cli profile "$variant" --top 12
+    done > "$OUT/parts_profiles.md" 2>&1
+    awk '/^top / {skip=1} /^## / {skip=0} !skip && /^## |^device|^\| [A-Za-z]/' \
+      "$OUT/parts_profiles.md" ;;
   prune)
     steps step_prune "$CONFIG" --instruments off fused --prune none compact mask --baseline flax ;;
-  *) echo "usage: device_step.sh step|profile|prune" >&2; exit 2 ;;
+  *) echo "usage: device_step.sh step|profile|parts|prune" >&2; exit 2 ;;
 esac

@@ -242,6 +242,9 @@ def _add_bench(sub) -> None:
     bench.add_argument("--history", nargs="+", default=["on"], choices=("on", "off"),
                        help="for --train-step: with the unit histories updated every step "
                        "(on, as training does), without (off), or both to compare")
+    bench.add_argument("--profile", metavar="DIR", help="for --train-step: also trace a few "
+                       "steps of each variant into DIR/<instrument>-<prune>, which `relu-sparsity "
+                       "profile DIR/<instrument>-<prune>` reads")
     bench.add_argument("--keep-fraction", type=float, default=0.7,
                        help="for --prune: the fraction of each layer's units that remain, chosen "
                        "at random (default 0.7: 30%% removed)")
@@ -382,7 +385,8 @@ def cmd_bench(args) -> None:
                                        rounds=args.repeats, prunes=tuple(args.prune),
                                        keep_fraction=args.keep_fraction,
                                        histories=tuple(h == "on" for h in args.history),
-                                       baseline=args.baseline == "flax")
+                                       baseline=args.baseline == "flax",
+                                       profile_dir=args.profile)
         print(train_step.format_table(rows))
         if args.out:
             with open(args.out, "w") as f:

@@ -16,18 +16,30 @@ from relu_sparsity.train.config import Config
 from relu_sparsity.train.steps import compute_dtype, make_optimizer
 
 
+class PlainMLP(nn.Module):
+    d_ff: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.relu(nn.Dense(self.d_ff, dtype=self.dtype, name="up")(x))
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="down")(h)
+
+
 class PlainBlock(nn.Module):
+    """Named as the Transformer's parts are, so that `relu-sparsity profile` sorts both alike."""
+
     num_heads: int
     d_ff: int
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        y = nn.LayerNorm(dtype=self.dtype)(x)
-        x = x + nn.SelfAttention(num_heads=self.num_heads, dtype=self.dtype)(y, mask=mask)
-        y = nn.LayerNorm(dtype=self.dtype)(x)
-        y = nn.Dense(self.d_ff, dtype=self.dtype)(y)
-        return x + nn.Dense(x.shape[-1], dtype=self.dtype)(nn.relu(y))
+        y = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
+        x = x + nn.SelfAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(
+            y, mask=mask)
+        y = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+        return x + PlainMLP(self.d_ff, self.dtype, name="mlp")(y)
 
 
 class PlainTransformer(nn.Module):
@@ -45,14 +57,14 @@ class PlainTransformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         embed = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype,
-                         embedding_init=nn.initializers.normal(0.02))
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
         positions = self.param("pos_embed", nn.initializers.normal(0.02),
                                (self.max_len, self.d_model))
         x = embed(tokens) + positions[None, : tokens.shape[1]].astype(self.dtype)
         mask = nn.make_causal_mask(tokens)
-        for _ in range(self.num_layers):
-            x = PlainBlock(self.num_heads, self.d_ff, self.dtype)(x, mask)
-        x = nn.LayerNorm(dtype=self.dtype)(x)
+        for i in range(self.num_layers):
+            x = PlainBlock(self.num_heads, self.d_ff, self.dtype, name=f"block_{i}")(x, mask)
+        x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
         return embed.attend(x).astype(jnp.float32)
 
 
@@ -70,13 +82,15 @@ def plain_train_step(model: PlainTransformer, optimizer: optax.GradientTransform
     cross-entropy, one optimizer update; jitted, donating the parameters and optimizer state."""
     def loss_fn(params, tokens):
         logits = model.apply({"params": params}, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        with jax.named_scope("loss"):  # named as the train step's parts, for profiles
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 

@@ -18,8 +18,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-HLO_FILE = "train_step.hlo.txt"
-STEPS_FILE = "steps.json"
+from relu_sparsity.runs.reader import PROFILE_HLO_FILE as HLO_FILE
+from relu_sparsity.runs.reader import PROFILE_STEPS_FILE as STEPS_FILE
+
 # Flax module (or train-step scope) in an op_name -> the part it belongs to.
 PARTS = [
     (re.compile(r"block_\d+/attn(/|$)"), "attention"),

@@ -13,17 +13,19 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from relu_sparsity.bench.baseline import plain_setup
-from relu_sparsity.bench.timing import measure
+from relu_sparsity.bench.timing import Timing, measure
 from relu_sparsity.model import Transformer
+from relu_sparsity.runs.reader import PROFILE_HLO_FILE, PROFILE_STEPS_FILE
 from relu_sparsity.train.config import preset
 from relu_sparsity.train.pruning import Pruning
-from relu_sparsity.train.steps import (compute_dtype, init_state, make_optimizer,
-                                       make_train_step, model_config)
+from relu_sparsity.train.steps import (NO_COMMAND_BUFFERS, compute_dtype, init_state,
+                                       make_optimizer, make_train_step, model_config)
 
 BASELINE = "plain-flax"  # the instrument column's name for bench/baseline.py's model
 
@@ -42,9 +44,10 @@ def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, see
 
 def time_train_step(config_name: str, instrument: str, overrides: list[str], *, rounds: int,
                     steps_per_round: int, prune: str = "none", keep_fraction: float = 1.0,
-                    history: bool = True) -> dict:
+                    history: bool = True, profile_dir: str | None = None) -> dict:
     """One variant's step time and peak memory. `history`: the unit histories update every
-    step, as in training (instrumented modes only)."""
+    step, as in training (instrumented modes only). `profile_dir`: also trace a few steps
+    there, for `relu-sparsity profile` (time_and_profile)."""
     config = preset(config_name, [f"instrument={instrument}", *overrides])
     vocab = config.data.vocab_size
     widths = model_config(config, vocab).layer_widths()
@@ -61,16 +64,15 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
     tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size,
                                                     config.model.seq_len + 1), 0, vocab)
     unit_ids = pruning.compacted_ids() if pruning is not None else None
-    step = make_train_step(model, optimizer, unit_ids=unit_ids).lower(state, tokens).compile()
+    lowered = make_train_step(model, optimizer, unit_ids=unit_ids).lower(state, tokens)
     carried = {"state": state}
 
-    def run_round():  # the state is donated: each step takes the one before's
-        for _ in range(steps_per_round):
-            carried["state"], scalars, _ = step(carried["state"], tokens)
-        return jax.block_until_ready(scalars)
+    def advance(step):  # the state is donated: each step takes the one before's
+        carried["state"], scalars, _ = step(carried["state"], tokens)
+        return scalars
 
-    timing = measure(run_round, rounds=rounds, calls_per_round=steps_per_round)
-    memory = jax.devices()[0].memory_stats() or {}
+    timing, memory = time_and_profile(lowered, advance, rounds=rounds,
+                                      steps_per_round=steps_per_round, profile_dir=profile_dir)
     return {"config": config_name, "instrument": instrument, "prune": prune, "history": history,
             "d_ff": list(model.config.layer_widths()) if pruning is None
             else list(pruning.widths), "param_widths": list(model.config.layer_widths()),
@@ -81,7 +83,7 @@ def time_train_step(config_name: str, instrument: str, overrides: list[str], *, 
 
 
 def time_baseline_step(config_name: str, overrides: list[str], *, rounds: int,
-                       steps_per_round: int) -> dict:
+                       steps_per_round: int, profile_dir: str | None = None) -> dict:
     """The plain Flax/optax model of the configuration's shape (bench/baseline.py): its step
     time and peak memory, as `time_train_step` measures ours."""
     config = preset(config_name, overrides)
@@ -89,17 +91,16 @@ def time_baseline_step(config_name: str, overrides: list[str], *, rounds: int,
     step, params, opt_state = plain_setup(config, vocab, seed=config.train.seed)
     tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size,
                                                     config.model.seq_len + 1), 0, vocab)
-    step = step.lower(params, opt_state, tokens).compile()
+    lowered = step.lower(params, opt_state, tokens)
     carried = {"params": params, "opt_state": opt_state}
 
-    def run_round():
-        for _ in range(steps_per_round):
-            carried["params"], carried["opt_state"], loss = step(
-                carried["params"], carried["opt_state"], tokens)
-        return jax.block_until_ready(loss)
+    def advance(step):
+        carried["params"], carried["opt_state"], loss = step(
+            carried["params"], carried["opt_state"], tokens)
+        return loss
 
-    timing = measure(run_round, rounds=rounds, calls_per_round=steps_per_round)
-    memory = jax.devices()[0].memory_stats() or {}
+    timing, memory = time_and_profile(lowered, advance, rounds=rounds,
+                                      steps_per_round=steps_per_round, profile_dir=profile_dir)
     return {"config": config_name, "instrument": BASELINE, "prune": "none", "history": False,
             "d_ff": [config.model.d_ff] * config.model.num_layers,
             "param_widths": [config.model.d_ff] * config.model.num_layers,
@@ -108,12 +109,52 @@ def time_baseline_step(config_name: str, overrides: list[str], *, rounds: int,
             "dtype": compute_dtype(config), "kernel": "none"}
 
 
+def time_and_profile(lowered, advance, *, rounds: int, steps_per_round: int,
+                     profile_dir: str | None = None, profiled_steps: int = 3
+                     ) -> tuple[Timing, dict]:
+    """The step time of `lowered`, compiled, over rounds of `advance(step)` calls (one step on
+    state the closure carries, returning a value to wait for), and the device's memory counters
+    after them. With `profile_dir`, then `profiled_steps` steps of the same program compiled
+    without XLA's command buffers traced into profile_dir/profile with their HLO beside, as
+    `train --profile-steps` writes them: `relu-sparsity profile profile_dir` reads them."""
+    step = lowered.compile()
+
+    def run_round():
+        for _ in range(steps_per_round):
+            out = advance(step)
+        return jax.block_until_ready(out)
+
+    timing = measure(run_round, rounds=rounds, calls_per_round=steps_per_round)
+    memory = jax.devices()[0].memory_stats() or {}
+    if profile_dir is not None:
+        traced = lowered.compile(NO_COMMAND_BUFFERS)
+        folder = Path(profile_dir) / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PROFILE_HLO_FILE).write_text(traced.as_text())
+        jax.block_until_ready(advance(traced))  # its first call loads it
+        jax.profiler.start_trace(str(folder))
+        for _ in range(profiled_steps):
+            out = advance(traced)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        (folder / PROFILE_STEPS_FILE).write_text(json.dumps(
+            {"first": 0, "stop": profiled_steps, "command_buffers": "off"}) + "\n")
+    return timing, memory
+
+
+def variant_name(prune: str, instrument: str, history: bool) -> str:
+    """A variant's folder name under `bench --profile DIR`."""
+    return f"{instrument}-{prune}" + ("" if history or instrument in ("off", BASELINE)
+                                      else "-no-history")
+
+
 def run_isolated(config_name: str, instruments: list[str], overrides: list[str], *,
                  rounds: int = 5, steps_per_round: int = 10, prunes: tuple[str, ...] = ("none",),
                  keep_fraction: float = 0.7, histories: tuple[bool, ...] = (True,),
-                 baseline: bool = False) -> list[dict]:
+                 baseline: bool = False, profile_dir: str | None = None) -> list[dict]:
     """Every (prune, instrument, history) variant in its own process, after the plain Flax
-    baseline's when `baseline`; ratios against the first `off` row and against the baseline."""
+    baseline's when `baseline`; ratios against the first `off` row and against the baseline.
+    With `profile_dir`, each variant's profile goes to profile_dir/<variant_name>."""
     variants = [(p, i, h) for p in prunes for i in instruments for h in histories
                 if h or i != "off"]
     if baseline:
@@ -124,6 +165,9 @@ def run_isolated(config_name: str, instruments: list[str], overrides: list[str],
                "--instrument", instrument, "--rounds", str(rounds), "--steps",
                str(steps_per_round), "--prune", prune, "--keep-fraction", str(keep_fraction),
                *([] if history else ["--no-history"]), *overrides]
+        if profile_dir is not None:
+            cmd += ["--profile-dir", str(Path(profile_dir) / variant_name(prune, instrument,
+                                                                          history))]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             rows.append({"config": config_name, "instrument": instrument, "prune": prune,
@@ -185,16 +229,19 @@ def main() -> None:
     parser.add_argument("--prune", default="none", choices=("none", "mask", "compact"))
     parser.add_argument("--keep-fraction", type=float, default=1.0)
     parser.add_argument("--no-history", action="store_true")
+    parser.add_argument("--profile-dir")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.instrument == BASELINE:
         print(json.dumps(time_baseline_step(args.config, args.overrides, rounds=args.rounds,
-                                            steps_per_round=args.steps)))
+                                            steps_per_round=args.steps,
+                                            profile_dir=args.profile_dir)))
         return
     print(json.dumps(time_train_step(args.config, args.instrument, args.overrides,
                                      rounds=args.rounds, steps_per_round=args.steps,
                                      prune=args.prune, keep_fraction=args.keep_fraction,
-                                     history=not args.no_history)))
+                                     history=not args.no_history,
+                                     profile_dir=args.profile_dir)))
 
 
 if __name__ == "__main__":

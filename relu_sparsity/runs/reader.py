@@ -9,6 +9,9 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+# Beside a profile's trace (RUN/profile/): the compiled step's HLO and the steps the trace holds.
+PROFILE_HLO_FILE = "train_step.hlo.txt"
+PROFILE_STEPS_FILE = "steps.json"
 
 
 def read_metrics(run_dir: str | Path, *, missing_ok: bool = False) -> list[dict]:

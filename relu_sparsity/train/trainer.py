@@ -22,7 +22,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from relu_sparsity.bench import step_profile
 from relu_sparsity.data import TokenCache, open_cache
 from relu_sparsity.kernels import resolve_fused_backend
 from relu_sparsity.kernels.bits import np_or_rows, np_pack_bits
@@ -30,6 +29,7 @@ from relu_sparsity.model import Transformer
 from relu_sparsity.runs.checkpoints import Checkpoints, NoReadableCheckpoint
 from relu_sparsity.runs.folder import FollowerFolder, RunFolder
 from relu_sparsity.runs.metadata import run_metadata
+from relu_sparsity.runs.reader import PROFILE_HLO_FILE, PROFILE_STEPS_FILE
 from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
 from relu_sparsity.train.history import auto_prune_ready, dead_units, to_arrays
@@ -389,7 +389,7 @@ class Trainer:
         profile_dir = self.folder.path / "profile"
         if self.parallel.is_primary:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            (profile_dir / step_profile.HLO_FILE).write_text(self.program.train_step.as_text())
+            (profile_dir / PROFILE_HLO_FILE).write_text(self.program.train_step.as_text())
         jax.profiler.start_trace(str(profile_dir))
         log.info("profiling steps %d-%d into %s", step, stop - 1, profile_dir)
 
@@ -399,7 +399,7 @@ class Trainer:
         jax.block_until_ready(self.state)
         jax.profiler.stop_trace()
         if self.parallel.is_primary:
-            (self.folder.path / "profile" / step_profile.STEPS_FILE).write_text(
+            (self.folder.path / "profile" / PROFILE_STEPS_FILE).write_text(
                 json.dumps({"first": self.traced[0], "stop": self.traced[1] + 1,
                             "command_buffers": "off"}) + "\n")
         self.traced = None
