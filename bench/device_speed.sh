@@ -3,8 +3,6 @@
 # shape", each stage one device call of under ten minutes, tables printed last.
 #   bash bench/device_speed.sh kernels   GPU tests of the unpadded edges, the live path against
 #                                        full width, every variant at the benchmark grid
-#   bash bench/device_speed.sh profile   the `paper` step profiled (fused and off): device time
-#                                        by model part and phase, and the step times
 #   bash bench/device_speed.sh tune      `relu-sparsity tune` over the grid's shapes (mosaic_gpu)
 # Files for bench/RESULTS.md are written to $OUT.
 set -uo pipefail
@@ -21,22 +19,9 @@ case "$1" in
     python3 -m pytest -q -p no:cacheprovider tests/test_benchmarks.py --benchmark-only \
       --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,iqr,rounds \
       2>&1 | tail -80 ;;
-  profile)
-    cache=$(english_cache)
-    for mode in fused off; do
-      run=/tmp/runs/profile-$mode
-      python3 -m relu_sparsity.cli train --config paper --cache "$cache" --run-dir "$run" \
-        --instrument $mode --no-report --no-progress --start-over --profile-steps 20:25 \
-        train.steps=30 train.log_every=5 train.eval_every=1000 train.checkpoint_every=1000 \
-        2>&1 | grep -vE "^\s*$" | tail -4
-      python3 -m relu_sparsity.cli profile "$run" --top 25 | tee "$OUT/profile-$mode.md"
-      cp "$run/profile/summary.json" "$OUT/profile-$mode.json"
-    done
-    python3 -m relu_sparsity.cli bench --train-step paper --instruments off fused \
-      --out "$OUT/train_step.json" 2>&1 | tail -12 ;;
   tune)
     python3 -m relu_sparsity.cli tune --backend mosaic_gpu --shapes $GRID \
       --report "$OUT/tune_mosaic.json" 2>&1 | tail -20
     cp relu_sparsity/kernels/configs/mosaic_gpu.json "$OUT/" ;;
-  *) echo "usage: device_speed.sh kernels|profile|tune" >&2; exit 2 ;;
+  *) echo "usage: device_speed.sh kernels|tune" >&2; exit 2 ;;
 esac

@@ -1,5 +1,7 @@
 """The kernel benchmark runs every variant and reports ratios against XLA's plain expression."""
 
+import contextlib
+
 import pytest
 
 from relu_sparsity.bench import kernels as bench
@@ -97,3 +99,61 @@ def test_rows_say_which_tiles_a_fused_backend_ran_with(monkeypatch):
     assert bench.variant_tiles("pallas_tpu +stats", (8192, 512, 8192), "bfloat16") == "tuned"
     rows = bench.run(["256x32x100"], seq_len=64, dtype="float32", repeats=1)
     assert all("tiles" in r for r in rows)
+
+
+def test_build_program_hands_its_compiler_options_to_xla():
+    """A misspelt XLA option is refused by XLA itself: the options reach the compiler."""
+    import jax.numpy as jnp
+
+    from relu_sparsity.model import Transformer
+    from relu_sparsity.train import steps
+    from relu_sparsity.train.config import preset
+
+    config = preset("tiny", TINY)
+    model = Transformer(steps.model_config(config, 300))
+    optimizer = steps.make_optimizer(config)
+    state = steps.init_state(model, optimizer, config)
+    tokens = jnp.zeros((2, 17), jnp.int32)
+    build = lambda options: steps.build_program(  # noqa: E731
+        config, 300, optimizer, None, state, tokens, contextlib.nullcontext, options)
+    build(steps.NO_COMMAND_BUFFERS)
+    with pytest.raises(Exception, match="xla_gpu_enable_command_bufferZ"):
+        build({"xla_gpu_enable_command_bufferZ": ""})
+
+
+def test_plain_baseline_has_the_transformers_shape():
+    """The plain Flax model of a configuration holds as many parameters, of the same shapes
+    per kind, as the Transformer of that configuration."""
+    import jax
+    import numpy as np
+
+    from relu_sparsity.bench.baseline import plain_model
+    from relu_sparsity.model import Transformer
+    from relu_sparsity.train.config import preset
+    from relu_sparsity.train.steps import model_config
+
+    config = preset("tiny", TINY)
+    tokens = jax.ShapeDtypeStruct((1, 16), np.int32)
+    init = lambda m: jax.eval_shape(m.init, jax.random.key(0), tokens)["params"]  # noqa: E731
+    plain, ours = init(plain_model(config, 300)), init(Transformer(model_config(config, 300)))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert count(plain) == count(ours) > 0
+    assert plain["block_1"]["mlp"]["up"]["kernel"].shape == ours["block_1"]["mlp"]["wi"].shape
+    assert plain["embed"]["embedding"].shape == ours["embed"]["embedding"].shape
+
+
+def test_train_step_bench_against_the_baseline_with_profiles(tmp_path):
+    from relu_sparsity.bench import step_profile, train_step
+
+    rows = train_step.run_isolated("tiny", ["off"], TINY, rounds=1, steps_per_round=1,
+                                   baseline=True, profile_dir=str(tmp_path))
+    assert [r["instrument"] for r in rows] == [train_step.BASELINE, "off"]
+    base, off = rows
+    assert base["baseline_ratio"] == 1.0 and off["ratio"] == 1.0
+    assert off["baseline_ratio"] == pytest.approx(off["ms"] / base["ms"])
+    assert "/ baseline" in train_step.format_table(rows)
+    for row in rows:  # each variant's profile reads as a profiled run's does
+        name = train_step.variant_name(row["prune"], row["instrument"], row["history"])
+        summary = step_profile.profile_run(tmp_path / name)
+        assert summary["command_buffers"] == "off" and summary["steps"] == 3
+        assert summary["parts"]["MLP"]["backward"] > 0 and summary["attributed"] > 0.75

@@ -274,13 +274,20 @@ def test_data_parallel_on_two_devices_matches_one(cache_dir, tmp_path, instrumen
         np.testing.assert_array_equal(np.bitwise_or.reduce(m2, axis=0), m1[0])
 
 
-def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path):
+def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path, monkeypatch):
+    from relu_sparsity.train import steps, trainer
+
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="--profile-steps"):
         train(small_config(cache_dir, "train.steps=6"), run, progress=False,
               profile_steps=(4, 9))
     assert not run.exists()  # refused before the folder is made
+    options = []  # each compile's XLA options: a profiled run's step has no command buffers
+    build = trainer.build_program
+    monkeypatch.setattr(trainer, "build_program",
+                        lambda *a: (options.append(a[-1]), build(*a))[1])
     train(small_config(cache_dir, "train.steps=6"), run, progress=False, profile_steps=(2, 4))
+    assert options == [steps.NO_COMMAND_BUFFERS]
     traces = list((run / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert RunFolder(run).read_metrics()[-1]["step"] == 5  # training went on after the trace
@@ -289,6 +296,7 @@ def test_profile_steps_record_a_trace_of_those_steps(cache_dir, tmp_path):
     summary = json.loads((run / "profile" / "summary.json").read_text())
     parts = summary["parts"]
     assert summary["steps"] == 2 and summary["device_ms_per_step"] > 0
+    assert summary["command_buffers"] == "off" and 0.75 < summary["attributed"] <= 1.0
     for part in ("MLP", "attention", "layer norms", "loss", "optimizer"):
         assert parts[part]["total"] > 0, part
     assert parts["MLP"]["forward"] > 0 and parts["MLP"]["backward"] > 0

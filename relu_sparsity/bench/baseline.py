@@ -1,5 +1,5 @@
 """The model a user would write by hand: a configuration's Transformer in stock Flax and optax
-(`nn.Embed`, `nn.SelfAttention`, `nn.Dense`, `nn.LayerNorm`, AdamW), with no statistics.
+(`nn.Embed`, `nn.MultiHeadDotProductAttention`, `nn.Dense`, `nn.LayerNorm`, AdamW), with no statistics.
 
 `relu-sparsity bench --train-step CONFIG --baseline flax` times its train step beside ours, so
 that every step claim is a ratio against what a user would otherwise run.
@@ -36,8 +36,8 @@ class PlainBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         y = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
-        x = x + nn.SelfAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(
-            y, mask=mask)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+                                                name="attn")(y, mask=mask)
         y = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
         return x + PlainMLP(self.d_ff, self.dtype, name="mlp")(y)
 
