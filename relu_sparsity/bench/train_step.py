@@ -127,19 +127,24 @@ def time_and_profile(lowered, advance, *, rounds: int, steps_per_round: int,
     timing = measure(run_round, rounds=rounds, calls_per_round=steps_per_round)
     memory = jax.devices()[0].memory_stats() or {}
     if profile_dir is not None:
-        traced = lowered.compile(NO_COMMAND_BUFFERS)
-        folder = Path(profile_dir) / "profile"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PROFILE_HLO_FILE).write_text(traced.as_text())
-        jax.block_until_ready(advance(traced))  # its first call loads it
-        jax.profiler.start_trace(str(folder))
-        for _ in range(profiled_steps):
-            out = advance(traced)
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        (folder / PROFILE_STEPS_FILE).write_text(json.dumps(
-            {"first": 0, "stop": profiled_steps, "command_buffers": "off"}) + "\n")
+        trace_steps(lowered.compile(NO_COMMAND_BUFFERS), advance, Path(profile_dir) / "profile",
+                    profiled_steps)
     return timing, memory
+
+
+def trace_steps(step, advance, folder: Path, steps: int) -> None:
+    """`steps` calls of `advance(step)` traced into `folder`, with the step's HLO and the steps
+    traced beside, as `train --profile-steps` writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PROFILE_HLO_FILE).write_text(step.as_text())
+    jax.block_until_ready(advance(step))  # its first call loads it
+    jax.profiler.start_trace(str(folder))
+    for _ in range(steps):
+        out = advance(step)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    (folder / PROFILE_STEPS_FILE).write_text(json.dumps(
+        {"first": 0, "stop": steps, "command_buffers": "off"}) + "\n")
 
 
 def variant_name(prune: str, instrument: str, history: bool) -> str:
