@@ -13,6 +13,7 @@ import pytest
 from flax import struct
 
 from relu_sparsity.runs.checkpoints import (
+    CheckpointDenied,
     CheckpointMismatch,
     Checkpoints,
     check_not_legacy,
@@ -192,9 +193,57 @@ def test_corrupted_newest_falls_back(tmp_path, caplog, how):
         assert_states_equal(restored, states[4])
         warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
         assert len(warnings) == 1 and warnings[0].startswith("checkpoint 8 cannot be read (")
+        assert "\n" not in warnings[0] and "TensorStore(" not in warnings[0]  # one line
         # Resuming from 4 saves 8 again: the unreadable one is replaced.
         checkpoints.save(8, states[8], make_meta())
         assert checkpoints.restore_latest(lambda m: abstract(states[8]))[0] == 8
+
+
+def random_state(step: int) -> State:
+    """make_state with random weights: stored uncompressed, where a changed byte goes unnoticed
+    by the compression."""
+    state = make_state(width=512, step=step)
+    wi = jax.random.normal(jax.random.key(step), state.params["mlp"]["wi"].shape)
+    return state.replace(params={**state.params, "mlp": {**state.params["mlp"], "wi": wi}})
+
+
+def test_bytes_changed_in_place_fall_back(tmp_path, caplog):
+    states = {step: random_state(step) for step in (4, 8)}
+    with Checkpoints(tmp_path, keep=3) as checkpoints:
+        for step, state in states.items():
+            checkpoints.save(step, state, make_meta())
+    files = [p for p in (tmp_path / "00000008" / "state").rglob("*") if p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 400] = bytes(b ^ 0xFF for b in data[middle:middle + 400])
+    largest.write_bytes(bytes(data))  # the same size
+    with caplog.at_level(logging.WARNING, logger=LOGGER), Checkpoints(tmp_path, 3) as checkpoints:
+        step, restored, _ = checkpoints.restore_latest(lambda m: abstract(states[4]))
+    assert step == 4
+    assert_states_equal(restored, states[4])
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1 and "does not match its checksum" in warnings[0]
+
+
+def test_newest_without_read_permission_is_refused(tmp_path, caplog, monkeypatch):
+    # Tests run as root, which reads any file: the check is what the code asks, os.access.
+    from relu_sparsity.runs import checkpoints as module
+
+    state = make_state()
+    with Checkpoints(tmp_path, keep=3) as checkpoints:
+        for step in (4, 8):
+            checkpoints.save(step, state, make_meta())
+    denied = tmp_path / "00000008" / "state" / "manifest.ocdbt"
+    real = os.access
+    monkeypatch.setattr(module.os, "access",
+                        lambda p, mode: Path(p) != denied and real(p, mode))
+    with Checkpoints(tmp_path, keep=3) as checkpoints:
+        with pytest.raises(CheckpointDenied, match="no permission to read .*manifest.ocdbt; fix "
+                                                   "its permissions") as err:
+            checkpoints.restore_latest(lambda m: abstract(state))
+    assert "\n" not in str(err.value)
+    assert not [r for r in caplog.records if r.name == LOGGER]  # no fallback to checkpoint 4
 
 
 def test_nothing_readable_raises(tmp_path, caplog):
