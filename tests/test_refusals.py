@@ -306,3 +306,18 @@ def test_train_config_of_a_run_resumes_that_run(cache_dir, tmp_path, capsys, mon
     assert status == 0, capsys.readouterr().err
     assert (run / "metrics.jsonl").read_bytes() == metrics  # complete: nothing retrained
     assert list(elsewhere.iterdir()) == []  # no runs/<name> here
+
+
+def test_a_newest_checkpoint_without_read_permission_is_refused(cache_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    run = tmp_path / "run"
+    assert run_cli(capsys, run, cache_dir, *SHORT, "train.steps=6")[0] == 0
+    newest = run / "checkpoints" / "00000006" / "state" / "manifest.ocdbt"
+    assert newest.is_file() and (run / "checkpoints" / "00000004").is_dir()
+    before = snapshot(run)
+    deny(monkeypatch, "relu_sparsity.runs.checkpoints", newest, os.R_OK)
+    status, err = run_cli(capsys, run, cache_dir, *SHORT, "train.steps=6")
+    assert status == 2 and "no permission to read" in one_line(err) and "00000006" in err
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if k != "."} == \
+        {k: v for k, v in before.items() if k != "."}
