@@ -113,8 +113,9 @@ def _add_train(sub) -> None:
     train.add_argument("--config", default="tiny", type=config_name, metavar="PRESET|FILE.json",
                        help=f"preset ({', '.join(sorted(PRESETS))}; default: tiny, a few minutes "
                        "on a CPU) or a JSON file of config fields, e.g. a run's config.json")
-    train.add_argument("--run-dir", help="run folder (default: runs/<the config's name>); an "
-                       "existing one is resumed")
+    train.add_argument("--run-dir", help="run folder (default: the folder of --config "
+                       "RUN/config.json, else runs/<the config's name>); an existing one is "
+                       "resumed")
     train.add_argument("--cache", help="token cache folder from `prepare` (default: the "
                        "default corpus, prepared on first use)")
     train.add_argument("--instrument", choices=("fused", "xla", "off"),
