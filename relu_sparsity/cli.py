@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,8 @@ checkpointed: run the same command again to resume)
 """
 
 
-# The exit status of a command that ran but of which a part failed (see EXIT_STATUS for the
-# others).
+# The exit status of a command of which a part failed: a bench variant, or another process of a
+# multi-process run (see EXIT_STATUS for the others).
 EXIT_FAILED = 1
 
 
@@ -463,6 +464,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def lost_a_process(err: Exception) -> bool:
+    """A runtime error of a multi-process run: a collective or the coordination service lost
+    a peer."""
+    jax = sys.modules.get("jax")
+    return (jax is not None and isinstance(err, jax.errors.JaxRuntimeError)
+            and jax.process_count() > 1)
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -485,6 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stop:
         print(f"relu-sparsity {args.command}: {stop.status}: {stop}", file=sys.stderr)
         return EXIT_STATUS[stop.status]
+    except Exception as err:
+        if not lost_a_process(err):
+            raise
+        print(f"relu-sparsity {args.command}: stopped: another process of the run is gone "
+              f"({first_line(err)}); start every process again to resume from the last "
+              "checkpoint", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Python's exit would run jax.distributed's shutdown barrier, which the process that
+        # is gone never reaches: the coordination client then aborts with a C++ stack trace.
+        os._exit(EXIT_FAILED)
     return EXIT_STATUS["finished"]
 
 
