@@ -321,3 +321,51 @@ def test_a_newest_checkpoint_without_read_permission_is_refused(cache_dir, tmp_p
     after = snapshot(run)
     assert {k: v for k, v in after.items() if k != "."} == \
         {k: v for k, v in before.items() if k != "."}
+
+
+def test_a_file_as_experiment_out_is_refused(cache_dir, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("mine")
+    assert cli.main(["experiment", "masking", "--out", str(out), "--cache", str(cache_dir),
+                     "--no-progress", *SMALL, *SHORT]) == 2
+    assert "is a file" in one_line(capsys.readouterr().err) and out.read_text() == "mine"
+
+
+def test_a_read_only_finished_cache_is_reused(cache_dir, monkeypatch):
+    deny(monkeypatch, "relu_sparsity.runs.folder", cache_dir, os.W_OK)
+    deny(monkeypatch, "relu_sparsity.runs.folder", cache_dir.parent, os.W_OK)
+    before = snapshot(cache_dir.parent)
+    paths = json.loads((cache_dir / "meta.json").read_text())["paths"]
+    assert data.prepare(cache_dir, paths, vocab_size=512, eval_fraction=0.2,
+                        progress=False) == cache_dir
+    assert snapshot(cache_dir.parent) == before
+
+
+LOCK_HOLDER = """
+import sys, time
+from relu_sparsity.runs import lock
+with lock.held(sys.argv[1], "folder"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_lock_held_by_another_process_refuses_until_it_is_gone(tmp_path, caplog):
+    lock_file = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(lock_file)],
+                              cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lock.FolderLocked, match=f"in use by process {holder.pid} on host "
+                                                    f"{socket.gethostname()}"):
+            lock.acquire(lock_file, "folder")
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock.held(lock_file, "folder"):  # its process is gone: the lock is stale
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert not lock_file.exists()
+    assert [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()] == [
+        f"folder: taking over the lock of process {holder.pid} on {socket.gethostname()}, "
+        "which no longer runs"]

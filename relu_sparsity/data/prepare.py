@@ -81,8 +81,9 @@ def prepare(
     """
     _check_arguments(vocab_size, eval_fraction, max_tokens, tokenizer_sample_chars)
     cache_dir = pathlib.Path(cache_dir).expanduser()
-    check_writable_folder(cache_dir, "token cache folder", replaced=True)
-    _check_replaceable(cache_dir)
+    if not (cache_dir / "meta.json").is_file():  # a finished cache may be reused read-only
+        check_writable_folder(cache_dir, "token cache folder", replaced=True)
+        _check_replaceable(cache_dir)
     vocab_model = load_vocabulary(vocab) if vocab is not None else None
     source = open_source(source, eval_fraction=eval_fraction, seed=seed, text_key=text_key)
     settings = {
@@ -94,6 +95,7 @@ def prepare(
     if _reusable(cache_dir, settings, source.fingerprint()):
         log.info("reusing token cache %s (corpus %s)", cache_dir, source.fingerprint()[:12])
         return cache_dir
+    check_writable_folder(cache_dir, "token cache folder", replaced=True)
     log.info("preparing token cache %s from %s", cache_dir,
              json.dumps({k: v for k, v in source.describe().items() if v is not None}))
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
