@@ -7,6 +7,7 @@ are tested through what the code checks, `os.access`, monkeypatched to deny."""
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,10 +61,30 @@ def write_lock(path: Path, pid: int, host: str | None = None) -> None:
     path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
 
 
+@pytest.fixture(scope="module")
+def trained(cache_dir, tmp_path_factory) -> Path:
+    """A finished 4-step run (checkpoints 2 and 4) whose cache was named relative to the working
+    directory; tests take a copy."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    cwd = os.getcwd()
+    os.chdir(cache_dir.parent)
+    try:
+        status = cli.main(["train", "--run-dir", str(run), "--cache", cache_dir.name,
+                           "--no-progress", "--no-report", *SMALL, *SHORT])
+    finally:
+        os.chdir(cwd)
+    assert status == 0
+    return run
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
 # A refused resume changes nothing ----------------------------------------------------------------
-def test_a_refused_resume_leaves_the_config_as_it_was(cache_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert run_cli(capsys, run, cache_dir, *SHORT)[0] == 0
+def test_a_refused_resume_leaves_the_config_as_it_was(cache_dir, trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path)
     config = run / "config.json"
     before = (config.read_bytes(), config.stat().st_mtime_ns)
     time.sleep(0.01)
@@ -72,6 +93,18 @@ def test_a_refused_resume_leaves_the_config_as_it_was(cache_dir, tmp_path, capsy
     assert status == 2 and "does not fit this model" in one_line(err)
     assert (config.read_bytes(), config.stat().st_mtime_ns) == before
     assert json.loads(config.read_bytes())["model"]["d_ff"] == 48
+
+
+def test_a_newest_checkpoint_without_read_permission_is_refused(cache_dir, trained, tmp_path,
+                                                                capsys, monkeypatch):
+    run = copy_of(trained, tmp_path)
+    newest = run / "checkpoints" / "00000004" / "state" / "manifest.ocdbt"
+    assert newest.is_file() and (run / "checkpoints" / "00000002").is_dir()
+    before = snapshot(run)
+    deny(monkeypatch, "relu_sparsity.runs.checkpoints", newest, os.R_OK)
+    status, err = run_cli(capsys, run, cache_dir, *SHORT)
+    assert status == 2 and "no permission to read" in one_line(err) and "00000004" in err
+    assert snapshot(run) == before  # no fallback to checkpoint 2, nothing rewritten
 
 
 # One writer per folder ---------------------------------------------------------------------------
@@ -84,10 +117,9 @@ def test_a_second_writer_of_a_run_folder_is_refused(cache_dir, tmp_path, capsys,
     assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()
 
 
-def test_a_stale_lock_is_taken_over_and_released(cache_dir, tmp_path, capsys, caplog,
+def test_a_stale_lock_is_taken_over_and_released(cache_dir, trained, tmp_path, capsys, caplog,
                                                  dead_pid):
-    run = tmp_path / "run"
-    run.mkdir()
+    run = copy_of(trained, tmp_path)
     write_lock(run / ".lock", dead_pid)
     status, _ = run_cli(capsys, run, cache_dir, *SHORT)
     assert status == 0
@@ -270,59 +302,7 @@ def test_experiment_refusing_a_changed_run_names_its_own_flags(cache_dir, tmp_pa
     assert "--allow-config-change" not in line and "--run-dir" not in line
 
 
-# The cache, however it is named ----------------------------------------------------------------
-def test_the_same_cache_by_another_path_resumes(cache_dir, tmp_path, capsys, monkeypatch):
-    run = tmp_path / "run"
-    monkeypatch.chdir(cache_dir.parent)
-    assert run_cli(capsys, run, Path(cache_dir.name), *SHORT)[0] == 0
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["data"]["cache"] == str(cache_dir)  # absolute, whatever was typed
-    metrics = (run / "metrics.jsonl").read_bytes()
-    monkeypatch.chdir(tmp_path)
-    relative = os.path.relpath(cache_dir, tmp_path)
-    status, err = run_cli(capsys, run, Path(relative), *SHORT)
-    assert status == 0, err
-    # A config.json that names the cache relative to another working directory: the same
-    # corpus is the same cache.
-    saved["data"]["cache"] = cache_dir.name
-    (run / "config.json").write_text(json.dumps(saved))
-    status, err = run_cli(capsys, run, cache_dir, *SHORT)
-    assert status == 0, err
-    assert (run / "metrics.jsonl").read_bytes() == metrics  # complete: nothing retrained
-    status, err = run_cli(capsys, run, cache_dir, *SHORT, "train.seed=1")
-    assert status == 2 and "train.seed: 0 -> 1" in err and "data.cache" not in err
-
-
-def test_train_config_of_a_run_resumes_that_run(cache_dir, tmp_path, capsys, monkeypatch):
-    run = tmp_path / "a" / "run"
-    monkeypatch.chdir(cache_dir.parent)
-    assert run_cli(capsys, run, Path(cache_dir.name), *SHORT, "train.steps=2")[0] == 0
-    elsewhere = tmp_path / "b"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    metrics = (run / "metrics.jsonl").read_bytes()
-    status = cli.main(["train", "--config", str(run / "config.json"), "--no-progress",
-                       "--no-report"])
-    assert status == 0, capsys.readouterr().err
-    assert (run / "metrics.jsonl").read_bytes() == metrics  # complete: nothing retrained
-    assert list(elsewhere.iterdir()) == []  # no runs/<name> here
-
-
-def test_a_newest_checkpoint_without_read_permission_is_refused(cache_dir, tmp_path, capsys,
-                                                                monkeypatch):
-    run = tmp_path / "run"
-    assert run_cli(capsys, run, cache_dir, *SHORT, "train.steps=6")[0] == 0
-    newest = run / "checkpoints" / "00000006" / "state" / "manifest.ocdbt"
-    assert newest.is_file() and (run / "checkpoints" / "00000004").is_dir()
-    before = snapshot(run)
-    deny(monkeypatch, "relu_sparsity.runs.checkpoints", newest, os.R_OK)
-    status, err = run_cli(capsys, run, cache_dir, *SHORT, "train.steps=6")
-    assert status == 2 and "no permission to read" in one_line(err) and "00000006" in err
-    after = snapshot(run)
-    assert {k: v for k, v in after.items() if k != "."} == \
-        {k: v for k, v in before.items() if k != "."}
-
-
+# Experiment outputs, caches and locks -----------------------------------------------------------
 def test_a_file_as_experiment_out_is_refused(cache_dir, tmp_path, capsys):
     out = tmp_path / "file"
     out.write_text("mine")
@@ -369,3 +349,37 @@ def test_a_lock_held_by_another_process_refuses_until_it_is_gone(tmp_path, caplo
     assert [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()] == [
         f"folder: taking over the lock of process {holder.pid} on {socket.gethostname()}, "
         "which no longer runs"]
+
+
+# The cache, however it is named ----------------------------------------------------------------
+def test_the_same_cache_by_another_path_resumes(cache_dir, trained, tmp_path, capsys,
+                                                 monkeypatch):
+    run = copy_of(trained, tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data"]["cache"] == str(cache_dir)  # absolute, whatever was typed
+    metrics = (run / "metrics.jsonl").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    status, err = run_cli(capsys, run, Path(os.path.relpath(cache_dir, tmp_path)), *SHORT)
+    assert status == 0, err
+    # A config.json that names the cache relative to another working directory: the same
+    # corpus is the same cache.
+    saved["data"]["cache"] = cache_dir.name
+    (run / "config.json").write_text(json.dumps(saved))
+    status, err = run_cli(capsys, run, cache_dir, *SHORT)
+    assert status == 0, err
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # complete: nothing retrained
+    status, err = run_cli(capsys, run, cache_dir, *SHORT, "train.seed=1")
+    assert status == 2 and "train.seed: 0 -> 1" in err and "data.cache" not in err
+
+
+def test_train_config_of_a_run_resumes_that_run(trained, tmp_path, capsys, monkeypatch):
+    run = copy_of(trained, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    status = cli.main(["train", "--config", str(run / "config.json"), "--no-progress",
+                       "--no-report"])
+    assert status == 0, capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # complete: nothing retrained
+    assert list(elsewhere.iterdir()) == []  # no runs/<name> here
