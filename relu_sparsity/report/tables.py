@@ -245,7 +245,8 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
                      2: f"{span}{after}",
                      3: f"{span}{after}: over the kept units"}
     if len(window) < last_k:
-        short = f" (only {len(window)} logged steps have per-layer metrics; {last_k} were asked for)"
+        short = (f" (only {len(window)} logged steps have per-layer metrics; {last_k} were "
+                 "asked for)")
         spans = {k: v + short for k, v in spans.items()}
 
     out += [
