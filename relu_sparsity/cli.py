@@ -413,6 +413,11 @@ def cmd_tune(args) -> None:
                        limit=args.candidates, repeats=args.repeats, out=args.out)
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2) + "\n")
+    failed = [shape for shape, rows in result["rows"].items()
+              if not any("ms" in row for row in rows)]
+    if failed:
+        raise PartFailed(f"no candidate passed at {', '.join(failed)}: their configurations "
+                         "are unchanged (the log says why each failed)")
 
 
 def cmd_profile(args) -> None:

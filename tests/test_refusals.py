@@ -383,3 +383,15 @@ def test_train_config_of_a_run_resumes_that_run(trained, tmp_path, capsys, monke
     assert status == 0, capsys.readouterr().err
     assert (run / "metrics.jsonl").read_bytes() == metrics  # complete: nothing retrained
     assert list(elsewhere.iterdir()) == []  # no runs/<name> here
+
+
+def test_tune_with_a_shape_where_nothing_passed_exits_non_zero(capsys, monkeypatch):
+    from relu_sparsity.bench import tune
+
+    rows = {"256x128x512": [{"config": {}, "base": True, "error": "ValueError: inexact"}],
+            "512x128x512": [{"config": {}, "base": True, "ms": 1.0}]}
+    monkeypatch.setattr(tune, "main", lambda *a, **k: {"rows": rows})
+    assert cli.main(["tune", "--backend", "pallas_tpu", "--shapes", "256x128x512",
+                     "512x128x512"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "no candidate passed at 256x128x512:" in line and "512x128x512" not in line
