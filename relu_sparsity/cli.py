@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from relu_sparsity.kernels import BackendUnavailableError
@@ -469,12 +470,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lost_a_process(err: Exception) -> bool:
-    """A runtime error of a multi-process run: a collective or the coordination service lost
-    a peer."""
+# Words of the runtime's errors when a collective or the coordination service loses a peer.
+PEER_LOST = ("Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE", "Gloo",
+             "NCCL", "barrier", "Barrier")
+
+
+def multi_process_error(err: Exception) -> bool:
+    """A runtime error of a multi-process run."""
     jax = sys.modules.get("jax")
     return (jax is not None and isinstance(err, jax.errors.JaxRuntimeError)
             and jax.process_count() > 1)
+
+
+def lost_a_peer(err: Exception) -> bool:
+    return any(word in str(err) for word in PEER_LOST)
 
 
 def first_line(err: Exception) -> str:
@@ -505,11 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relu-sparsity {args.command}: {stop.status}: {stop}", file=sys.stderr)
         return EXIT_STATUS[stop.status]
     except Exception as err:
-        if not lost_a_process(err):
+        if not multi_process_error(err):
             raise
-        print(f"relu-sparsity {args.command}: stopped: another process of the run is gone "
-              f"({first_line(err)}); start every process again to resume from the last "
-              "checkpoint", file=sys.stderr)
+        if not lost_a_peer(err):  # a failure of this process: its traceback helps
+            traceback.print_exc()
+        what = "another process of the run is gone" if lost_a_peer(err) else "it failed"
+        print(f"relu-sparsity {args.command}: stopped: {what} ({first_line(err)}); start every "
+              "process again to resume from the last checkpoint", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # Python's exit would run jax.distributed's shutdown barrier, which the process that

@@ -395,3 +395,30 @@ def test_tune_with_a_shape_where_nothing_passed_exits_non_zero(capsys, monkeypat
                      "512x128x512"]) == 1
     line = one_line(capsys.readouterr().err)
     assert "no candidate passed at 256x128x512:" in line and "512x128x512" not in line
+
+
+@pytest.mark.parametrize("message, lost", [
+    ("INTERNAL: Gloo all-reduce failed: Read error: Connection reset by peer", True),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate", False),
+])
+def test_a_multi_process_runtime_error_ends_in_one_line(tmp_path, capsys, monkeypatch, message,
+                                                        lost):
+    import jax
+
+    def fail(args):
+        raise jax.errors.JaxRuntimeError(message)
+
+    def exit_now(status):  # os._exit, which skips the shutdown barrier, as an exception here
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli, "cmd_report", fail)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["report", str(tmp_path)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("relu-sparsity report: stopped: ") and message in last
+    assert ("another process of the run is gone" in last) == lost
+    assert ("Traceback" in err) == (not lost)
