@@ -422,3 +422,16 @@ def test_a_multi_process_runtime_error_ends_in_one_line(tmp_path, capsys, monkey
     assert last.startswith("relu-sparsity report: stopped: ") and message in last
     assert ("another process of the run is gone" in last) == lost
     assert ("Traceback" in err) == (not lost)
+
+
+def test_a_lock_without_hard_links_is_made_exclusively(tmp_path, monkeypatch, live_pid):
+    def no_links(src, dst):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(lock.os, "link", no_links)
+    with lock.held(tmp_path / ".lock", "folder"):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert list(tmp_path.iterdir()) == []
+    write_lock(tmp_path / ".lock", live_pid)
+    with pytest.raises(lock.FolderLocked, match=f"process {live_pid}"):
+        lock.acquire(tmp_path / ".lock", "folder")

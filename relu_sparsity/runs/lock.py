@@ -55,8 +55,20 @@ def _try_create(lock_file: Path, content: str) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links
+        return _try_create_exclusive(lock_file, content)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _try_create_exclusive(lock_file: Path, content: str) -> bool:
+    try:
+        fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    return True
 
 
 def _remove_if_unchanged(lock_file: Path, holder: dict) -> None:
@@ -84,10 +96,11 @@ def acquire(lock_file: Path, what: str) -> None:
         if holder is None:
             continue
         if not is_stale(holder):
+            who = (f"process {holder.get('pid')} on host {holder.get('host')}"
+                   if holder.get("pid") is not None else "a process that left no readable pid")
             raise FolderLocked(
-                f"{what} is in use by process {holder.get('pid')} on host "
-                f"{holder.get('host')} (lock file {lock_file}); wait for it to finish, or "
-                "remove the lock file if that process is gone")
+                f"{what} is in use by {who} (lock file {lock_file}); wait for it to finish, "
+                "or remove the lock file if that process is gone")
         log.warning("%s: taking over the lock of process %s on %s, which no longer runs",
                     what, holder["pid"], holder["host"])
         _remove_if_unchanged(lock_file, holder)
