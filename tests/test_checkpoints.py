@@ -196,6 +196,22 @@ def test_corrupted_newest_falls_back(tmp_path, caplog, how):
         assert checkpoints.restore_latest(lambda m: abstract(states[8]))[0] == 8
 
 
+def test_a_torn_checkpoint_without_checksums_is_one_warning_line(tmp_path, caplog):
+    # Without checksums.json (its process stopped right after the save) TensorStore finds the
+    # damage, and its message goes on with the whole array spec.
+    states = {step: make_state(step=step) for step in (4, 8)}
+    with Checkpoints(tmp_path, keep=3) as checkpoints:
+        for step, state in states.items():
+            checkpoints.save(step, state, make_meta())
+    (tmp_path / "00000008" / "checksums.json").unlink()
+    corrupt(tmp_path, 8, "truncate")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), Checkpoints(tmp_path, 3) as checkpoints:
+        assert checkpoints.restore_latest(lambda m: abstract(states[4]))[0] == 4
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "TensorStore(" not in warnings[0]
+    assert len(warnings[0]) < 400, warnings[0]
+
+
 def random_state(step: int) -> State:
     """make_state with random weights: stored uncompressed, where a changed byte goes unnoticed
     by the compression."""

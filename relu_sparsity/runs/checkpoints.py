@@ -225,7 +225,8 @@ def _outcome(error: Exception | None) -> int:
 def first_line(error: Exception) -> str:
     """An error as one line: TensorStore's messages go on with the whole array spec."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text.split(" See full TensorStore details")[0]
+    for spec in (" See full TensorStore details", " [tensorstore_spec="):
+        text = text.split(spec)[0]
     return f"{type(error).__name__}: {text}"
 
 
