@@ -2,10 +2,13 @@
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from relu_sparsity.kernels import BackendUnavailableError
+from relu_sparsity.runs.reader import CONFIG_FILE, METRICS_FILE
 from relu_sparsity.train.config import PRESETS, field_help
 
 EPILOG_TRAIN = f"""\
@@ -21,6 +24,15 @@ exit status: 0 finished, 2 refused before any work (bad input), 3 diverged (a no
 or gradient norm; every checkpoint kept holds finite values), 75 interrupted (Ctrl-C or SIGTERM,
 checkpointed: run the same command again to resume)
 """
+
+
+# The exit status of a command of which a part failed: a bench variant, or another process of a
+# multi-process run (see EXIT_STATUS for the others).
+EXIT_FAILED = 1
+
+
+class PartFailed(Exception):
+    """A part of the command failed; the rest was done and reported."""
 
 
 def config_name(text: str) -> str:
@@ -103,8 +115,9 @@ def _add_train(sub) -> None:
     train.add_argument("--config", default="tiny", type=config_name, metavar="PRESET|FILE.json",
                        help=f"preset ({', '.join(sorted(PRESETS))}; default: tiny, a few minutes "
                        "on a CPU) or a JSON file of config fields, e.g. a run's config.json")
-    train.add_argument("--run-dir", help="run folder (default: runs/<the config's name>); an "
-                       "existing one is resumed")
+    train.add_argument("--run-dir", help="run folder (default: the folder of --config "
+                       "RUN/config.json, else runs/<the config's name>); an existing one is "
+                       "resumed")
     train.add_argument("--cache", help="token cache folder from `prepare` (default: the "
                        "default corpus, prepared on first use)")
     train.add_argument("--instrument", choices=("fused", "xla", "off"),
@@ -294,7 +307,7 @@ def cmd_train(args) -> None:
     import jax
 
     from relu_sparsity.train.parallel import start_processes
-    from relu_sparsity.train.trainer import train
+    from relu_sparsity.train.trainer import ConfigChanged, train
 
     overrides = common_overrides(args)
     if args.prune:
@@ -310,23 +323,52 @@ def cmd_train(args) -> None:
         print(f"--widths-from {args.widths_from}: per-layer d_ff {used} (units it used per "
               "batch over its last logged steps, after its prune step if it pruned)")
     config = config_lib.load(args.config, overrides)
-    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    if args.prune_at is not None and config.train.prune == "none":
+        raise ValueError("--prune-at chooses the step of --prune mask|compact|random; without "
+                         "--prune it would be ignored")
+    run_dir = Path(args.run_dir or run_folder_of(args.config) or Path("runs") / config.name)
     start_processes(args.coordinator_address, args.num_processes, args.process_id,
                     args.heartbeat_timeout)
-    train(config, run_dir, allow_config_change=args.allow_config_change,
-          progress=not args.no_progress, start_over=args.start_over,
-          profile_steps=args.profile_steps)
+    try:
+        train(config, run_dir, allow_config_change=args.allow_config_change,
+              progress=not args.no_progress, start_over=args.start_over,
+              profile_steps=args.profile_steps)
+    except ConfigChanged as err:
+        raise ValueError(f"{err}; pass --allow-config-change to resume it with this one, or "
+                         "choose another --run-dir") from None
     if not args.no_report and jax.process_index() == 0:
         tables = write_report([run_dir], last_k=config.train.mean_last)
         print(f"\nrun folder: {run_dir}\ntables: {tables}\nplots: {run_dir / 'plots'}\n")
         print(Path(tables).read_text())
 
 
+def run_folder_of(config_file: str) -> Path | None:
+    """The run folder whose config.json `--config` names (a later `train` resumes it), or
+    None for a preset or another JSON file."""
+    path = Path(config_file)
+    if path.name == CONFIG_FILE and ((path.parent / METRICS_FILE).is_file()
+                                     or (path.parent / "checkpoints").is_dir()):
+        return path.parent
+    return None
+
+
 def cmd_experiment(args) -> None:
+    from relu_sparsity.runs.folder import check_writable_folder
     from relu_sparsity.train import config as config_lib
     from relu_sparsity.train import experiments
+    from relu_sparsity.train.trainer import ConfigChanged
 
     config = config_lib.load(args.config, common_overrides(args))
+    check_writable_folder(args.out, "--out")
+    try:
+        run_experiment(args, config, experiments)
+    except ConfigChanged as err:
+        raise ValueError(f"{err}; an experiment resumes only the runs of its own "
+                         "configuration: choose another --out, or delete that run folder to "
+                         "train it again") from None
+
+
+def run_experiment(args, config, experiments) -> None:
     if args.which == "masking":
         prune_at = args.prune_at if args.prune_at is not None else config.train.steps // 3
         table = experiments.masking_experiment(config, args.out, prune_at,
@@ -341,12 +383,26 @@ def cmd_experiment(args) -> None:
         table = experiments.capacity_experiment(config, args.out, progress=not args.no_progress)
     print(Path(table).read_text())
     print(f"comparison: {table}; tables and plots: {Path(args.out) / 'tables.md'}")
+    if args.which == "sweep":
+        from relu_sparsity.train.sweep import diverged_points
+        from relu_sparsity.train.trainer import Diverged
+
+        diverged = diverged_points(args.out, {"lr": args.lr, "d_ff": args.d_ff,
+                                              "layers": args.layers})
+        if diverged:
+            raise Diverged(f"{len(diverged)} sweep point(s) diverged: {', '.join(diverged)}; "
+                           "the others finished")
 
 
 def cmd_report(args) -> None:
     from relu_sparsity.report import write_report
+    from relu_sparsity.runs.folder import check_writable_folder
     from relu_sparsity.runs.reader import config_value, read_config_or_empty
 
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise ValueError(f"{run} is not a run folder")
+    check_writable_folder(args.out or args.runs[0], "--out")
     last_k = args.last_k
     if last_k is None:
         ks = [config_value(read_config_or_empty(r), "train.mean_last") for r in args.runs]
@@ -365,6 +421,11 @@ def cmd_tune(args) -> None:
                        limit=args.candidates, repeats=args.repeats, out=args.out)
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2) + "\n")
+    failed = [shape for shape, rows in result["rows"].items()
+              if not any("ms" in row for row in rows)]
+    if failed:
+        raise PartFailed(f"no candidate passed at {', '.join(failed)}: their configurations "
+                         "are unchanged (the log says why each failed)")
 
 
 def cmd_profile(args) -> None:
@@ -380,7 +441,10 @@ def cmd_bench(args) -> None:
         import json
 
         from relu_sparsity.bench import train_step
+        from relu_sparsity.train.config import preset
 
+        for instrument in args.instruments:  # a bad preset or override: refused before any run
+            preset(args.train_step, [f"instrument={instrument}", *args.set])
         rows = train_step.run_isolated(args.train_step, args.instruments, args.set,
                                        rounds=args.repeats, prunes=tuple(args.prune),
                                        keep_fraction=args.keep_fraction,
@@ -391,6 +455,10 @@ def cmd_bench(args) -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=2)
+        failed = [f"{r['instrument']} (prune {r['prune']})" for r in rows if "error" in r]
+        if failed:
+            raise PartFailed(f"{len(failed)} of {len(rows)} train-step variants failed: "
+                             f"{', '.join(failed)}; the table shows each error")
         return
     from relu_sparsity.bench.kernels import main as bench_main
 
@@ -411,6 +479,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Words of the runtime's errors when a collective or the coordination service loses a peer.
+PEER_LOST = ("Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE", "Gloo",
+             "NCCL", "barrier", "Barrier")
+
+
+def multi_process_error(err: Exception) -> bool:
+    """A runtime error of a multi-process run."""
+    jax = sys.modules.get("jax")
+    return (jax is not None and isinstance(err, jax.errors.JaxRuntimeError)
+            and jax.process_count() > 1)
+
+
+def lost_a_peer(err: Exception) -> bool:
+    return any(word in str(err) for word in PEER_LOST)
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -427,9 +516,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_STATUS["refused"]
+    except PartFailed as err:
+        print(f"relu-sparsity {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except TrainingStopped as stop:
         print(f"relu-sparsity {args.command}: {stop.status}: {stop}", file=sys.stderr)
         return EXIT_STATUS[stop.status]
+    except Exception as err:
+        if not multi_process_error(err):
+            raise
+        if not lost_a_peer(err):  # a failure of this process: its traceback helps
+            traceback.print_exc()
+        what = "another process of the run is gone" if lost_a_peer(err) else "it failed"
+        print(f"relu-sparsity {args.command}: stopped: {what} ({first_line(err)}); start every "
+              "process again to resume from the last checkpoint", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Python's exit would run jax.distributed's shutdown barrier, which the process that
+        # is gone never reaches: the coordination client then aborts with a C++ stack trace.
+        os._exit(EXIT_FAILED)
     return EXIT_STATUS["finished"]
 
 

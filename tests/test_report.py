@@ -393,3 +393,34 @@ def test_reports_need_no_jax(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("tables.md")
+
+
+def caption(md: str, table: int) -> str:
+    return next(line for line in md.splitlines() if line.startswith(f"*Table {table}: "))
+
+
+def test_pruned_captions_name_each_tables_own_base(tmp_path):
+    run = make_run(tmp_path, "compact", widths_at=lambda t: [64, 64, 64] if t < 6 else [40, 23, 64])
+    records = reader.read_metrics(run)
+    records[5]["pruned"] = {"mode": "compact", "kept": [40, 23, 64]}
+    md = tables.format_tables("compact", records, 3)
+    first, second, third = (caption(md, k) for k in (1, 2, 3))
+    assert "after the prune step 50" in first and "kept width" in first
+    assert "Per-Batch of Orig." in first
+    # Table 2 is of the original width: no "kept width"; Table 3 has no Per-Batch column.
+    assert "after the prune step 50" in second and "kept width" not in second
+    assert "percent of the layer's original width" in second
+    assert "after the prune step 50" in third and "Per-Batch" not in third
+    assert "kept width" not in third
+
+
+def test_auto_prune_that_never_fired_is_said(tmp_path):
+    run = make_run(tmp_path, "auto")
+    config = {"train": {"prune": "compact", "prune_at": "auto", "prune_window": 200}}
+    records = reader.read_metrics(run)
+    md = tables.format_tables("auto", records, 3, config=config)
+    assert "--prune-at auto never fired** (up to step 110)" in md
+    assert "train.prune_window = 200" in md
+    records[5]["pruned"] = {"mode": "compact", "kept": [40, 23, 64]}
+    assert "never fired" not in tables.format_tables("auto", records, 3, config=config)
+    assert "never fired" not in tables.format_tables("auto", records, 3, config={})

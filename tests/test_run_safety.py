@@ -85,6 +85,8 @@ def test_skip_mode_skips_updates_then_stops(cache_dir, tmp_path, capsys):
     ("train.steps=2.5", "train.steps"),
     ("model.d_ff=[48,\"a\"]", "model.d_ff"),
     ("train.b1=1.5", "train.b1"),
+    ("train.peak_lr=NaN", "train.peak_lr"),
+    ("train.peak_lr=Infinity", "train.peak_lr"),
     ("train.on_nonfinite=retry", "train.on_nonfinite"),
     (f"model.d_ff={10 ** 12}", "model.d_ff"),  # does not fit in memory
     ("kernel=pallas_tpu", "kernel"),  # without --instrument fused
@@ -184,3 +186,12 @@ def test_a_cpu_machine_prints_no_gpu_plugin_error(tmp_path):
 def test_bench_seq_len_that_does_not_divide_names_the_flag(capsys):
     assert cli.main(["bench", "--shapes", "256x128x512", "--seq-len", "100"]) == 2
     assert "--seq-len 100" in capsys.readouterr().err
+
+
+def test_auto_prune_that_never_fired_says_so(cache_dir, tmp_path, capsys, caplog):
+    status, _ = run_cli(capsys, tmp_path / "run", cache_dir, "train.steps=4", "train.log_every=2",
+                        "train.eval_every=100", "train.checkpoint_every=4", "--prune", "compact",
+                        "--prune-at", "auto")
+    assert status == 0
+    said = [r.getMessage() for r in caplog.records if "never fired" in r.getMessage()]
+    assert len(said) == 1 and "no logged step up to 3" in said[0]

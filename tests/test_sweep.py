@@ -51,12 +51,13 @@ def test_sweep_over_width_draws_figure_3_and_marks_a_diverged_point(cache_dir, t
                        str(cache_dir), "--no-progress", "--d-ff", "32", "64"])
     assert status == 0
     text = (tmp_path / "s" / "sweep.md").read_text()
-    assert "dff=32 | step 11" in text and "dff=64 | step 11" in text
+    assert "dff=32 | finished" in text and "dff=64 | finished" in text
     assert "fig3_use_vs_d_ff.png" in text and (tmp_path / "s/plots/fig3_use_vs_d_ff.png").exists()
     status = cli.main(["experiment", "sweep", *SMALL, "train.clip_norm=0", "--out",
                        str(tmp_path / "d"), "--cache", str(cache_dir), "--no-progress",
                        "--lr", "1e30"])
-    assert status == 0  # a diverged point ends the point, not the sweep
+    assert status == 3  # a diverged point ends the point, not the sweep; the status says so
+    assert "1 sweep point(s) diverged: lr=1e+30" in capsys.readouterr().err
     text = (tmp_path / "d" / "sweep.md").read_text()
     assert "lr=1e+30 | **diverged at step" in text
     assert "diverged at step" in text[text.index("### Table 5"):]

@@ -17,6 +17,7 @@ from relu_sparsity.kernels.contract import check_seq_len
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
 from relu_sparsity.kernels.tile_configs import tiles_source
+from relu_sparsity.train.preflight import device_memory
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
     plans = []
     for shape in shapes:
         t, d, f = parse_shape(shape)
+        check_fits(shape, t, d, f, dtype)
         plans.append((shape, t, d, f, seq_len_for(t, seq_len)))
     rows = []
     for shape, t, d, f, shape_seq_len in plans:
@@ -81,6 +83,17 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
                          "tflops": flops / ms / 1e9, "ratio": ms / base,
                          "tiles": variant_tiles(name, (t, d, f), dtype)})
     return rows
+
+
+def check_fits(shape: str, t: int, d: int, f: int, dtype: str) -> None:
+    """Refuses a shape whose inputs and output alone (x, w1, b1 and h) exceed the device's
+    memory."""
+    need = (t * d + d * f + f + t * f) * jax.numpy.dtype(dtype).itemsize
+    where, capacity = device_memory()
+    if capacity is not None and need > capacity:
+        raise ValueError(f"shape {shape} does not fit: x, w1, b1 and h alone take "
+                         f"{need / 2**30:.1f} GiB in {dtype} and the {where} memory is "
+                         f"{capacity / 2**30:.1f} GiB; choose a smaller T x D x F")
 
 
 def variant_tiles(variant: str, shape: tuple[int, int, int], dtype: str) -> str | None:

@@ -11,13 +11,18 @@ Cache layout (one directory):
                           presence marks a complete build
 """
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -36,6 +41,8 @@ from relu_sparsity.data.tokenizer import (
     tokenizer_sample,
     train_tokenizer,
 )
+from relu_sparsity.runs import lock
+from relu_sparsity.runs.folder import check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +80,11 @@ def prepare(
     moved into place.
     """
     _check_arguments(vocab_size, eval_fraction, max_tokens, tokenizer_sample_chars)
-    vocab_model = load_vocabulary(vocab) if vocab is not None else None
     cache_dir = pathlib.Path(cache_dir).expanduser()
+    if not (cache_dir / "meta.json").is_file():  # a finished cache may be reused read-only
+        check_writable_folder(cache_dir, "token cache folder", replaced=True)
+        _check_replaceable(cache_dir)
+    vocab_model = load_vocabulary(vocab) if vocab is not None else None
     source = open_source(source, eval_fraction=eval_fraction, seed=seed, text_key=text_key)
     settings = {
         "format": FORMAT, "source": source.kind, "requested_vocab_size": vocab_size,
@@ -85,8 +95,30 @@ def prepare(
     if _reusable(cache_dir, settings, source.fingerprint()):
         log.info("reusing token cache %s (corpus %s)", cache_dir, source.fingerprint()[:12])
         return cache_dir
+    check_writable_folder(cache_dir, "token cache folder", replaced=True)
     log.info("preparing token cache %s from %s", cache_dir,
              json.dumps({k: v for k, v in source.describe().items() if v is not None}))
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = cache_dir.with_name(f"{cache_dir.name}.lock")
+    with lock.held(lock_file, f"token cache folder {cache_dir}"), terminate_as_interrupt():
+        remove_stale_builds(cache_dir)
+        meta = _build(cache_dir, source, settings, vocab, vocab_model, vocab_size, seed,
+                      tokenizer_sample_chars, max_tokens, eval_fraction, progress)
+    if meta is None:
+        return cache_dir
+    total = meta["train_tokens"] + meta["eval_tokens"]
+    asked = f", asked {100 * eval_fraction:.2f}%" if source.kind != "tfds" else ""
+    log.info("prepared %s: %d train + %d eval tokens (eval %.2f%% of the tokens%s), vocab %d, "
+             "unigram entropy %.3f nats", cache_dir, meta["train_tokens"], meta["eval_tokens"],
+             100 * meta["eval_tokens"] / total, asked, meta["vocab_size"],
+             meta["unigram_entropy_nats"])
+    return cache_dir
+
+
+def _build(cache_dir, source, settings, vocab, vocab_model, vocab_size, seed,
+           tokenizer_sample_chars, max_tokens, eval_fraction, progress) -> dict | None:
+    """Builds the cache in `<cache_dir>.tmp-<pid>` and moves it into place; its meta, or None
+    where another process installed the same cache meanwhile."""
     tmp = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -108,18 +140,39 @@ def prepare(
             # Another process may have installed the same cache meanwhile; use it if it matches.
             if _reusable(cache_dir, settings, source.fingerprint()):
                 log.info("another process built %s meanwhile; using it", cache_dir)
-                return cache_dir
+                return None
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    total = meta["train_tokens"] + meta["eval_tokens"]
-    asked = f", asked {100 * eval_fraction:.2f}%" if source.kind != "tfds" else ""
-    log.info("prepared %s: %d train + %d eval tokens (eval %.2f%% of the tokens%s), vocab %d, "
-             "unigram entropy %.3f nats", cache_dir, meta["train_tokens"], meta["eval_tokens"],
-             100 * meta["eval_tokens"] / total, asked, meta["vocab_size"],
-             meta["unigram_entropy_nats"])
-    return cache_dir
+    return meta
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, as SIGINT does, so that the temporary build is
+    removed on either."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def remove_stale_builds(cache_dir: pathlib.Path) -> None:
+    """Removes the temporary folders that stopped builds of `cache_dir` left: with its lock
+    held, no other build of it runs."""
+    for path in cache_dir.parent.glob(f"{glob.escape(cache_dir.name)}.*-*"):
+        if path.is_dir() and re.fullmatch(r"(tmp|old)-\d+", path.name[len(cache_dir.name) + 1:]):
+            log.warning("removing %s, left by a build that stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_arguments(vocab_size, eval_fraction, max_tokens, tokenizer_sample_chars) -> None:
@@ -273,14 +326,17 @@ def _reusable(cache_dir: pathlib.Path, settings: dict, corpus_hash: str) -> bool
         meta.get(k) == v for k, v in settings.items())
 
 
+def _check_replaceable(cache_dir: pathlib.Path) -> None:
+    """Only ever replace an empty folder or an old cache, never a folder of someone's files."""
+    if cache_dir.is_dir() and any(cache_dir.iterdir()) and not (cache_dir / "meta.json").exists():
+        raise FileExistsError(f"{cache_dir} exists and is not a token cache; pick another "
+                              "cache folder")
+
+
 def _install(tmp: pathlib.Path, cache_dir: pathlib.Path) -> None:
     """Moves the finished `tmp` build to `cache_dir`, replacing an old cache there."""
     if cache_dir.exists():
-        contents = {p.name for p in cache_dir.iterdir()}
-        # Only ever replace an empty folder or an old cache, never a folder of someone's files.
-        if contents and "meta.json" not in contents:
-            raise FileExistsError(f"{cache_dir} exists and is not a token cache; pick another "
-                                  "cache folder")
+        _check_replaceable(cache_dir)
         old = cache_dir.with_name(f"{cache_dir.name}.old-{os.getpid()}")
         os.replace(cache_dir, old)
         os.replace(tmp, cache_dir)

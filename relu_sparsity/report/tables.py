@@ -141,6 +141,18 @@ def _widths_phrase(config: dict, records: list[dict]) -> str:
     return phrase
 
 
+def auto_prune_note(config: dict, records: list[dict]) -> str | None:
+    """What a run with train.prune_at=auto that never pruned has to say, else None."""
+    if (config_value(config, "train.prune_at") != "auto"
+            or config_value(config, "train.prune", "none") == "none" or not records
+            or prune_step(records) is not None):
+        return None
+    window = config_value(config, "train.prune_window")
+    return (f"**--prune-at auto never fired** (up to step {records[-1].get('step')}): no logged "
+            f"step had units unused for train.prune_window = {window} steps with none coming "
+            "back; the run trained at its full width.")
+
+
 def _summary_line(config: dict, records: list[dict], run_dir: str | Path | None) -> str:
     parts = []
     if run_dir is not None:
@@ -201,6 +213,9 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
         out += [f"**This run DIVERGED at step {diverged}** (a non-finite loss or gradient norm; "
                 "its `diverged` entry in metrics.jsonl says more). The tables cover the steps "
                 "logged before it.", ""]
+    never_fired = auto_prune_note(config, records)
+    if never_fired:
+        out += [never_fired, ""]
     window = last_layer_records(records, last_k)
     if not window:
         out += [NO_LAYERS_NOTE, ""]
@@ -215,6 +230,7 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
     if changed or len(set(map(str, last))) > 1:
         extra = [("Width", [str(w) for w in last])]
     table1_extra: list[tuple[str, list[str]]] = []
+    spans = {1: span, 2: span, 3: span}
     if changed:
         # Table 2's fractions are of the original width, Table 1's of the current one: show both.
         extra.append(("Orig. Width", [str(w) for w in first]))
@@ -222,24 +238,30 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
             f"{100 * used / w0:.1f}" for used, w0 in zip(used_units(records, last_k), first)])]
         pruned = prune_step(records)
         if pruned is not None and window[0]["step"] > pruned:
-            span += (f", after the prune step {pruned}: percent of the kept width; Per-Batch of "
-                     "Orig.: the same units as percent of the original width")
+            after = f", after the prune step {pruned}"
+            # Each table names its own base: Table 2's states stay fractions of the original width.
+            spans = {1: f"{span}{after}: percent of the kept width; Per-Batch of Orig.: the same "
+                        "units as percent of the original width",
+                     2: f"{span}{after}",
+                     3: f"{span}{after}: over the kept units"}
     if len(window) < last_k:
-        span += f" (only {len(window)} logged steps have per-layer metrics; {last_k} were asked for)"
+        short = (f" (only {len(window)} logged steps have per-layer metrics; {last_k} were "
+                 "asked for)")
+        spans = {k: v + short for k, v in spans.items()}
 
     out += [
         "### Table 1: hidden unit use per token, sequence and batch", "",
         _metric_table(means, TABLE1, table1_extra), "",
-        f"*Table 1: {span}. {TABLE1_CAPTION}*", "",
+        f"*Table 1: {spans[1]}. {TABLE1_CAPTION}*", "",
         "### Table 2: unit states relative to the first batch", "",
         _metric_table(means, TABLE2, extra), "",
-        f"*Table 2: {span}. {TABLE2_CAPTION}"
+        f"*Table 2: {spans[2]}. {TABLE2_CAPTION}"
         + (NEVER_ON_EVERY_STEP if every_step else NEVER_ON_LOGGED)
         + (" Width: d_ff at the last logged step." if extra else "")
         + (" Orig. Width: d_ff at the first." if len(extra) > 1 else "") + "*", "",
         "### Table 3: use-frequency percentiles within a sequence", "",
         _metric_table(means, TABLE3), "",
-        f"*Table 3: {span}. {TABLE3_CAPTION}*", "",
+        f"*Table 3: {spans[3]}. {TABLE3_CAPTION}*", "",
     ]
     return "\n".join(out)
 

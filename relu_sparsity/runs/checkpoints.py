@@ -11,10 +11,18 @@ Every process makes the same calls in the same order (orbax synchronizes the pro
 them). A save writes under a temporary name that orbax renames when every process is done, so a
 crash mid-save leaves the checkpoints before it readable; the oldest beyond `keep` is deleted
 only after the new one is complete.
+
+Once a save is complete, process 0 writes `checksums.json` into its step folder: the SHA-256 of
+every file. Orbax and TensorStore do not notice bytes changed in place in an uncompressed chunk,
+so a restore checks the files against it first and treats a mismatch as an unreadable
+checkpoint.
 """
 
 import base64
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +38,9 @@ log = logging.getLogger(__name__)
 
 LEGACY_GLOB = "ckpt_*.msgpack"
 ARRAY_TAG = "__ndarray__"
-READ, UNREADABLE, MISMATCH = 0, 1, 2  # a read's outcome; the processes take the largest
+CHECKSUMS_FILE = "checksums.json"
+# A read's outcome; the processes take the largest.
+READ, UNREADABLE, MISMATCH, DENIED = 0, 1, 2, 3
 
 
 class CheckpointMismatch(ValueError):
@@ -39,6 +49,15 @@ class CheckpointMismatch(ValueError):
 
 class NoReadableCheckpoint(ValueError):
     """Checkpoints exist, but none reads back."""
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's file does not match the checksum written when it was saved."""
+
+
+class CheckpointDenied(ValueError):
+    """A checkpoint's file or folder cannot be read for lack of permission: a fallback to an
+    older checkpoint would train on and fail later when orbax cleans up the folder."""
 
 
 def check_not_legacy(directory: str | Path) -> None:
@@ -72,6 +91,7 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, step_name_format=self._names, create=True,
                 cleanup_tmp_directories=True, enable_async_checkpointing=True))
+        self._unsealed: int | None = None  # the step saved without its checksums yet
         if start_over:
             self.delete_all()
 
@@ -95,12 +115,13 @@ class Checkpoints:
         A checkpoint already at `step` (one that did not read back, when an older one was
         resumed) is replaced."""
         encoded = _encode(meta, "meta")  # now: the caller may change its arrays afterwards
-        self._manager.wait_until_finished()
+        self.wait()
         if step in self._manager.all_steps():
             log.info("replacing checkpoint %d", step)
             self._manager.delete(step)
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(encoded)))
+        self._unsealed = step
 
     def restore_latest(self, template: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
         """The newest checkpoint that reads back, as (step, state, meta), or None when there is
@@ -123,19 +144,34 @@ class Checkpoints:
             if outcome == MISMATCH:
                 raise error if isinstance(error, CheckpointMismatch) else CheckpointMismatch(
                     f"checkpoint {step} does not fit this model (on another process)")
+            if outcome == DENIED:
+                raise error if isinstance(error, CheckpointDenied) else CheckpointDenied(
+                    f"checkpoint {step} cannot be read for lack of permission (on another "
+                    "process)")
             log.warning("checkpoint %d cannot be read (%s); trying the one before", step,
-                        f"{type(error).__name__}: {error}" if error else "on another process")
+                        first_line(error) if error else "on another process")
         if steps:
             raise NoReadableCheckpoint(f"no checkpoint in {self.directory} can be read (tried "
                                        f"steps {steps}; the log says why)")
         return None
 
     def wait(self) -> None:
-        """Block until the save in flight is written (and raise its error, if it failed)."""
+        """Block until the save in flight is written (and raise its error, if it failed), then
+        record its checksums."""
         self._manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
         self._manager.close()
+        self._seal()
+
+    def _seal(self) -> None:
+        """Process 0 writes the checksums of the save just completed."""
+        step, self._unsealed = self._unsealed, None
+        if step is None or jax.process_index() != 0 or step not in self._manager.all_steps():
+            return
+        folder = Path(self._names.find_step(epath.Path(self.directory), step).path)
+        write_checksums(folder)
 
     def delete_all(self) -> None:
         """Delete every checkpoint (--start-over)."""
@@ -149,6 +185,8 @@ class Checkpoints:
         never reach, while the others wait there; `restore_latest` agrees on the outcome
         instead."""
         folder = self._names.find_step(epath.Path(self.directory), step).path
+        check_permissions(step, Path(folder))
+        check_checksums(step, Path(folder))
         meta = _decode(ocp.JsonCheckpointHandler().restore(folder / "meta"))
         abstract = template(meta)
         handler = ocp.StandardCheckpointHandler()
@@ -179,7 +217,64 @@ def read_on_host(directory: str | Path, step: int) -> tuple[dict, dict]:
 def _outcome(error: Exception | None) -> int:
     if error is None:
         return READ
+    if isinstance(error, CheckpointDenied):
+        return DENIED
     return MISMATCH if isinstance(error, CheckpointMismatch) else UNREADABLE
+
+
+def first_line(error: Exception) -> str:
+    """An error as one line: TensorStore's messages go on with the whole array spec."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    for spec in (" See full TensorStore details", " [tensorstore_spec="):
+        text = text.split(spec)[0]
+    return f"{type(error).__name__}: {text}"
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` but the checksums, by relative path."""
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != CHECKSUMS_FILE:
+            with path.open("rb") as f:
+                digests[path.relative_to(folder).as_posix()] = hashlib.file_digest(
+                    f, "sha256").hexdigest()
+    return digests
+
+
+def write_checksums(folder: Path) -> None:
+    tmp = folder / f"{CHECKSUMS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(file_digests(folder), indent=1) + "\n")
+    os.replace(tmp, folder / CHECKSUMS_FILE)
+
+
+def check_checksums(step: int, folder: Path) -> None:
+    """Raises CheckpointDamaged where a file differs from its checksum or is missing. A
+    checkpoint without checksums (its process stopped right after the save) is read as is."""
+    path = folder / CHECKSUMS_FILE
+    if not path.is_file():
+        log.debug("checkpoint %d has no checksums", step)
+        return
+    try:
+        expected = json.loads(path.read_text())
+    except ValueError:
+        raise CheckpointDamaged(f"checkpoint {step}: {CHECKSUMS_FILE} is not valid JSON") from None
+    found = file_digests(folder)
+    for name, digest in expected.items():
+        if found.get(name) != digest:
+            what = "is missing" if name not in found else "does not match its checksum"
+            raise CheckpointDamaged(f"checkpoint {step}: {name} {what}")
+
+
+def check_permissions(step: int, folder: Path) -> None:
+    """Raises CheckpointDenied naming the first file or folder this process may not read."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise CheckpointDenied(f"checkpoint {step} cannot be read: no permission to read "
+                               f"{folder}; fix its permissions")
+    for path in sorted(folder.rglob("*")):
+        mode = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
+        if not os.access(path, mode):
+            raise CheckpointDenied(f"checkpoint {step} cannot be read: no permission to read "
+                                   f"{path}; fix its permissions")
 
 
 def _worst(outcome: int) -> int:

@@ -19,6 +19,7 @@ from relu_sparsity.runs.reader import CONFIG_FILE, METRICS_FILE, read_config, re
 STEP_DIGITS = 8
 CHECKPOINT_RE = re.compile(rf"\d{{{STEP_DIGITS}}}")
 MASK_RE = re.compile(r"step_(\d{8})\.npz$")
+LOCK_FILE = ".lock"  # runs/lock.py: the process writing the folder
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -40,6 +41,22 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+def check_writable_folder(path: str | Path, what: str, *, replaced: bool = False) -> None:
+    """Refuses a folder that cannot be written: a file in its place or above it, or no write
+    permission where it is or would be created. `replaced`: it is written under another name
+    and renamed into place, so its parent must be writable too."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: {existing} is a file")
+    for folder in {existing, path.parent if replaced and path.parent.exists() else existing}:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path} cannot be written: no write permission on "
+                             f"{folder}")
+
+
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -47,6 +64,12 @@ class RunFolder:
         self.checkpoints = self.path / "checkpoints"
         self.metrics_file = self.path / METRICS_FILE
         self.config_file = self.path / CONFIG_FILE
+
+    def check_usable(self) -> None:
+        """Refuses a folder this process cannot write, or whose checkpoints it cannot read."""
+        check_writable_folder(self.path, "run folder")
+        if self.checkpoints.exists() and not os.access(self.checkpoints, os.R_OK | os.X_OK):
+            raise ValueError(f"{self.checkpoints} cannot be read: no read permission")
 
     def create(self) -> None:
         for folder in (self.path, self.masks, self.checkpoints):

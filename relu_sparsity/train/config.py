@@ -7,6 +7,7 @@ and what is allowed.
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -149,6 +150,8 @@ def coerce(name: str, value: Any, hint) -> Any:
             return None
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {json.dumps(value)}")
             return float(value)
     elif hint is int or hint is bool or hint is str:
         if type(value) is hint:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from relu_sparsity.bench.timing import Timing
 from relu_sparsity.report import used_units, write_report
+from relu_sparsity.runs import lock
 from relu_sparsity.runs.reader import read_metrics
 from relu_sparsity.train.config import Config, apply_overrides
 from relu_sparsity.train.trainer import train
@@ -70,6 +71,11 @@ def masking_table(runs: dict[str, Path], prune_at: int, tokens_per_step: int) ->
 def masking_experiment(config: Config, out_dir: str | Path, prune_at: int, *,
                        progress: bool = True) -> Path:
     out = Path(out_dir)
+    with lock.folder_held(out, "experiment folder"):
+        return _masking(config, out, prune_at, progress)
+
+
+def _masking(config: Config, out: Path, prune_at: int, progress: bool) -> Path:
     runs = {name: out / name for name in MASKING_RUNS}
     for name, run in runs.items():
         fields = {} if name == "baseline" else {"prune": name, "prune_at": prune_at}
@@ -83,6 +89,11 @@ def masking_experiment(config: Config, out_dir: str | Path, prune_at: int, *,
 
 def capacity_experiment(config: Config, out_dir: str | Path, *, progress: bool = True) -> Path:
     out = Path(out_dir)
+    with lock.folder_held(out, "experiment folder"):
+        return _capacity(config, out, progress)
+
+
+def _capacity(config: Config, out: Path, progress: bool) -> Path:
     round1 = out / "round1"
     train(dataclasses.replace(config, name=f"{config.name}-round1"), round1, progress=progress)
     used1 = [max(1, round(u)) for u in used_units(read_metrics(round1), config.train.mean_last)]

@@ -16,7 +16,8 @@ from relu_sparsity.report.figures import layer_colors
 from relu_sparsity.report.numbers import diverged_step, final_means, number
 from relu_sparsity.report.tables import format_comparison
 from relu_sparsity.runs.folder import RunFolder
-from relu_sparsity.runs.reader import read_config_or_empty, read_metrics
+from relu_sparsity.runs import lock
+from relu_sparsity.runs.reader import config_value, read_config_or_empty, read_metrics
 from relu_sparsity.train.config import Config, apply_overrides
 from relu_sparsity.train.trainer import Diverged, train
 
@@ -62,7 +63,13 @@ def run_sweep(config: Config, out_dir: str | Path, axes: dict[str, list], *,
     points = sweep_points(axes)
     configs = [point_config(config, p) for p in points]  # every point checked before any work
     runs = [out / point_name(p) for p in points]
-    for point, point_cfg, run in zip(points, configs, runs, strict=True):
+    with lock.folder_held(out, "sweep folder"):
+        train_points(configs, runs, progress)
+        return write_sweep(config, out, points, runs)
+
+
+def train_points(configs, runs, progress: bool) -> None:
+    for point_cfg, run in zip(configs, runs, strict=True):
         if finished(run, point_cfg):
             log.info("sweep: %s is done", run.name)
             continue
@@ -71,6 +78,9 @@ def run_sweep(config: Config, out_dir: str | Path, axes: dict[str, list], *,
             train(point_cfg, run, progress=progress)
         except Diverged as err:
             log.warning("sweep: %s diverged (%s); the sweep goes on", run.name, err)
+
+
+def write_sweep(config: Config, out: Path, points, runs) -> Path:
     records = [read_metrics(run) for run in runs]
     write_report(runs, out, last_k=config.train.mean_last)
     figures = [draw_use_against(axis, points, records, config.train.mean_last, out / "plots")
@@ -81,17 +91,34 @@ def run_sweep(config: Config, out_dir: str | Path, axes: dict[str, list], *,
     return table
 
 
+def diverged_points(out_dir: str | Path, axes: dict[str, list]) -> list[str]:
+    """The names of the sweep's points that diverged."""
+    names = [point_name(p) for p in sweep_points(axes)]
+    return [name for name in names
+            if diverged_step(read_metrics(Path(out_dir) / name, missing_ok=True)) is not None]
+
+
+def point_status(records: list[dict], config: dict) -> str:
+    """finished, diverged at its step, the last step logged, or not run."""
+    diverged = diverged_step(records)
+    if diverged is not None:
+        return f"**diverged at step {diverged}**"
+    if not records:
+        return "not run"
+    steps = config_value(config, "train.steps")
+    last = records[-1]["step"]
+    return "finished" if steps is not None and last >= steps - 1 else f"stopped at step {last}"
+
+
 def sweep_markdown(points, records, configs, last_k: int, figures: list[Path]) -> str:
     names = [point_name(p) for p in points]
     lines = ["# Sweep", "", "| point | status | final eval loss | final eval accuracy |",
              "| --- | --- | ---: | ---: |"]
-    for name, recs in zip(names, records, strict=True):
-        diverged = diverged_step(recs)
+    for name, recs, config in zip(names, records, configs, strict=True):
         evals = [r for r in recs if number(r.get("eval_loss")) is not None]
         loss = f"{evals[-1]['eval_loss']:.4f}" if evals else "n/a"
         acc = number(evals[-1].get("eval_accuracy")) if evals else None
-        status = f"**diverged at step {diverged}**" if diverged is not None else \
-            f"step {recs[-1]['step']}" if recs else "not run"
+        status = point_status(recs, config)
         lines.append(f"| {name} | {status} | {loss} | "
                      f"{'n/a' if acc is None else f'{100 * acc:.2f}%'} |")
     lines += ["", format_comparison(names, records, configs, last_k)]

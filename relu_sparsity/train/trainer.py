@@ -11,6 +11,7 @@ Ctrl-C or SIGTERM, after a checkpoint; run again to resume). Each has its exit s
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -27,8 +28,9 @@ from relu_sparsity.kernels import resolve_fused_backend
 from relu_sparsity.kernels.bits import np_or_rows, np_pack_bits
 from relu_sparsity.model import Transformer
 from relu_sparsity.runs.checkpoints import Checkpoints, NoReadableCheckpoint
-from relu_sparsity.runs.folder import FollowerFolder, RunFolder
-from relu_sparsity.runs.metadata import run_metadata
+from relu_sparsity.runs import lock
+from relu_sparsity.runs.folder import LOCK_FILE, FollowerFolder, RunFolder
+from relu_sparsity.runs.metadata import CORPUS_KEYS, run_metadata
 from relu_sparsity.runs.reader import PROFILE_HLO_FILE, PROFILE_STEPS_FILE
 from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
@@ -91,38 +93,62 @@ def train(config: Config, run_dir: str | Path, *, allow_config_change: bool = Fa
     cache = open_cache(config.data.source, config.data.vocab_size, config.data.cache)
     check_splits(config, cache)
     parallel = Parallel(config.train.model_parallel)
-    folder = open_run_folder(run_dir, config, allow_config_change, parallel.is_primary)
-    if start_over:
-        folder.clear()
-    checkpoints = Checkpoints(folder.checkpoints, config.train.keep_checkpoints,
-                              start_over=start_over)
-    folder.write_config(run_metadata(to_dict(config), cache.meta, cache.path,
-                                     dtype=compute_dtype(config), backend=backend))
-    log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s; "
-             "attention %s", folder.path, config.instrument, backend, compute_dtype(config),
-             attention)
-    with checkpoints:  # closing it completes the save in flight
-        trainer = Trainer(config, folder, checkpoints, cache, parallel, profile_steps)
-        end = config.train.steps if max_steps is None else min(config.train.steps,
-                                                              trainer.start + max_steps)
-        trainer.run(end, progress=progress)
+    config = with_absolute_cache(config)
+    corpus = {k: cache.meta.get(k) for k in CORPUS_KEYS}
+    folder = open_run_folder(run_dir, config, allow_config_change, parallel.is_primary, corpus)
+    with lock.held(folder.path / LOCK_FILE, f"run folder {folder.path}",
+                   take=parallel.is_primary):
+        if start_over:
+            folder.clear()
+        checkpoints = Checkpoints(folder.checkpoints, config.train.keep_checkpoints,
+                                  start_over=start_over)
+        with checkpoints:  # closing it completes the save in flight
+            trainer = Trainer(config, folder, checkpoints, cache, parallel, profile_steps)
+            # Written once the checkpoint fits: a refused resume leaves the config as it was.
+            folder.write_config(run_metadata(to_dict(config), cache.meta, cache.path,
+                                             dtype=compute_dtype(config), backend=backend))
+            log.info("run folder %s; instrumentation %s (kernel backend %s); compute dtype %s; "
+                     "attention %s", folder.path, config.instrument, backend,
+                     compute_dtype(config), attention)
+            end = config.train.steps if max_steps is None else min(config.train.steps,
+                                                                  trainer.start + max_steps)
+            trainer.run(end, progress=progress)
+            trainer.say_if_auto_prune_never_fired()
     return folder.path
 
 
+class ConfigChanged(ValueError):
+    """The run folder holds a run of another configuration; the command adds what to do."""
+
+
+def with_absolute_cache(config: Config) -> Config:
+    """`data.cache` as an absolute path, so that config.json names the cache from any working
+    directory."""
+    if config.data.cache is None:
+        return config
+    cache = str(Path(config.data.cache).expanduser().absolute())
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, cache=cache))
+
+
 def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bool,
-                    writes: bool = True) -> RunFolder:
+                    writes: bool = True, corpus: dict | None = None) -> RunFolder:
     """The run folder, created; one that holds a run of another configuration is refused unless
-    `allow_config_change`. Without `writes` (processes other than 0), a view that writes
-    nothing."""
+    `allow_config_change`. `corpus`: the token cache's corpus record (runs/metadata.py); a run
+    of the same corpus has the same cache, however its path is spelled. Without `writes`
+    (processes other than 0), a view that writes nothing."""
     folder = RunFolder(run_dir) if writes else FollowerFolder(run_dir)
+    folder.check_usable()
     saved = folder.read_config()
     if saved is not None and not allow_config_change:
         wanted = to_dict(config)
-        differ = config_differences({k: saved.get(k) for k in wanted}, wanted)
+        old = {k: saved.get(k) for k in wanted}
+        if corpus is not None and saved.get("corpus") == corpus and isinstance(
+                old.get("data"), dict):
+            old["data"] = {**old["data"], "cache": wanted["data"]["cache"]}
+        differ = config_differences(old, wanted)
         if differ:
-            raise ValueError(f"{folder.path} holds a run with another configuration ("
-                             + "; ".join(differ) + "); pass --allow-config-change to resume it "
-                             "with this one, or choose another --run-dir")
+            raise ConfigChanged(f"{folder.path} holds a run with another configuration ("
+                                + "; ".join(differ) + ")")
     folder.create()
     return folder
 
@@ -240,6 +266,14 @@ class Trainer:
 
     def checkpoint_due(self, done: int, end: int) -> bool:
         return done % self.config.train.checkpoint_every == 0 or done == end
+
+    def say_if_auto_prune_never_fired(self) -> None:
+        t = self.config.train
+        if t.prune != "none" and t.prune_at == "auto" and self.pruning is None:
+            log.warning("--prune-at auto never fired: no logged step up to %d had units unused "
+                        "for train.prune_window = %d steps with none coming back; the run "
+                        "trained at its full width", int(self.parallel.fetch(self.state.step)) - 1,
+                        t.prune_window)
 
     # The steps -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
