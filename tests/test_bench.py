@@ -50,7 +50,7 @@ def test_train_step_bench_isolated_reports_ratios_and_failures():
     rows = train_step.run_isolated("tiny", ["off", "fused"], TINY, rounds=1, steps_per_round=1)
     assert rows[0]["instrument"] == "off" and rows[0]["ratio"] == 1.0
     # No fused kernel on a CPU: the row says it failed, it does not time something else.
-    assert "error" in rows[1] and "ms" not in rows[1]
+    assert "ms" not in rows[1] and rows[1]["error"].startswith("ValueError: instrument 'fused'")
     assert "failed" in train_step.format_table(rows)
 
 

@@ -4,15 +4,14 @@ one `block_until_ready`, so that launch overhead overlaps device work as in trai
 follow a compile-and-warm-up round, and a result keeps the spread over rounds (min, median,
 interquartile range) beside the environment that produced it."""
 
-import dataclasses
 import importlib.metadata
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from relu_sparsity.report.numbers import Timing
 from relu_sparsity.runs.metadata import git_commit
 
 
@@ -23,23 +22,6 @@ def kernel_round(fn: Callable, args, launches: int) -> Callable[[], Any]:
             out = fn(*args)
         return jax.block_until_ready(out)
     return run_round
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """Milliseconds per call over rounds."""
-    min_ms: float
-    median_ms: float
-    iqr_ms: float  # interquartile range over rounds (0 with fewer than 2 rounds)
-    rounds: int
-
-    @classmethod
-    def from_rounds(cls, per_call_ms: list[float]) -> "Timing":
-        iqr = 0.0
-        if len(per_call_ms) > 1:
-            q1, _, q3 = statistics.quantiles(per_call_ms, n=4, method="inclusive")
-            iqr = q3 - q1
-        return cls(min(per_call_ms), statistics.median(per_call_ms), iqr, len(per_call_ms))
 
 
 def measure(run_round: Callable[[], Any], *, rounds: int, calls_per_round: int) -> Timing:

@@ -11,6 +11,7 @@ random tokens (the data pipeline is not what is measured).
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from relu_sparsity.train.steps import (NO_COMMAND_BUFFERS, compute_dtype, init_s
                                        make_optimizer, make_train_step, model_config)
 
 BASELINE = "plain-flax"  # the instrument column's name for bench/baseline.py's model
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:")
 
 
 def random_pruning(mode: str, widths: tuple[int, ...], keep_fraction: float, seed: int = 0,
@@ -176,12 +178,20 @@ def run_isolated(config_name: str, instruments: list[str], overrides: list[str],
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             rows.append({"config": config_name, "instrument": instrument, "prune": prune,
-                         "history": history, "error": done.stderr.strip().splitlines()[-1:]})
+                         "history": history, "error": error_line(done.stderr)})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     add_ratios(rows, "off", "ratio", "memory_ratio")
     add_ratios(rows, BASELINE, "baseline_ratio", "baseline_memory_ratio")
     return rows
+
+
+def error_line(stderr: str) -> str:
+    """The exception a failed variant's process ended with (its last `...Error: ...` line; JAX
+    prints a note about filtered frames after it), else its last line."""
+    lines = stderr.strip().splitlines() or [""]
+    errors = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return (errors or lines)[-1]
 
 
 def add_ratios(rows: list[dict], instrument: str, key: str, memory_key: str) -> None:

@@ -1,7 +1,11 @@
 """The numbers the tables print: per-layer means over the last logged steps, units used per
-batch, and Table 5's width-weighted total. Every one is a mean of metrics.jsonl values."""
+batch, and Table 5's width-weighted total. Every one is a mean of metrics.jsonl values. Also
+`Timing`, a spread of milliseconds per call, which the benchmarks and the experiments' step-time
+tables share."""
 
+import dataclasses
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -93,3 +97,20 @@ def total_batch_use(records: list[dict], last_k: int) -> float:
     pairs = [(u, w) for u, w in zip(used, widths) if math.isfinite(u) and math.isfinite(w)]
     total_width = sum(w for _, w in pairs)
     return sum(u for u, _ in pairs) / total_width if total_width > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over rounds."""
+    min_ms: float
+    median_ms: float
+    iqr_ms: float  # interquartile range over rounds (0 with fewer than 2 rounds)
+    rounds: int
+
+    @classmethod
+    def from_rounds(cls, per_call_ms: list[float]) -> "Timing":
+        iqr = 0.0
+        if len(per_call_ms) > 1:
+            q1, _, q3 = statistics.quantiles(per_call_ms, n=4, method="inclusive")
+            iqr = q3 - q1
+        return cls(min(per_call_ms), statistics.median(per_call_ms), iqr, len(per_call_ms))

@@ -10,8 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from relu_sparsity.bench.timing import Timing
 from relu_sparsity.report import used_units, write_report
+from relu_sparsity.report.numbers import Timing
 from relu_sparsity.runs import lock
 from relu_sparsity.runs.reader import read_metrics
 from relu_sparsity.train.config import Config, apply_overrides
