@@ -145,15 +145,22 @@ def test_plain_baseline_has_the_transformers_shape():
 def test_train_step_bench_against_the_baseline_with_profiles(tmp_path):
     from relu_sparsity.bench import step_profile, train_step
 
-    rows = train_step.run_isolated("tiny", ["off"], TINY, rounds=1, steps_per_round=1,
-                                   baseline=True, profile_dir=str(tmp_path))
-    assert [r["instrument"] for r in rows] == [train_step.BASELINE, "off"]
-    base, off = rows
-    assert base["baseline_ratio"] == 1.0 and off["ratio"] == 1.0
-    assert off["baseline_ratio"] == pytest.approx(off["ms"] / base["ms"])
-    assert "/ baseline" in train_step.format_table(rows)
-    for row in rows:  # each variant's profile reads as a profiled run's does
-        name = train_step.variant_name(row["prune"], row["instrument"], row["history"])
-        summary = step_profile.profile_run(tmp_path / name)
-        assert summary["command_buffers"] == "off" and summary["steps"] == 3
-        assert summary["parts"]["MLP"]["backward"] > 0 and summary["attributed"] > 0.75
+    base = train_step.time_baseline_step("tiny", TINY, rounds=1, steps_per_round=1,
+                                         profile_dir=str(tmp_path / "plain"))
+    assert base["instrument"] == train_step.BASELINE and base["ms"] > 0
+    # The baseline's profile reads as a profiled run's does, its parts named as ours.
+    summary = step_profile.profile_run(tmp_path / "plain")
+    assert summary["command_buffers"] == "off" and summary["steps"] == 3
+    assert summary["parts"]["MLP"]["backward"] > 0 and summary["attributed"] > 0.75
+    off = {"config": "tiny", "instrument": "off", "prune": "none", "history": False,
+           "ms": 2 * base["ms"], "d_ff": [64, 64], "param_widths": [64, 64]}
+    failed = {"config": "tiny", "instrument": "fused", "prune": "none", "history": True,
+              "error": "ValueError: no fused backend"}
+    rows = [base, off, failed]
+    train_step.add_ratios(rows, "off", "ratio", "memory_ratio")
+    train_step.add_ratios(rows, train_step.BASELINE, "baseline_ratio", "baseline_memory_ratio")
+    assert base["baseline_ratio"] == 1.0 and off["baseline_ratio"] == 2.0
+    assert base["ratio"] == 0.5 and "baseline_ratio" not in failed
+    table = train_step.format_table(rows)
+    assert "/ baseline" in table and "| 2.000 |" in table
+    assert len({line.count("|") for line in table.splitlines()}) == 1  # every row's cells
