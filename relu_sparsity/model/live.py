@@ -38,19 +38,32 @@ def check_live(live, num_units: int) -> tuple[int, ...]:
 def live_weights(wi: jax.Array, bi: jax.Array, wo: jax.Array, live: tuple[int, ...],
                  width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """wi [D, F], bi [F], wo [F, D] -> the live units' wi [D, width], bi [width], wo [width, D],
-    zero units after the len(live) live ones.
+    zero units after the len(live) live ones (`live_units` with the units on axes 1, 0, 0)."""
+    return live_units((wi, bi, wo), (1, 0, 0), live, width)
+
+
+def live_units(weights: tuple[jax.Array, ...], axes: tuple[int, ...], live: tuple[int, ...],
+               width: int) -> tuple[jax.Array, ...]:
+    """Each weight's live units along its unit axis (F there -> width), zero units after the
+    len(live) live ones; weights[i]'s units lie on axes[i].
 
     One gather per weight at the padded width, the padding positions (which read unit 0) zeroed
     by a select that XLA fuses into the gather: a gather at len(live) followed by a pad would
     write the weights twice. The select also zeroes the padding's gradient, so the backward's
     scatter-add puts each live unit's gradient, and only it, into the full-width parameter."""
+    if len(weights) != len(axes):
+        raise ValueError(f"axes must name one unit axis per weight: {len(weights)} weights, "
+                         f"{len(axes)} axes")
     ids = np.zeros(width, np.int32)
     ids[:len(live)] = live
     ids = jnp.asarray(ids)
     real = jnp.asarray(np.arange(width) < len(live))
-    return (jnp.where(real[None, :], take_units(wi, ids, 1), 0),
-            jnp.where(real, take_units(bi, ids, 0), 0),
-            jnp.where(real[:, None], take_units(wo, ids, 0), 0))
+    out = []
+    for w, axis in zip(weights, axes, strict=True):
+        shape = [1] * w.ndim
+        shape[axis] = width
+        out.append(jnp.where(real.reshape(shape), take_units(w, ids, axis), 0))
+    return tuple(out)
 
 
 def take_units(a: jax.Array, ids: jax.Array, axis: int) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The instrumented two-layer ReLU MLP: a Flax module to drop into any Transformer block."""
+"""The instrumented ReLU MLPs, Flax modules to drop into any Transformer block: the two-layer
+`ReluMLP` and the gated `GatedReluMLP` of ReLU-gated Llama-architecture models."""
 
 import functools
 
@@ -9,7 +10,13 @@ from jax.sharding import PartitionSpec
 
 from relu_sparsity.kernels import SparsityStats, fused_mlp_up, resolve_fused_backend
 from relu_sparsity.kernels.bits import BITS_PER_WORD
-from relu_sparsity.model.live import check_live, live_weights, padded_width, stats_in_unit_ids
+from relu_sparsity.model.live import (
+    check_live,
+    live_units,
+    live_weights,
+    padded_width,
+    stats_in_unit_ids,
+)
 
 INSTRUMENT_MODES = ("off", "xla", "fused")
 
@@ -88,21 +95,116 @@ class ReluMLP(nn.Module):
         return y[0] if one_sequence else y
 
     def _hidden(self, tokens, wi, bi, *, seq_len: int, backend: str):
-        """fused_mlp_up, per device under a mesh (`jax.set_mesh`): a fused kernel is one device's
-        custom call. With a `model` axis of several devices each runs its slice of the width
-        (`width_sharded_up`); else, with a `data` axis of several devices, each runs the whole
-        width on its own sequences inside shard_map (whole sequences per device: the statistics
-        stay per sequence)."""
-        mesh = jax.sharding.get_abstract_mesh()
-        if model_axis_size(mesh) > 1:
-            return width_sharded_up(tokens, wi, bi, seq_len=seq_len, backend=backend, mesh=mesh)
-        call = functools.partial(fused_mlp_up, seq_len=seq_len, backend=backend)
-        if backend == "reference" or mesh.empty or mesh.shape.get("data", 1) == 1:
-            return call(tokens, wi, bi)
-        data, replicated = PartitionSpec("data"), PartitionSpec()
-        stats_spec = SparsityStats(data, data, data, None)
-        return jax.shard_map(call, mesh=mesh, in_specs=(data, replicated, replicated),
-                             out_specs=(data, stats_spec), check_vma=False)(tokens, wi, bi)
+        """`instrumented_up`, as a method so that the hidden layer has its own name in the
+        profile's op names (`mlp._hidden`)."""
+        return instrumented_up(tokens, wi, bi, seq_len=seq_len, backend=backend)
+
+
+class GatedReluMLP(nn.Module):
+    """y = (relu(x @ wg + bg) * (x @ wu))[live] @ wd[live], the gated MLP of ReLU-gated
+    Llama-architecture models (ReluLLaMA, ProSparse), with the gate's sparsity stats sown.
+    x is [batch, seq_len, d_model] or one sequence [seq_len, d_model]; the statistics count per
+    sequence.
+
+    The gate relu(x @ wg + bg) [T, F] runs through `kernels.fused_mlp_up` (a zero bias without
+    `use_bias`), which counts its units: a unit is used where the gate is > 0, the only places
+    the product h can be non-zero. The up-projection x @ wu, the product and the down-projection
+    run in XLA. The statistics are sown as ReluMLP sows them (`layer_stats` finds them). Under a
+    mesh with a `model` axis the gate's width is split over it (`width_sharded_up`).
+
+    Attributes:
+      d_ff: hidden width F.
+      instrument: "off" (no statistics: XLA's plain expression), "xla" (the reference backend
+        computes them), "fused" (a fused kernel backend computes them in the GEMM epilogue).
+      backend: kernel backend for "fused" ("auto" or a name); "off"/"xla" use the reference.
+      live: optional sorted tuple of hidden-unit ids to compute; a dead unit drops its column
+        of wg and of wu and its row of wd, and the statistics keep the layer's unit ids.
+      live_multiple: the live units are computed at a width padded up to this multiple.
+      use_bias: whether the gate has a bias bg [F] (Llama's MLPs have none).
+      dtype: compute dtype; parameters stay in `param_dtype`.
+    """
+
+    d_ff: int
+    instrument: str = "xla"
+    backend: str = "auto"
+    live: tuple[int, ...] | None = None
+    live_multiple: int = 256
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.instrument not in INSTRUMENT_MODES:
+            raise ValueError(f"instrument must be one of {INSTRUMENT_MODES}, "
+                             f"got {self.instrument!r}")
+        if x.ndim not in (2, 3):
+            raise ValueError(f"GatedReluMLP takes [seq_len, d_model] (one sequence) or [batch, "
+                             f"seq_len, d_model], got shape {x.shape}")
+        one_sequence = x.ndim == 2
+        if one_sequence:
+            x = x[None]
+        batch, seq_len, d_model = x.shape
+        init = nn.initializers.lecun_normal()
+        wg = self.param("wg", init, (d_model, self.d_ff), self.param_dtype)
+        wu = self.param("wu", init, (d_model, self.d_ff), self.param_dtype)
+        wd = self.param("wd", init, (self.d_ff, d_model), self.param_dtype)
+        bg = self.param("bg", nn.initializers.zeros, (self.d_ff,), self.param_dtype) \
+            if self.use_bias else None
+
+        tokens = x.reshape(batch * seq_len, d_model).astype(self.dtype)
+        if self.live is not None:
+            if model_axis_size(jax.sharding.get_abstract_mesh()) > 1:
+                raise ValueError("live units (pruning modes mask and random) do not run with the "
+                                 "width split over a `model` mesh axis; use a mesh without one")
+            live = check_live(self.live, self.d_ff)
+            width = padded_width(len(live), self.live_multiple, self.d_ff)
+            if bg is None:
+                wg, wu, wd = live_units((wg, wu, wd), (1, 1, 0), live, width)
+            else:
+                wg, wu, wd, bg = live_units((wg, wu, wd, bg), (1, 1, 0, 0), live, width)
+        wg, wu, wd = (w.astype(self.dtype) for w in (wg, wu, wd))
+        if self.instrument == "off":
+            pre = tokens @ wg if bg is None else tokens @ wg + bg.astype(self.dtype)
+            gate = jax.nn.relu(pre)
+        else:
+            backend = resolve_fused_backend(self.backend) if self.instrument == "fused" \
+                else "reference"
+            # The kernel always takes a bias; without one the gate's is zero.
+            bias = jnp.zeros((wg.shape[1],), self.dtype) if bg is None else bg.astype(self.dtype)
+            gate, stats = self._hidden(tokens, wg, bias, seq_len=seq_len, backend=backend)
+            if self.live is not None:
+                stats = stats_in_unit_ids(stats, live, self.d_ff)
+            self.sow("intermediates", "stats", stats)
+        # Every GEMM writes the compute dtype (f32 accumulation inside the GEMM), as in ReluMLP:
+        # an f32 output would make the backward's GEMMs f32 GEMMs on upcast [T, F] operands.
+        h = gate * jnp.dot(tokens, wu)
+        y = jnp.dot(h, wd).reshape(batch, seq_len, d_model)
+        return y[0] if one_sequence else y
+
+    def _hidden(self, tokens, wg, bg, *, seq_len: int, backend: str):
+        """`instrumented_up` on the gate, as a method so that it has its own name in the
+        profile's op names (`mlp._hidden`)."""
+        return instrumented_up(tokens, wg, bg, seq_len=seq_len, backend=backend)
+
+
+def instrumented_up(tokens, w, b, *, seq_len: int, backend: str
+                    ) -> tuple[jax.Array, SparsityStats]:
+    """fused_mlp_up(tokens [T, D], w [D, F], b [F]) -> h [T, F] and its statistics, per device
+    under a mesh (`jax.set_mesh`): a fused kernel is one device's custom call. With a `model`
+    axis of several devices each runs its slice of the width (`width_sharded_up`); else, with a
+    `data` axis of several devices, each runs the whole width on its own sequences inside
+    shard_map (whole sequences per device: the statistics stay per sequence)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if model_axis_size(mesh) > 1:
+        return width_sharded_up(tokens, w, b, seq_len=seq_len, backend=backend, mesh=mesh)
+    call = functools.partial(fused_mlp_up, seq_len=seq_len, backend=backend)
+    if backend == "reference" or mesh.empty or mesh.shape.get("data", 1) == 1:
+        return call(tokens, w, b)
+    data, replicated = PartitionSpec("data"), PartitionSpec()
+    stats_spec = SparsityStats(data, data, data, None)
+    return jax.shard_map(call, mesh=mesh, in_specs=(data, replicated, replicated),
+                         out_specs=(data, stats_spec), check_vma=False)(tokens, w, b)
 
 
 def model_axis_size(mesh) -> int:
