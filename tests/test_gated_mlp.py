@@ -1,8 +1,15 @@
 """GatedReluMLP, y = (relu(x @ wg + bg) * (x @ wu)) @ wd: the forward against numpy, the sown
 statistics against the gate's own activations (docs/design.md §3), the fused kernel against the
-reference, the gradients against jax.grad of the plain expression, and live units against a
-module at the kept width."""
+reference, the gradients against jax.grad of the plain expression, live units against a module
+at the kept width, compaction and width sharding of its parameters.
 
+The width-sharding check needs XLA_FLAGS set before jax is imported, so it runs in a subprocess
+that executes this file as a script: `python test_gated_mlp.py sharded`.
+"""
+
+import os
+import subprocess
+import sys
 import warnings
 
 import flax.linen as nn
@@ -10,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from relu_sparsity.kernels.reference import stats_from_h
 from relu_sparsity.model import GatedReluMLP, layer_stats
+from relu_sparsity.train.pruning import compact_tree
+from relu_sparsity.train.sharding import shard_state, state_shardings
 
 B, L, D = 3, 5, 12  # three sequences of five tokens
 
@@ -102,10 +112,11 @@ def test_one_sequence_and_instrument_off():
 
 
 def test_init_shapes_and_no_bias_by_default():
-    params = GatedReluMLP(40).init(jax.random.key(0), jnp.zeros((1, 4, D)))["params"]
-    assert {k: v.shape for k, v in params.items()} == {"wg": (D, 40), "wu": (D, 40),
-                                                     "wd": (40, D)}
-    with_bias = GatedReluMLP(40, use_bias=True).init(jax.random.key(0), jnp.zeros((4, D)))
+    params = jax.eval_shape(GatedReluMLP(40).init, jax.random.key(0), jnp.zeros((1, 4, D)))
+    assert {k: v.shape for k, v in params["params"].items()} == {"wg": (D, 40), "wu": (D, 40),
+                                                               "wd": (40, D)}
+    with_bias = jax.jit(GatedReluMLP(40, use_bias=True).init)(jax.random.key(0),
+                                                              jnp.zeros((4, D)))
     assert with_bias["params"]["bg"].shape == (40,) and not with_bias["params"]["bg"].any()
 
 
@@ -127,7 +138,8 @@ def test_gradients_match_the_plain_expression(use_bias):
     params = random_params(F, use_bias)
     module = GatedReluMLP(F, use_bias=use_bias)
     with jax.default_matmul_precision("highest"):
-        got_p, got_x = jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * r), (0, 1))(params, x)
+        got_p, got_x = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * r), (0, 1)))(
+            params, x)
     want_p, want_x = jax.grad(plain_loss, (0, 1))(params["params"], x, r)
     assert set(got_p["params"]) == set(want_p)
     for name, g in got_p["params"].items():
@@ -196,10 +208,12 @@ def test_live_units_equal_a_module_at_the_kept_width(use_bias):
     def loss(module, p, x):
         return jnp.sum(run(module, p, x)[0] * r)
 
+    def outputs(module, p):  # one compilation per module rather than op-by-op dispatch
+        return run(module, p, x), jax.grad(lambda p, x: loss(module, p, x), (0, 1))(p, x)
+
     with jax.default_matmul_precision("highest"):
-        (y1, s1), (y2, s2) = run(live, params, x), run(small, kept, x)
-        g1, gx1 = jax.grad(lambda p, x: loss(live, p, x), (0, 1))(params, x)
-        g2, gx2 = jax.grad(lambda p, x: loss(small, p, x), (0, 1))(kept, x)
+        (y1, s1), (g1, gx1) = jax.jit(outputs, static_argnums=0)(live, params)
+        (y2, s2), (g2, gx2) = jax.jit(outputs, static_argnums=0)(small, kept)
     np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gx1, gx2, rtol=1e-5, atol=1e-6)
 
@@ -225,9 +239,107 @@ def test_live_units_equal_a_module_at_the_kept_width(use_bias):
     (dict(live=(0, 45)), "live")])
 def test_bad_configuration_is_a_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        GatedReluMLP(45, **kwargs).init(jax.random.key(0), jnp.zeros((1, 4, D)))
+        jax.eval_shape(GatedReluMLP(45, **kwargs).init, jax.random.key(0), jnp.zeros((1, 4, D)))
 
 
 def test_bad_input_rank_is_a_value_error():
     with pytest.raises(ValueError, match="GatedReluMLP takes"):
-        GatedReluMLP(45).init(jax.random.key(0), jnp.zeros((D,)))
+        jax.eval_shape(GatedReluMLP(45).init, jax.random.key(0), jnp.zeros((D,)))
+
+
+def test_live_units_with_a_model_axis_is_an_error():
+    mesh = jax.sharding.AbstractMesh((1, 2), ("data", "model"),
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.sharding.use_abstract_mesh(mesh):
+        with pytest.raises(ValueError, match="live units.*model"):
+            jax.eval_shape(GatedReluMLP(64, live=(0, 5)).init, jax.random.key(0),
+                           jnp.zeros((2, 8, D)))
+
+
+def test_compact_tree_cuts_the_gated_weights_like_a_live_module():
+    # The kept columns of wg and wu, entries of bg and rows of wd, in params and in a moment
+    # shaped like them, zero-padded to 16; the compacted module computes what the live one does.
+    F = 45
+    params = random_params(F, use_bias=True)["params"]
+    tree = {"params": {"block_0": {"mlp": params}},
+            "mu": {"block_0": {"mlp": jax.tree.map(lambda a: a * 2, params)}},
+            "embed": jnp.ones((4, F))}  # not an MLP weight: passes through
+    keep = (np.asarray(LIVE),)
+    out = compact_tree(tree, keep, widths=(16,))
+    cut = out["params"]["block_0"]["mlp"]
+    n = len(LIVE)
+    for name, axis in {"wg": 1, "wu": 1, "bg": 0, "wd": 0}.items():
+        assert cut[name].shape[axis] == 16, name
+        kept = np.take(np.asarray(cut[name]), np.arange(n), axis=axis)
+        np.testing.assert_array_equal(kept, np.take(np.asarray(params[name]), LIVE, axis=axis),
+                                      err_msg=name)
+        assert not np.take(np.asarray(cut[name]), np.arange(n, 16), axis=axis).any(), name
+        np.testing.assert_array_equal(out["mu"]["block_0"]["mlp"][name], 2 * cut[name])
+    np.testing.assert_array_equal(out["embed"], tree["embed"])
+
+    x = jax.random.normal(jax.random.key(9), (B, L, D))
+    with jax.default_matmul_precision("highest"):
+        y_live, s_live = GatedReluMLP(F, live=LIVE, use_bias=True).apply(
+            {"params": params}, x, mutable=["intermediates"])
+        y_cut, s_cut = GatedReluMLP(16, use_bias=True).apply(
+            {"params": cut}, x, mutable=["intermediates"])
+    np.testing.assert_allclose(y_cut, y_live, rtol=1e-5, atol=1e-6)
+    counts = np.asarray(layer_stats(s_cut["intermediates"])[0].seq_count)
+    np.testing.assert_array_equal(
+        counts[:, :n], np.asarray(layer_stats(s_live["intermediates"])[0].seq_count)[:, LIVE])
+    assert not counts[:, n:].any()  # padding units stay dead
+
+
+def test_state_shardings_split_the_gated_weights_by_width():
+    params = {"block_0": {"mlp": random_params(64, use_bias=True)["params"]}}
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    specs = {k: v.spec for k, v in state_shardings(params, mesh)["block_0"]["mlp"].items()}
+    P = PartitionSpec
+    assert specs == {"wg": P(None, "model"), "wu": P(None, "model"), "bg": P("model"),
+                     "wd": P("model", None)}
+
+
+def test_sharded_gated_mlp_matches_one_device():
+    # 2 x 2 simulated CPU devices (data x model); level 0 compiles both sides in half the time.
+    flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    done = subprocess.run([sys.executable, __file__, "sharded"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok sharded" in done.stdout
+
+
+def check_sharded():
+    """In the subprocess: the module with its weights placed by state_shardings on a 2 x 2
+    mesh (the gate's width split by `width_sharded_up`): the one-device output, statistics and
+    gradients."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    F = 128  # 64 units, two whole mask words, per shard
+    module = GatedReluMLP(F, use_bias=True)
+    params = {"block_0": {"mlp": random_params(F, use_bias=True)["params"]}}
+    x = jax.random.normal(jax.random.key(10), (4, L, D))
+    r = jax.random.normal(jax.random.key(11), (4, L, D))
+
+    def run(p, x):
+        y, state = module.apply({"params": p["block_0"]["mlp"]}, x, mutable=["intermediates"])
+        grads = jax.grad(lambda p: jnp.sum(module.apply(
+            {"params": p["block_0"]["mlp"]}, x) * r))(p)
+        return y, layer_stats(state["intermediates"])[0], grads
+
+    y1, s1, g1 = jax.jit(run)(params, x)
+    placed = shard_state(params, mesh)
+    assert placed["block_0"]["mlp"]["wu"].sharding.shard_shape((D, F)) == (D, F // 2)
+    with jax.set_mesh(mesh):
+        y2, s2, g2 = jax.jit(run)(placed, jax.device_put(x, NamedSharding(mesh, PartitionSpec(
+            "data"))))
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), rtol=1e-5, atol=1e-6)
+    assert_stats_equal(s2, s1)
+    assert s2.seq_count.sharding.shard_shape(s2.seq_count.shape) == (2, F // 2)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    assert sys.argv[1:] == ["sharded"] and jax.device_count() == 4, jax.devices()
+    check_sharded()
+    print("ok sharded")

@@ -110,7 +110,8 @@ class GatedReluMLP(nn.Module):
     `use_bias`), which counts its units: a unit is used where the gate is > 0, the only places
     the product h can be non-zero. The up-projection x @ wu, the product and the down-projection
     run in XLA. The statistics are sown as ReluMLP sows them (`layer_stats` finds them). Under a
-    mesh with a `model` axis the gate's width is split over it (`width_sharded_up`).
+    mesh with a `model` axis the gate's width is split over it (`width_sharded_up`): wg, wu
+    and bg sharded along F like ReluMLP's wi and bi, wd like wo (train/sharding.py).
 
     Attributes:
       d_ff: hidden width F.

@@ -18,7 +18,9 @@ from relu_sparsity.model.live import padded_width
 log = logging.getLogger(__name__)
 
 PRUNE_MODES = ("none", "mask", "compact", "random")
-MLP_LEAVES = {"wi": 1, "bi": 0, "wo": 0}  # MLP parameter -> its hidden-unit axis
+# MLP parameter -> its hidden-unit axis: ReluMLP's wi [D, F], bi [F], wo [F, D] and
+# GatedReluMLP's wg, wu [D, F], bg [F], wd [F, D].
+MLP_LEAVES = {"wi": 1, "bi": 0, "wo": 0, "wg": 1, "wu": 1, "bg": 0, "wd": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,8 @@ def choose_units(mode: str, batch_masks: list[np.ndarray], widths: tuple[int, ..
 
 
 def mlp_leaf(path) -> tuple[int, str] | None:
-    """(layer, leaf name) when `path` ends in block_<i>/mlp/<wi|bi|wo>, else None."""
+    """(layer, leaf name) when `path` ends in block_<i>/mlp/<name> for a name of MLP_LEAVES,
+    else None."""
     keys = [getattr(k, "key", None) for k in path]
     if len(keys) >= 3 and keys[-2] == "mlp" and keys[-1] in MLP_LEAVES and \
             isinstance(keys[-3], str) and keys[-3].startswith("block_"):

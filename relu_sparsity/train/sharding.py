@@ -13,18 +13,23 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from relu_sparsity.train.pruning import mlp_leaf
 
-# The MLP's hidden-unit axis in each of its weights: wi [D, F], bi [F], wo [F, D].
+# The MLP's hidden-unit axis in each of its weights: ReluMLP's wi [D, F], bi [F], wo [F, D];
+# GatedReluMLP's wg and wu [D, F] split like wi, bg [F] like bi, wd [F, D] like wo.
 WIDTH_SPECS = {
     "wi": PartitionSpec(None, "model"),
     "bi": PartitionSpec("model"),
     "wo": PartitionSpec("model", None),
+    "wg": PartitionSpec(None, "model"),
+    "wu": PartitionSpec(None, "model"),
+    "bg": PartitionSpec("model"),
+    "wd": PartitionSpec("model", None),
 }
 
 
 def leaf_spec(path) -> PartitionSpec:
-    """The spec of the leaf at `path`: an MLP weight `block_<i>/mlp/{wi,bi,wo}` (wherever it
-    sits in the tree: params, the optimizer's mu and nu) is split along F, the rest
-    replicated."""
+    """The spec of the leaf at `path`: an MLP weight `block_<i>/mlp/{wi,bi,wo}` (or a gated
+    MLP's `{wg,wu,bg,wd}`; wherever it sits in the tree: params, the optimizer's mu and nu) is
+    split along F, the rest replicated."""
     found = mlp_leaf(path)
     return WIDTH_SPECS[found[1]] if found else PartitionSpec()
 
