@@ -278,11 +278,13 @@ def test_compact_tree_cuts_the_gated_weights_like_a_live_module():
     np.testing.assert_array_equal(out["embed"], tree["embed"])
 
     x = jax.random.normal(jax.random.key(9), (B, L, D))
+    def run(module, p):
+        return module.apply({"params": p}, x, mutable=["intermediates"])
+
     with jax.default_matmul_precision("highest"):
-        y_live, s_live = GatedReluMLP(F, live=LIVE, use_bias=True).apply(
-            {"params": params}, x, mutable=["intermediates"])
-        y_cut, s_cut = GatedReluMLP(16, use_bias=True).apply(
-            {"params": cut}, x, mutable=["intermediates"])
+        y_live, s_live = jax.jit(run, static_argnums=0)(
+            GatedReluMLP(F, live=LIVE, use_bias=True), params)
+        y_cut, s_cut = jax.jit(run, static_argnums=0)(GatedReluMLP(16, use_bias=True), cut)
     np.testing.assert_allclose(y_cut, y_live, rtol=1e-5, atol=1e-6)
     counts = np.asarray(layer_stats(s_cut["intermediates"])[0].seq_count)
     np.testing.assert_array_equal(
