@@ -53,14 +53,8 @@ class ReluMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.instrument not in INSTRUMENT_MODES:
-            raise ValueError(f"instrument must be one of {INSTRUMENT_MODES}, got {self.instrument!r}")
-        if x.ndim not in (2, 3):
-            raise ValueError(f"ReluMLP takes [seq_len, d_model] (one sequence) or [batch, "
-                             f"seq_len, d_model], got shape {x.shape}")
-        one_sequence = x.ndim == 2
-        if one_sequence:
-            x = x[None]
+        check_instrument(self.instrument)
+        x, one_sequence = as_sequences(x, "ReluMLP")
         batch, seq_len, d_model = x.shape
         init = nn.initializers.lecun_normal()
         wi = self.param("wi", init, (d_model, self.d_ff), self.param_dtype)
@@ -70,11 +64,7 @@ class ReluMLP(nn.Module):
 
         tokens = x.reshape(batch * seq_len, d_model).astype(self.dtype)
         if self.live is not None:
-            if model_axis_size(jax.sharding.get_abstract_mesh()) > 1:
-                raise ValueError("live units (pruning modes mask and random) do not run with the "
-                                 "width split over a `model` mesh axis; use a mesh without one")
-            live = check_live(self.live, self.d_ff)
-            width = padded_width(len(live), self.live_multiple, self.d_ff)
+            live, width = live_and_width(self.live, self.d_ff, self.live_multiple)
             wi, bi, wo = live_weights(wi, bi, wo, live, width)
         if self.instrument == "off":
             # The plain model, the baseline the instrumented modes are measured against: XLA's
@@ -136,15 +126,8 @@ class GatedReluMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.instrument not in INSTRUMENT_MODES:
-            raise ValueError(f"instrument must be one of {INSTRUMENT_MODES}, "
-                             f"got {self.instrument!r}")
-        if x.ndim not in (2, 3):
-            raise ValueError(f"GatedReluMLP takes [seq_len, d_model] (one sequence) or [batch, "
-                             f"seq_len, d_model], got shape {x.shape}")
-        one_sequence = x.ndim == 2
-        if one_sequence:
-            x = x[None]
+        check_instrument(self.instrument)
+        x, one_sequence = as_sequences(x, "GatedReluMLP")
         batch, seq_len, d_model = x.shape
         init = nn.initializers.lecun_normal()
         wg = self.param("wg", init, (d_model, self.d_ff), self.param_dtype)
@@ -155,11 +138,7 @@ class GatedReluMLP(nn.Module):
 
         tokens = x.reshape(batch * seq_len, d_model).astype(self.dtype)
         if self.live is not None:
-            if model_axis_size(jax.sharding.get_abstract_mesh()) > 1:
-                raise ValueError("live units (pruning modes mask and random) do not run with the "
-                                 "width split over a `model` mesh axis; use a mesh without one")
-            live = check_live(self.live, self.d_ff)
-            width = padded_width(len(live), self.live_multiple, self.d_ff)
+            live, width = live_and_width(self.live, self.d_ff, self.live_multiple)
             if bg is None:
                 wg, wu, wd = live_units((wg, wu, wd), (1, 1, 0), live, width)
             else:
@@ -187,6 +166,30 @@ class GatedReluMLP(nn.Module):
         """`instrumented_up` on the gate, as a method so that it has its own name in the
         profile's op names (`mlp._hidden`)."""
         return instrumented_up(tokens, wg, bg, seq_len=seq_len, backend=backend)
+
+
+def check_instrument(instrument: str) -> None:
+    if instrument not in INSTRUMENT_MODES:
+        raise ValueError(f"instrument must be one of {INSTRUMENT_MODES}, got {instrument!r}")
+
+
+def as_sequences(x: jax.Array, module: str) -> tuple[jax.Array, bool]:
+    """x [batch, seq_len, d_model], or one sequence [seq_len, d_model] given a batch axis of 1;
+    and whether it was one sequence."""
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{module} takes [seq_len, d_model] (one sequence) or [batch, "
+                         f"seq_len, d_model], got shape {x.shape}")
+    return (x[None], True) if x.ndim == 2 else (x, False)
+
+
+def live_and_width(live, d_ff: int, multiple: int) -> tuple[tuple[int, ...], int]:
+    """The checked live unit ids and the padded width they are computed at; refused under a
+    `model` mesh axis, whose shards would each need their own live set."""
+    if model_axis_size(jax.sharding.get_abstract_mesh()) > 1:
+        raise ValueError("live units (pruning modes mask and random) do not run with the "
+                         "width split over a `model` mesh axis; use a mesh without one")
+    live = check_live(live, d_ff)
+    return live, padded_width(len(live), multiple, d_ff)
 
 
 def instrumented_up(tokens, w, b, *, seq_len: int, backend: str
