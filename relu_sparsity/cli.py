@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -328,7 +329,7 @@ def cmd_train(args) -> None:
                          "--prune it would be ignored")
     run_dir = Path(args.run_dir or run_folder_of(args.config) or Path("runs") / config.name)
     start_processes(args.coordinator_address, args.num_processes, args.process_id,
-                    args.heartbeat_timeout)
+                    args.heartbeat_timeout, on_lost_peer=args.on_lost_peer)
     try:
         train(config, run_dir, allow_config_change=args.allow_config_change,
               progress=not args.no_progress, start_over=args.start_over,
@@ -485,19 +486,50 @@ PEER_LOST = ("Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE"
 
 
 def multi_process_error(err: Exception) -> bool:
-    """A runtime error of a multi-process run."""
+    """A runtime error of a multi-process run, or one that says a peer is gone (a collective
+    of gloo raises ValueError)."""
     jax = sys.modules.get("jax")
-    return (jax is not None and isinstance(err, jax.errors.JaxRuntimeError)
-            and jax.process_count() > 1)
+    return (jax is not None and jax.process_count() > 1
+            and (isinstance(err, jax.errors.JaxRuntimeError) or lost_a_peer(err)))
 
 
 def lost_a_peer(err: Exception) -> bool:
     return any(word in str(err) for word in PEER_LOST)
 
 
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+_stopping = threading.Lock()
+
+
+def stop_process(command: str, what: str) -> None:
+    """Ends a process of a multi-process run with one line, its locks released. It skips
+    Python's exit, whose jax.distributed shutdown would wait for the processes that are gone.
+    Called from the main thread or the peer watch, whichever comes first; the other blocks."""
+    _stopping.acquire()
+    print(f"relu-sparsity {command}: stopped: {what}; start every process again to resume "
+          "from the last checkpoint", file=sys.stderr)
+    from relu_sparsity.runs import lock
+
+    lock.release_all()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FAILED)
+
+
+def exit_status(command: str, err: Exception) -> int:
+    """The exit status of a command that raised `err`, after its one line; other errors
+    propagate with their traceback."""
+    from relu_sparsity.train.trainer import EXIT_STATUS, TrainingStopped
+
+    if isinstance(err, (ValueError, FileNotFoundError, BackendUnavailableError)):
+        print(f"relu-sparsity {command}: error: {err}", file=sys.stderr)
+        return EXIT_STATUS["refused"]
+    if isinstance(err, PartFailed):
+        print(f"relu-sparsity {command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if isinstance(err, TrainingStopped):
+        print(f"relu-sparsity {command}: {err.status}: {err}", file=sys.stderr)
+        return EXIT_STATUS[err.status]
+    raise err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,35 +539,27 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's notes on every save
-    from relu_sparsity.train.trainer import EXIT_STATUS, TrainingStopped
+    from relu_sparsity.train import peers
+    from relu_sparsity.train.trainer import EXIT_STATUS
 
+    args.on_lost_peer = lambda what: stop_process(
+        args.command, f"another process of the run is gone ({what})")
     try:
         {"prepare": cmd_prepare, "train": cmd_train, "experiment": cmd_experiment,
          "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune,
          "profile": cmd_profile}[args.command](args)
-    except (ValueError, FileNotFoundError, BackendUnavailableError) as err:
-        print(f"relu-sparsity {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_STATUS["refused"]
-    except PartFailed as err:
-        print(f"relu-sparsity {args.command}: failed: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except TrainingStopped as stop:
-        print(f"relu-sparsity {args.command}: {stop.status}: {stop}", file=sys.stderr)
-        return EXIT_STATUS[stop.status]
     except Exception as err:
-        if not multi_process_error(err):
-            raise
-        if not lost_a_peer(err):  # a failure of this process: its traceback helps
-            traceback.print_exc()
-        what = "another process of the run is gone" if lost_a_peer(err) else "it failed"
-        print(f"relu-sparsity {args.command}: stopped: {what} ({first_line(err)}); start every "
-              "process again to resume from the last checkpoint", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Python's exit would run jax.distributed's shutdown barrier, which the process that
-        # is gone never reaches: the coordination client then aborts with a C++ stack trace.
-        os._exit(EXIT_FAILED)
-    return EXIT_STATUS["finished"]
+        if multi_process_error(err):
+            if not lost_a_peer(err):  # a failure of this process: its traceback helps
+                traceback.print_exc()
+            what = "another process of the run is gone" if lost_a_peer(err) else "it failed"
+            stop_process(args.command, f"{what} ({peers.first_line(err)})")
+        status = exit_status(args.command, err)
+    else:
+        status = EXIT_STATUS["finished"]
+    peers.leave_together(peers.REFUSED_WAIT_S if status == EXIT_STATUS["refused"]
+                         else peers.EXIT_BARRIER_TIMEOUT_S)
+    return status
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+_held: set[Path] = set()  # the locks this process holds, for `release_all`
+
 
 class FolderLocked(ValueError):
     """Another process writes the folder."""
@@ -91,6 +93,7 @@ def acquire(lock_file: Path, what: str) -> None:
     content = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
     for _ in range(3):  # a stale lock is removed, then the creation tried again
         if _try_create(lock_file, content):
+            _held.add(lock_file)
             return
         holder = read_holder(lock_file)
         if holder is None:
@@ -109,10 +112,18 @@ def acquire(lock_file: Path, what: str) -> None:
 
 def release(lock_file: Path) -> None:
     """Removes the lock if this process holds it."""
+    _held.discard(lock_file)
     holder = read_holder(lock_file)
     if holder is not None and holder.get("pid") == os.getpid() \
             and holder.get("host") == socket.gethostname():
         lock_file.unlink(missing_ok=True)
+
+
+def release_all() -> None:
+    """Releases every lock this process holds: for a process about to end abruptly
+    (os._exit), whose `held` blocks never finish."""
+    for lock_file in list(_held):
+        release(lock_file)
 
 
 @contextlib.contextmanager

@@ -11,28 +11,34 @@ assembles the global array with `jax.make_array_from_process_local_data`; values
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from relu_sparsity.train import peers
 from relu_sparsity.train.sharding import shard_state, state_shardings
 
 log = logging.getLogger(__name__)
 
 
 def start_processes(coordinator_address: str | None = None, num_processes: int | None = None,
-                    process_id: int | None = None, heartbeat_timeout_s: int = 100) -> None:
+                    process_id: int | None = None, heartbeat_timeout_s: int = 100,
+                    on_lost_peer: Callable[[str], None] | None = None) -> None:
     """`jax.distributed.initialize` with the given arguments; with none of them, JAX's own
     cluster detection (SLURM, TPU pods, Kubernetes, Open MPI), and one process where it finds
     no cluster. A process that stops sending heartbeats for `heartbeat_timeout_s` is declared
-    dead and the others stop with an error instead of waiting for it."""
+    dead, and `on_lost_peer` gets a line saying which (train/peers.py); it must end the
+    process, since the collectives of the run can no longer complete."""
     explicit = (coordinator_address, num_processes, process_id)
     if any(value is not None for value in explicit):
+        _recoverable_if(on_lost_peer)
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    heartbeat_timeout_seconds=heartbeat_timeout_s)
     elif not _backends_started():
+        _recoverable_if(on_lost_peer)
         try:
             jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
         except ValueError:  # JAX found no cluster: "coordinator_address should be defined"
@@ -41,6 +47,14 @@ def start_processes(coordinator_address: str | None = None, num_processes: int |
     if jax.process_count() > 1:
         log.info("process %d of %d; %d local of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+        if on_lost_peer is not None:
+            peers.watch(on_lost_peer, heartbeat_timeout_s)
+
+
+def _recoverable_if(on_lost_peer) -> None:
+    """Survivors that handle a lost peer themselves are not aborted by the service."""
+    if on_lost_peer is not None:
+        peers.recoverable_service()
 
 
 def _backends_started() -> bool:
