@@ -12,6 +12,8 @@
 #   bash bench/device_step.sh parts     the `paper` step (off, fused; full and mask) and the
 #                                       baseline, each profiled: device time by model part
 #   bash bench/device_step.sh prune     the `paper` step after pruning to 70% (compact, mask)
+#   bash bench/device_step.sh mask      mask against compact: one MLP layer (70% live), then the
+#                                       `paper` step
 # .devcache/stdlib32k is a token cache with a 32k vocabulary (here: `relu-sparsity prepare --out
 # .devcache/stdlib32k --vocab-size 32768 --max-tokens 1500000 --tokenizer-sample-mb 4`); the
 # profiled runs need real batches, the benchmarks random ones.
@@ -60,5 +62,9 @@ case "${1:-}" in
       "$OUT/parts_profiles.md" ;;
   prune)
     steps step_prune "$CONFIG" --instruments off fused --prune none compact mask --baseline flax ;;
-  *) echo "usage: device_step.sh step|profile|parts|prune" >&2; exit 2 ;;
+  mask)
+    $PY bench/mlp_backward.py --modes off fused --live-fraction 0.7 --repeats 5 ${MLP:-} 2>&1 \
+      | grep -E "^check|^\||^MLP" | tee "$OUT/mlp_mask.md"
+    steps step_mask "$CONFIG" --instruments off fused --prune compact mask ;;
+  *) echo "usage: device_step.sh step|profile|parts|prune|mask" >&2; exit 2 ;;
 esac

@@ -5,10 +5,16 @@ GEMMs' TFLOP/s.
 
     python bench/mlp_backward.py [--tokens 8192] [--d-model 1024] [--d-ff 32768] [--seq-len 512]
                                  [--modes off xla fused] [--kernel auto] [--gated] [--forward]
+                                 [--live-fraction P]
 
 Checks first: every variant's gradients against the same MLP in f32 on the same inputs; a mode
 fails the check where it is further from f32 than plain nn.Dense (units within rounding of 0 flip
 their ReLU mask in bf16, so neither is close everywhere).
+
+`--live-fraction P` times, for each mode, the two ways to train a pruned layer instead: `mask`
+(the full-width parameters, P of the units live, at a width padded to 256) against `compact`
+(parameters of that width alone). Its check: mask's gradients at the live units equal
+compact's, and are zero elsewhere.
 """
 
 import argparse
@@ -21,6 +27,7 @@ import numpy as np
 
 from relu_sparsity.bench.timing import kernel_round, measure
 from relu_sparsity.model import GatedReluMLP, ReluMLP
+from relu_sparsity.model.live import live_units, padded_width
 
 
 class PlainMLP(nn.Module):
@@ -89,6 +96,8 @@ def main() -> None:
                         "gated nn.Dense MLP, relu(x Wg) * (x Wu) @ Wd")
     parser.add_argument("--forward", action="store_true", help="time the forward alone")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--live-fraction", type=float,
+                        help="time mask against compact with this fraction of the units live")
     args = parser.parse_args()
     dtype = jnp.bfloat16
     batch = args.tokens // args.seq_len
@@ -100,6 +109,8 @@ def main() -> None:
     if "bi" in params:
         params["bi"] = 0.1 * jax.random.normal(kp, params["bi"].shape)
 
+    if args.live_fraction is not None:
+        return mask_against_compact(args, mlp, params, x, cotangent)
     timed = forward if args.forward else loss_and_grads
     plain = functools.partial(loss_and_grads, plain_mlp(args.d_ff, dtype))
     variants = {"plain nn.Dense": (plain, as_plain(params))}
@@ -123,22 +134,76 @@ def main() -> None:
               "entry: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + (f"; FAILED: {worse} worse than plain nn.Dense's" if worse else "; ok"))
 
-    gemms = (3 if args.gated else 2) * (1 if args.forward else 3)
-    flops = 2 * gemms * args.tokens * args.d_model * args.d_ff
-    rows = []
-    for name, (fn, p) in variants.items():
-        fn = jax.jit(functools.partial(timed, *fn.args))  # the module, forward or with grads
-        timing = measure(kernel_round(fn, (p, x, cotangent), 20), rounds=args.repeats,
-                         calls_per_round=20)
-        rows.append((name, timing.median_ms, flops / timing.median_ms / 1e9))
-    base = rows[0][1]
+    timed_variants = {name: (functools.partial(timed, *fn.args), p)
+                      for name, (fn, p) in variants.items()}
     what = ("gated MLP" if args.gated else "MLP") + (" forward" if args.forward
                                                     else " forward + backward")
+    print_table(args, what, args.d_ff, time_variants(args, timed_variants, x, cotangent))
+
+
+def time_variants(args, variants: dict, x, cotangent) -> list[tuple[str, float]]:
+    """(name, median ms) of each variant's fn(params, x, cotangent), in order."""
+    rows = []
+    for name, (fn, p) in variants.items():
+        timing = measure(kernel_round(jax.jit(fn), (p, x, cotangent), 20),
+                         rounds=args.repeats, calls_per_round=20)
+        rows.append((name, timing.median_ms))
+    return rows
+
+
+def print_table(args, what: str, d_ff: int, rows, against: str = "plain") -> None:
+    """The rows as a table, each against the first row (`against` "plain") or against the
+    row before it ("compact": mask against compact); TFLOP/s of the GEMMs at width d_ff."""
+    gemms = (3 if args.gated else 2) * (1 if args.forward else 3)
+    flops = 2 * gemms * args.tokens * args.d_model * d_ff
     print(f"\n{what}, T {args.tokens} D {args.d_model} F {args.d_ff} bf16 "
           f"({jax.devices()[0].device_kind})")
-    print("| variant | ms | / plain | TFLOP/s |\n| --- | ---: | ---: | ---: |")
-    for name, ms, tflops in rows:
-        print(f"| {name} | {ms:.3f} | {ms / base:.3f} | {tflops:.0f} |")
+    print(f"| variant | ms | / {against} | TFLOP/s at width {d_ff} |\n"
+          "| --- | ---: | ---: | ---: |")
+    for i, (name, ms) in enumerate(rows):
+        base = rows[0][1] if against == "plain" else rows[i - i % 2][1]
+        print(f"| {name} | {ms:.3f} | {ms / base:.3f} | {flops / ms / 1e9:.0f} |")
+
+
+def mask_against_compact(args, mlp, params, x, cotangent) -> None:
+    """Each mode's layer trained in mask mode (full-width parameters, some units live) and in
+    compact mode (parameters of the live width alone): checked, then timed."""
+    rng = np.random.default_rng(0)
+    num_live = round(args.live_fraction * args.d_ff)
+    live = tuple(np.sort(rng.choice(args.d_ff, num_live, replace=False)).tolist())
+    width = padded_width(num_live, 256, args.d_ff)
+    axes = {"wi": 1, "bi": 0, "wo": 0, "wg": 1, "wu": 1, "wd": 0, "bg": 0}
+    names = [k for k in params if k in axes]
+    compact_params = dict(params)
+    compact_params.update(zip(names, live_units(tuple(params[k] for k in names),
+                                                tuple(axes[k] for k in names), live, width)))
+    variants = {}
+    for mode in args.modes:
+        compact = mlp(width, instrument=mode, backend=args.kernel, dtype=jnp.bfloat16)
+        mask = mlp(args.d_ff, instrument=mode, backend=args.kernel, live=live,
+                   dtype=jnp.bfloat16)
+        variants[f"{mode}, compact"] = (functools.partial(loss_and_grads, compact),
+                                        compact_params)
+        variants[f"{mode}, mask"] = (functools.partial(loss_and_grads, mask), params)
+        _, (got_compact, _) = jax.jit(variants[f"{mode}, compact"][0])(compact_params, x,
+                                                                       cotangent)
+        _, (got_mask, _) = jax.jit(variants[f"{mode}, mask"][0])(params, x, cotangent)
+        placed = [k for k in names
+                  if not np.array_equal(*place_live(got_mask[k], got_compact[k], live, axes[k]))]
+        print(f"check {mode}: mask's gradients at the live units equal compact's, zero "
+              f"elsewhere: " + (f"FAILED for {placed}" if placed else "ok"))
+    print_table(args, f"{'gated MLP' if args.gated else 'MLP'} forward + backward, "
+                f"{num_live} live units computed at width {width}", width,
+                time_variants(args, variants, x, cotangent), against="compact")
+
+
+def place_live(mask_grad, compact_grad, live, axis) -> tuple[np.ndarray, np.ndarray]:
+    """(mask's full-width gradient, compact's gradient placed at the live units' ids)."""
+    mask_grad = np.asarray(mask_grad, np.float32)
+    want = np.zeros_like(mask_grad)
+    index = (slice(None),) * axis + (list(live),)
+    want[index] = np.take(np.asarray(compact_grad, np.float32), np.arange(len(live)), axis)
+    return mask_grad, want
 
 
 if __name__ == "__main__":

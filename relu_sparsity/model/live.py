@@ -6,6 +6,8 @@ and puts the kernel's statistics back in the layer's unit ids, the dead units co
 zero padding unit has h = 0, so it passes no gradient and counts nowhere.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,25 +47,51 @@ def live_weights(wi: jax.Array, bi: jax.Array, wo: jax.Array, live: tuple[int, .
 def live_units(weights: tuple[jax.Array, ...], axes: tuple[int, ...], live: tuple[int, ...],
                width: int) -> tuple[jax.Array, ...]:
     """Each weight's live units along its unit axis (F there -> width), zero units after the
-    len(live) live ones; weights[i]'s units lie on axes[i].
-
-    One gather per weight at the padded width, the padding positions (which read unit 0) zeroed
-    by a select that XLA fuses into the gather: a gather at len(live) followed by a pad would
-    write the weights twice. The select also zeroes the padding's gradient, so the backward's
-    scatter-add puts each live unit's gradient, and only it, into the full-width parameter."""
+    len(live) live ones; weights[i]'s units lie on axes[i] (`gather_units`)."""
     if len(weights) != len(axes):
         raise ValueError(f"axes must name one unit axis per weight: {len(weights)} weights, "
                          f"{len(axes)} axes")
+    return tuple(gather_units(w, live, axis, width, w.shape[axis])
+                 for w, axis in zip(weights, axes, strict=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def gather_units(w: jax.Array, live: tuple[int, ...], axis: int, width: int,
+                 num_units: int) -> jax.Array:
+    """w's units `live` along `axis` (num_units there) -> width units: the live ones, then zero
+    units.
+
+    One gather at the padded width, the padding positions (which read unit 0) zeroed by a
+    select that XLA fuses into it: a gather at len(live) followed by a pad would write the
+    weights twice. The gradient is a gather too, of each unit's position among the live ones,
+    dead units reading zero (`mode="fill"`): the gather's own transpose, a scatter-add into
+    the full width, runs several times slower on GPUs, and each unit has one position."""
+    del num_units  # the backward's
     ids = np.zeros(width, np.int32)
     ids[:len(live)] = live
-    ids = jnp.asarray(ids)
-    real = jnp.asarray(np.arange(width) < len(live))
-    out = []
-    for w, axis in zip(weights, axes, strict=True):
-        shape = [1] * w.ndim
-        shape[axis] = width
-        out.append(jnp.where(real.reshape(shape), take_units(w, ids, axis), 0))
-    return tuple(out)
+    return jnp.where(unit_axis(np.arange(width) < len(live), w.ndim, axis),
+                     take_units(w, jnp.asarray(ids), axis), 0)
+
+
+def _gather_units_fwd(w, live, axis, width, num_units):
+    return gather_units(w, live, axis, width, num_units), None
+
+
+def _gather_units_bwd(live, axis, width, num_units, _, grad):
+    position = np.full(num_units, width, np.int32)  # out of range: dead units read zero
+    position[list(live)] = np.arange(len(live))
+    index = (slice(None),) * axis + (jnp.asarray(position),)
+    return (grad.at[index].get(mode="fill", fill_value=0),)
+
+
+gather_units.defvjp(_gather_units_fwd, _gather_units_bwd)
+
+
+def unit_axis(values: np.ndarray, ndim: int, axis: int) -> jax.Array:
+    """values [F] shaped to broadcast along `axis` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = values.shape[0]
+    return jnp.asarray(values.reshape(shape))
 
 
 def take_units(a: jax.Array, ids: jax.Array, axis: int) -> jax.Array:
