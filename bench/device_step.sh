@@ -12,8 +12,9 @@
 #   bash bench/device_step.sh parts     the `paper` step (off, fused; full and mask) and the
 #                                       baseline, each profiled: device time by model part
 #   bash bench/device_step.sh prune     the `paper` step after pruning to 70% (compact, mask)
-#   bash bench/device_step.sh mask      mask against compact: one MLP layer (70% live), then the
-#                                       `paper` step
+#   bash bench/device_step.sh mask      mask against compact: the live units' gradient as a
+#                                       gather against XLA's scatter-add (bench/ab_live_gradient.py),
+#                                       one MLP layer (70% live), then the `paper` step
 # .devcache/stdlib32k is a token cache with a 32k vocabulary (here: `relu-sparsity prepare --out
 # .devcache/stdlib32k --vocab-size 32768 --max-tokens 1500000 --tokenizer-sample-mb 4`); the
 # profiled runs need real batches, the benchmarks random ones.
@@ -63,6 +64,8 @@ case "${1:-}" in
   prune)
     steps step_prune "$CONFIG" --instruments off fused --prune none compact mask --baseline flax ;;
   mask)
+    $PY -m pytest -q -p no:cacheprovider tests/test_live.py 2>&1 | tail -1
+    $PY bench/ab_live_gradient.py 2>&1 | grep -E "^check|^\||^wi" | tee "$OUT/ab_live.md"
     $PY bench/mlp_backward.py --modes off fused --live-fraction 0.7 --repeats 5 ${MLP:-} 2>&1 \
       | grep -E "^check|^\||^MLP" | tee "$OUT/mlp_mask.md"
     steps step_mask "$CONFIG" --instruments off fused --prune compact mask ;;
