@@ -26,6 +26,7 @@ setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # Hugging Face checkpoints (model/hf.py)
     ],
     extras_require={
         # The GPU kernels' tests lower them for CUDA on a CPU machine: that needs jax-triton,

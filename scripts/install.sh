@@ -86,3 +86,17 @@ if [ "${1:-}" = "test" ]; then
     "sentencepiece>=0.2.0" tqdm pytest
   .venv-seqio/bin/python -m pip install -q --no-deps "tensorflow-text==2.21.*" "seqio==0.0.20"
 fi
+
+# The Hugging Face tests (tests/test_hf_import.py) compare against `transformers` itself, which
+# needs torch: a side environment of Python 3.11 with torch's CPU build (as .venv-triton's) and
+# transformers. The main environment reads checkpoints with `safetensors` alone.
+if [ "${1:-}" = "test" ]; then
+  if [ ! -x .venv-hf/bin/python ] || ! works .venv-hf/bin/python 11; then
+    rm -rf .venv-hf
+    "$python311" -m venv .venv-hf
+  fi
+  echo "install.sh: $(.venv-hf/bin/python --version) in .venv-hf (from $python311)"
+  .venv-hf/bin/python -m pip install -q --upgrade pip
+  .venv-hf/bin/python -m pip install -q "torch==2.13.0"
+  .venv-hf/bin/python -m pip install -q "transformers==5.25.*" "safetensors>=0.4" "numpy<2.4"
+fi

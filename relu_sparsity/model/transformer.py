@@ -1,5 +1,7 @@
 """Decoder-only ReLU Transformer as in the paper: pre-LayerNorm blocks, causal self-attention and
-the instrumented ReLU MLP, learned positions, tied or untied embeddings."""
+the instrumented ReLU MLP, learned positions, tied or untied embeddings. The options after
+`attention` in `TransformerConfig` describe checkpoints trained elsewhere (OPT, model/hf.py);
+their defaults are the paper's model."""
 
 import dataclasses
 from collections.abc import Mapping
@@ -27,6 +29,12 @@ class TransformerConfig:
     live_multiple: int = 256  # live units are computed at a width padded to this multiple
     dtype: str = "float32"  # compute dtype; parameters are float32
     attention: str = "auto"  # auto | xla | cudnn (attention_implementation)
+    norm_eps: float = 1e-6  # the LayerNorms' epsilon
+    post_norm: bool = False  # LayerNorm after each residual sum (OPT-350m), not before the branch
+    final_norm: bool = True  # a LayerNorm after the last block
+    position_offset: int = 0  # the position table's row of position 0 (OPT's is 2)
+    embed_dim: int | None = None  # token embedding width where it differs from d_model: the
+    # embeddings go through project_in [embed_dim, d_model], the output through project_out
 
     def layer_widths(self) -> tuple[int, ...]:
         if isinstance(self.d_ff, int):
@@ -115,12 +123,16 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        x = x + CausalSelfAttention(cfg.num_heads, dtype, cfg.attention, name="attn")(
-            nn.LayerNorm(dtype=dtype, name="ln_attn")(x))
-        return x + ReluMLP(self.d_ff, instrument=cfg.instrument, backend=cfg.backend,
-                           live=self.live, live_multiple=cfg.live_multiple, dtype=dtype,
-                           name="mlp")(
-            nn.LayerNorm(dtype=dtype, name="ln_mlp")(x))
+        attn = CausalSelfAttention(cfg.num_heads, dtype, cfg.attention, name="attn")
+        mlp = ReluMLP(self.d_ff, instrument=cfg.instrument, backend=cfg.backend, live=self.live,
+                      live_multiple=cfg.live_multiple, dtype=dtype, name="mlp")
+        ln_attn = nn.LayerNorm(cfg.norm_eps, dtype=dtype, name="ln_attn")
+        ln_mlp = nn.LayerNorm(cfg.norm_eps, dtype=dtype, name="ln_mlp")
+        if cfg.post_norm:
+            x = ln_attn(x + attn(x))
+            return ln_mlp(x + mlp(x))
+        x = x + attn(ln_attn(x))
+        return x + mlp(ln_mlp(x))
 
 
 class Transformer(nn.Module):
@@ -135,15 +147,23 @@ class Transformer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if tokens.shape[1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {cfg.max_len}")
-        embed = Embed(cfg.vocab_size, cfg.d_model, dtype, name="embed")
+        embed_dim = cfg.embed_dim or cfg.d_model
+        embed = Embed(cfg.vocab_size, embed_dim, dtype, name="embed")
         positions = self.param("pos_embed", nn.initializers.normal(0.02),
-                               (cfg.max_len, cfg.d_model))
-        x = embed(tokens) + positions[None, : tokens.shape[1]].astype(dtype)
+                               (cfg.position_offset + cfg.max_len, cfg.d_model))
+        x = embed(tokens)
+        if embed_dim != cfg.d_model:
+            x = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype, name="project_in")(x)
+        start = cfg.position_offset
+        x = x + positions[None, start:start + tokens.shape[1]].astype(dtype)
         widths = cfg.layer_widths()
         lives = cfg.live or (None,) * cfg.num_layers
         for i in range(cfg.num_layers):
             x = Block(cfg, widths[i], lives[i], name=f"block_{i}")(x)
-        x = nn.LayerNorm(dtype=dtype, name="ln_final")(x)
+        if cfg.final_norm:
+            x = nn.LayerNorm(cfg.norm_eps, dtype=dtype, name="ln_final")(x)
+        if embed_dim != cfg.d_model:
+            x = nn.Dense(embed_dim, use_bias=False, dtype=dtype, name="project_out")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
