@@ -23,7 +23,7 @@ from relu_sparsity.model.transformer import Transformer
 from side_env import ROOT
 
 HF_PYTHON = Path(os.environ.get("RELU_SPARSITY_HF_PYTHON", ROOT / ".venv-hf" / "bin" / "python"))
-VARIANTS = ("opt_pre_projected", "opt_post_untied", "opt_no_bias")
+VARIANTS = ("opt_pre_projected", "opt_post_untied", "opt_no_bias", "llama_gqa", "llama_bias_tied")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,27 @@ def copy_of(oracle: Path, variant: str, tmp_path: Path) -> Path:
     ("ffn_dim", 0, "ffn_dim=0 must be a positive integer"),
     ("ffn_dim", 81, "has shape (80, 32), config.json gives (81, 32)"),
 ])
-def test_unsupported_configs_are_refused_naming_the_field(oracle, tmp_path, field, value, said):
-    folder = copy_of(oracle, "opt_pre_projected", tmp_path)
+def test_unsupported_opt_configs_are_refused_naming_the_field(oracle, tmp_path, field, value,
+                                                             said):
+    refused_naming(oracle, tmp_path, "opt_pre_projected", field, value, said)
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("hidden_act", "silu", "hidden_act='silu' is not supported"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5},
+     "rope_type='llama3' is not supported"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling="),
+    ("num_key_value_heads", 3, "num_key_value_heads=3 does not divide num_attention_heads=4"),
+    ("mlp_bias", True, "mlp_bias=True is not supported"),
+    ("head_dim", 16, "head_dim=16 is not supported"),
+])
+def test_unsupported_llama_configs_are_refused_naming_the_field(oracle, tmp_path, field, value,
+                                                               said):
+    refused_naming(oracle, tmp_path, "llama_gqa", field, value, said)
+
+
+def refused_naming(oracle, tmp_path, variant, field, value, said):
+    folder = copy_of(oracle, variant, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(UnsupportedCheckpoint) as raised:

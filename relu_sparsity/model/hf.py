@@ -1,5 +1,7 @@
 """Hugging Face checkpoints from a local folder (`config.json` and safetensors files, no network)
-as this package's `Transformer`: OPT, whose MLP is a plain ReLU with biases.
+as this package's `Transformer`: OPT, whose MLP is a plain ReLU with biases, and Llama-architecture
+models with `hidden_act: relu` (ReluLLaMA, ProSparse), whose MLP is gated: RMSNorm, rotary
+positions, grouped-query attention.
 
 `load_hf(folder)` reads the folder's config, refuses anything the model cannot reproduce with one
 line naming the config field, and maps the weights onto the parameter tree of `Transformer`
@@ -76,6 +78,50 @@ def opt_config(config: dict, *, instrument: str = "xla", dtype: str = "float32"
         instrument=instrument, dtype=dtype, norm_eps=OPT_NORM_EPS, post_norm=not pre_norm,
         final_norm=pre_norm and not remove_final, position_offset=OPT_POSITION_OFFSET,
         embed_dim=positive_int(config, "word_embed_proj_dim", d_model))
+
+
+def llama_config(config: dict, *, instrument: str = "xla", dtype: str = "float32"
+                 ) -> TransformerConfig:
+    """The `TransformerConfig` of a Llama-architecture config.json with a ReLU gate."""
+    require(config, "model_type", ("llama",))
+    require(config, "hidden_act", ("relu",))
+    require(config, "mlp_bias", (False,), False)
+    d_model = positive_int(config, "hidden_size")
+    num_heads = positive_int(config, "num_attention_heads")
+    if d_model % num_heads:
+        raise UnsupportedCheckpoint(f"config.json: hidden_size={d_model} is not divisible by "
+                                    f"num_attention_heads={num_heads}")
+    require(config, "head_dim", (None, d_model // num_heads))
+    num_kv_heads = positive_int(config, "num_key_value_heads", num_heads)
+    if num_heads % num_kv_heads:
+        raise UnsupportedCheckpoint(f"config.json: num_key_value_heads={num_kv_heads} does not "
+                                    f"divide num_attention_heads={num_heads}")
+    return TransformerConfig(
+        vocab_size=positive_int(config, "vocab_size"),
+        num_layers=positive_int(config, "num_hidden_layers"), d_model=d_model,
+        num_heads=num_heads, d_ff=positive_int(config, "intermediate_size"),
+        max_len=positive_int(config, "max_position_embeddings"),
+        tie_embeddings=require(config, "tie_word_embeddings", (True, False), False),
+        instrument=instrument, dtype=dtype, norm="rmsnorm",
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), positions="rope",
+        rope_theta=rope_theta(config), num_kv_heads=num_kv_heads,
+        attention_bias=require(config, "attention_bias", (True, False), False), mlp="gated")
+
+
+def rope_theta(config: dict) -> float:
+    """The RoPE base of plain (unscaled) rotary positions, from `rope_parameters`
+    (transformers 5) or `rope_theta` with `rope_scaling` (earlier versions)."""
+    parameters = config.get("rope_parameters") or {}
+    if not isinstance(parameters, dict):
+        raise UnsupportedCheckpoint("config.json: rope_parameters must be an object")
+    if parameters:
+        require(parameters, "rope_type", ("default",), "default")
+    require(config, "rope_scaling", (None,))
+    theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise UnsupportedCheckpoint(f"config.json: rope_theta={theta!r} must be a positive "
+                                    "number")
+    return float(theta)
 
 
 def read_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -165,6 +211,42 @@ def opt_params(tensors: dict, cfg: TransformerConfig) -> dict:
     return params
 
 
+def llama_params(tensors: dict, cfg: TransformerConfig) -> dict:
+    """A Llama-architecture model's tensors as the parameter tree of `Transformer(cfg)`."""
+    w = Weights(tensors, "model.")
+    D, V, N, K = cfg.d_model, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads
+    H = D // N
+    params = {"embed": {"embedding": w.get("embed_tokens.weight", (V, D))},
+              "ln_final": {"scale": w.get("norm.weight", (D,))}}
+    for i, F in enumerate(cfg.layer_widths()):
+        layer = f"layers.{i}."
+        attn = f"{layer}self_attn."
+        q = {"kernel": w.linear(f"{attn}q_proj", D, N * H).reshape(D, N, H)}
+        kv = {"kernel": np.stack([w.linear(f"{attn}{n}_proj", D, K * H) for n in "kv"],
+                                 axis=1).reshape(D, 2, K, H)}
+        out = {"kernel": w.linear(f"{attn}o_proj", N * H, D).reshape(N, H, D)}
+        if cfg.attention_bias:
+            q["bias"] = w.get(f"{attn}q_proj.bias", (N * H,)).reshape(N, H)
+            kv["bias"] = np.stack([w.get(f"{attn}{n}_proj.bias", (K * H,)) for n in "kv"]
+                                  ).reshape(2, K, H)
+            out["bias"] = w.get(f"{attn}o_proj.bias", (D,))
+        params[f"block_{i}"] = {
+            "ln_attn": {"scale": w.get(f"{layer}input_layernorm.weight", (D,))},
+            "attn": {"q": q, "kv": kv, "out": out},
+            "ln_mlp": {"scale": w.get(f"{layer}post_attention_layernorm.weight", (D,))},
+            "mlp": {"wg": w.linear(f"{layer}mlp.gate_proj", D, F),
+                    "wu": w.linear(f"{layer}mlp.up_proj", D, F),
+                    "wd": w.linear(f"{layer}mlp.down_proj", F, D)},
+        }
+    if not cfg.tie_embeddings:
+        params["unembed"] = {"kernel": Weights(tensors, "").linear("lm_head", D, V),
+                             "bias": np.zeros(V, np.float32)}
+    return params
+
+
+FAMILIES = {"opt": (opt_config, opt_params), "llama": (llama_config, llama_params)}
+
+
 def load_hf(folder: str | Path, *, instrument: str = "xla", dtype: str = "float32"
             ) -> tuple[TransformerConfig, dict]:
     """(config, params) of the Hugging Face checkpoint in `folder`, for `Transformer(config)`.
@@ -172,9 +254,9 @@ def load_hf(folder: str | Path, *, instrument: str = "xla", dtype: str = "float3
     the config asks for what the model cannot do."""
     folder = Path(folder)
     hf_config = read_hf_config(folder)
-    require(hf_config, "model_type", ("opt",))
-    cfg = opt_config(hf_config, instrument=instrument, dtype=dtype)
-    return cfg, opt_params(read_tensors(folder), cfg)
+    make_config, make_params = FAMILIES[require(hf_config, "model_type", tuple(FAMILIES))]
+    cfg = make_config(hf_config, instrument=instrument, dtype=dtype)
+    return cfg, make_params(read_tensors(folder), cfg)
 
 
 def check_exportable(cfg: TransformerConfig) -> None:
@@ -188,6 +270,10 @@ def check_exportable(cfg: TransformerConfig) -> None:
     if cfg.post_norm and cfg.final_norm:
         raise UnsupportedCheckpoint("OPT's post-LN layout has no final LayerNorm; this model "
                                     "has both")
+    if cfg.mlp != "relu" or cfg.positions != "learned" or cfg.norm != "layernorm":
+        raise UnsupportedCheckpoint("only models of OPT's layout export (a plain ReLU MLP, "
+                                    "learned positions, LayerNorm); this one has a "
+                                    f"{cfg.mlp} MLP, {cfg.positions} positions, {cfg.norm}")
     if cfg.live is not None:
         raise UnsupportedCheckpoint("a model with live units (mask mode) exports once "
                                     "compacted: export its compacted widths")

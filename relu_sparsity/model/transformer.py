@@ -1,9 +1,10 @@
 """Decoder-only ReLU Transformer as in the paper: pre-LayerNorm blocks, causal self-attention and
 the instrumented ReLU MLP, learned positions, tied or untied embeddings. The options after
-`attention` in `TransformerConfig` describe checkpoints trained elsewhere (OPT, model/hf.py);
-their defaults are the paper's model."""
+`attention` in `TransformerConfig` describe checkpoints trained elsewhere (OPT and ReLU-gated
+Llama-architecture models, model/hf.py); their defaults are the paper's model."""
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from relu_sparsity.kernels import SparsityStats
-from relu_sparsity.model.mlp import ReluMLP
+from relu_sparsity.model.mlp import GatedReluMLP, ReluMLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,12 @@ class TransformerConfig:
     position_offset: int = 0  # the position table's row of position 0 (OPT's is 2)
     embed_dim: int | None = None  # token embedding width where it differs from d_model: the
     # embeddings go through project_in [embed_dim, d_model], the output through project_out
+    norm: str = "layernorm"  # layernorm | rmsnorm (Llama)
+    positions: str = "learned"  # learned (a table) | rope (rotary, on queries and keys)
+    rope_theta: float = 10000.0
+    num_kv_heads: int | None = None  # grouped-query attention: separate q and kv projections
+    attention_bias: bool = True
+    mlp: str = "relu"  # relu (ReluMLP) | gated (GatedReluMLP, no biases)
 
     def layer_widths(self) -> tuple[int, ...]:
         if isinstance(self.d_ff, int):
@@ -73,9 +80,16 @@ def cudnn_unsupported(dtype: jnp.dtype, head_dim: int) -> str:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention: one fused q/k/v projection, or with `num_kv_heads`
+    (grouped-query attention) a q projection and a k/v one of num_kv_heads heads; with
+    `rope_theta`, rotary positions on queries and keys."""
+
     num_heads: int
     dtype: jnp.dtype
     attention: str = "auto"
+    num_kv_heads: int | None = None
+    use_bias: bool = True
+    rope_theta: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,12 +97,33 @@ class CausalSelfAttention(nn.Module):
         if d_model % self.num_heads:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {self.num_heads}")
         head_dim = d_model // self.num_heads
-        qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv")(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
+        dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, use_bias=self.use_bias)
+        if self.num_kv_heads is None:
+            qkv = dense((3, self.num_heads, head_dim), name="qkv")(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
+        else:
+            q = dense((self.num_heads, head_dim), name="q")(x)
+            kv = dense((2, self.num_kv_heads, head_dim), name="kv")(x)
+            k, v = kv[:, :, 0], kv[:, :, 1]  # [B, T, K, H]
+        if self.rope_theta is not None:
+            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
         implementation = attention_implementation(self.attention, self.dtype, head_dim)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                            implementation=implementation)
-        return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+        return dense(d_model, axis=(-2, -1), name="out")(out)
+
+
+def rotary(x: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of x [B, T, heads, H] in the half-split layout (Llama's
+    `rotate_half`): dimension i pairs with i + H/2, rotated by position * theta^(-2i/H)."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq  # [T, H/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[None, :, None]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[None, :, None]
+    half1, half2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-half2, half1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
 class Embed(nn.Module):
@@ -123,16 +158,27 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        attn = CausalSelfAttention(cfg.num_heads, dtype, cfg.attention, name="attn")
-        mlp = ReluMLP(self.d_ff, instrument=cfg.instrument, backend=cfg.backend, live=self.live,
-                      live_multiple=cfg.live_multiple, dtype=dtype, name="mlp")
-        ln_attn = nn.LayerNorm(cfg.norm_eps, dtype=dtype, name="ln_attn")
-        ln_mlp = nn.LayerNorm(cfg.norm_eps, dtype=dtype, name="ln_mlp")
+        attn = CausalSelfAttention(
+            cfg.num_heads, dtype, cfg.attention, num_kv_heads=cfg.num_kv_heads,
+            use_bias=cfg.attention_bias,
+            rope_theta=cfg.rope_theta if cfg.positions == "rope" else None, name="attn")
+        mlp_class = {"relu": ReluMLP, "gated": GatedReluMLP}[cfg.mlp]
+        mlp = mlp_class(self.d_ff, instrument=cfg.instrument, backend=cfg.backend,
+                        live=self.live, live_multiple=cfg.live_multiple, dtype=dtype,
+                        name="mlp")
+        ln_attn, ln_mlp = norm(cfg, "ln_attn"), norm(cfg, "ln_mlp")
         if cfg.post_norm:
             x = ln_attn(x + attn(x))
             return ln_mlp(x + mlp(x))
         x = x + attn(ln_attn(x))
         return x + mlp(ln_mlp(x))
+
+
+def norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    """The model's LayerNorm or RMSNorm (Llama's: a scale, no bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name=name)
+    return nn.LayerNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name=name)
 
 
 class Transformer(nn.Module):
@@ -149,19 +195,20 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {cfg.max_len}")
         embed_dim = cfg.embed_dim or cfg.d_model
         embed = Embed(cfg.vocab_size, embed_dim, dtype, name="embed")
-        positions = self.param("pos_embed", nn.initializers.normal(0.02),
-                               (cfg.position_offset + cfg.max_len, cfg.d_model))
         x = embed(tokens)
         if embed_dim != cfg.d_model:
             x = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype, name="project_in")(x)
-        start = cfg.position_offset
-        x = x + positions[None, start:start + tokens.shape[1]].astype(dtype)
+        if cfg.positions == "learned":
+            positions = self.param("pos_embed", nn.initializers.normal(0.02),
+                                   (cfg.position_offset + cfg.max_len, cfg.d_model))
+            start = cfg.position_offset
+            x = x + positions[None, start:start + tokens.shape[1]].astype(dtype)
         widths = cfg.layer_widths()
         lives = cfg.live or (None,) * cfg.num_layers
         for i in range(cfg.num_layers):
             x = Block(cfg, widths[i], lives[i], name=f"block_{i}")(x)
         if cfg.final_norm:
-            x = nn.LayerNorm(cfg.norm_eps, dtype=dtype, name="ln_final")(x)
+            x = norm(cfg, "ln_final")(x)
         if embed_dim != cfg.d_model:
             x = nn.Dense(embed_dim, use_bias=False, dtype=dtype, name="project_out")(x)
         if cfg.tie_embeddings:

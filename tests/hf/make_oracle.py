@@ -1,5 +1,6 @@
 """The transformers oracle, run in the side environment (scripts/install.sh test makes .venv-hf:
-Python 3.11, torch's CPU build, transformers): tiny random checkpoints of OPT's variants, each
+Python 3.11, torch's CPU build, transformers): tiny random checkpoints of the variants of OPT and
+of ReLU-gated Llama-architecture models, each
 saved as a Hugging Face folder (config.json, model.safetensors) with oracle.npz beside it: input
 ids, transformers' logits for them, and every layer's ReLU output.
 
@@ -13,11 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                          OPTForCausalLM)
 
 TINY_OPT = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=80,
                 num_attention_heads=4, max_position_embeddings=40, activation_function="relu",
                 dropout=0.0, attention_dropout=0.0, pad_token_id=1)
+TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=40, hidden_act="relu",
+                  rms_norm_eps=1e-5, attention_dropout=0.0)
 VARIANTS = {
     # pre-LN, tied, with project_in / project_out (word_embed_proj_dim differs from hidden_size)
     "opt_pre_projected": OPTConfig(**TINY_OPT, word_embed_proj_dim=24),
@@ -27,7 +32,13 @@ VARIANTS = {
     # no biases, LayerNorms without parameters
     "opt_no_bias": OPTConfig(**TINY_OPT, enable_bias=False,
                              layer_norm_elementwise_affine=False),
+    # grouped-query attention (4 query heads, 2 key/value heads), untied
+    "llama_gqa": LlamaConfig(**TINY_LLAMA, num_key_value_heads=2),
+    # every head its own keys and values, attention biases, tied embeddings, another RoPE base
+    "llama_bias_tied": LlamaConfig(**TINY_LLAMA, num_key_value_heads=4, attention_bias=True,
+                                   tie_word_embeddings=True, rope_theta=500.0),
 }
+CLASSES = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM}
 
 
 def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -37,24 +48,28 @@ def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             scale = 0.3 if p.ndim == 1 else p.shape[-1] ** -0.5
-            base = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             p.copy_(base + scale * torch.randn(p.shape, generator=gen))
     return model.eval()
 
 
 def relu_outputs(model) -> list:
-    """Hooks that collect each decoder layer's ReLU output [B * T, F]."""
+    """Hooks that collect each decoder layer's ReLU output [B * T, F] (a gated MLP's gate)."""
     outputs = []
-    for layer in model.model.decoder.layers:
-        layer.activation_fn.register_forward_hook(
-            lambda module, args, out: outputs.append(out.reshape(-1, out.shape[-1]).numpy()))
+    hook = lambda module, args, out: outputs.append(out.reshape(-1, out.shape[-1]).numpy())
+    if isinstance(model, OPTForCausalLM):
+        for layer in model.model.decoder.layers:
+            layer.activation_fn.register_forward_hook(hook)
+    else:
+        for layer in model.model.layers:
+            layer.mlp.act_fn.register_forward_hook(hook)
     return outputs
 
 
 def make(out: Path) -> None:
     for seed, (name, config) in enumerate(VARIANTS.items()):
         torch.manual_seed(seed)
-        model = randomized(OPTForCausalLM(config), seed)
+        model = randomized(CLASSES[config.model_type](config), seed)
         folder = out / name
         model.save_pretrained(folder, safe_serialization=True)
         ids = np.random.default_rng(seed).integers(2, config.vocab_size, (3, 17))
