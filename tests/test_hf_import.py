@@ -185,3 +185,21 @@ def test_models_outside_opts_layout_are_refused_before_writing(tmp_path):
         with pytest.raises(UnsupportedCheckpoint, match=said):
             save_hf(cfg, {}, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_example_runs_and_its_export_keeps_the_batch_logits(oracle, tmp_path,
+                                                                       monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own model"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n\n")]
+    want = np.load(oracle / "opt_pre_projected" / "oracle.npz")
+    np.save(tmp_path / "ids.npy", want["ids"])
+    shutil.copytree(oracle / "opt_pre_projected", tmp_path / "opt-125m")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2 and said[0].startswith("layer 0: per token")
+    cfg, params = load_hf(tmp_path / "opt-125m-used")
+    assert max(cfg.layer_widths()) < 80  # some unit went unused in the batch
+    logits = Transformer(cfg).apply({"params": params}, jnp.asarray(want["ids"]))
+    np.testing.assert_allclose(logits, want["logits"], rtol=1e-4, atol=2e-5)
