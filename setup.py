@@ -27,6 +27,7 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "safetensors>=0.4",  # Hugging Face checkpoints (model/hf.py)
+        "tokenizers>=0.15",  # their tokenizers (data/hf_tokenizer.py)
     ],
     extras_require={
         # The GPU kernels' tests lower them for CUDA on a CPU machine: that needs jax-triton,

@@ -96,6 +96,10 @@ def _add_prepare(sub) -> None:
                       ".jsonl lines (default text)")
     prep.add_argument("--vocab", metavar="PATH.model", help="use this SentencePiece model (e.g. "
                       "T5's C4 vocabulary) instead of training one; --vocab-size is then its size")
+    prep.add_argument("--hf-tokenizer", metavar="HF_DIR", help="encode with this Hugging Face "
+                      "checkpoint's own tokenizer (its tokenizer.json), so that the cache holds "
+                      "the tokens the checkpoint was trained on; the vocabulary is then the "
+                      "model's")
     prep.add_argument("--vocab-size", type=int, default=4096,
                       help="pieces of the tokenizer trained on the corpus (default 4096)")
     prep.add_argument("--eval-fraction", type=float, default=0.02,
@@ -281,7 +285,7 @@ def cmd_prepare(args) -> None:
                         eval_fraction=args.eval_fraction, vocab=args.vocab,
                         max_tokens=args.max_tokens, text_key=args.text_key,
                         tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6),
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, hf_tokenizer=args.hf_tokenizer)
     print(f"token cache ready: {path}")
 
 

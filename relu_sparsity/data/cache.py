@@ -14,7 +14,8 @@ import numpy as np
 import sentencepiece as spm
 
 from relu_sparsity.data.corpus import DEFAULT_CORPUS
-from relu_sparsity.data.prepare import CACHE_FILES, prepare
+from relu_sparsity.data.hf_tokenizer import TOKENIZER_FILE, HfTokenizer
+from relu_sparsity.data.prepare import CACHE_FILES, TOKENIZER_FILES, prepare
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class TokenCache:
     def __init__(self, cache_dir: str | os.PathLike):
         self.path = pathlib.Path(cache_dir).expanduser()
         missing = [name for name in CACHE_FILES if not (self.path / name).is_file()]
+        if not any((self.path / name).is_file() for name in TOKENIZER_FILES):
+            missing.append(" or ".join(TOKENIZER_FILES))
         if missing:
             if self.path.exists():
                 what = f"is incomplete (missing {', '.join(missing)})"
@@ -105,7 +108,10 @@ class TokenCache:
         # Checked above, not on the first next(): a bad seq_len fails where eval_batches is called.
         return (np.asarray(tokens[i], dtype=np.int32) for i in index)
 
-    def tokenizer(self) -> spm.SentencePieceProcessor:
+    def tokenizer(self) -> spm.SentencePieceProcessor | HfTokenizer:
+        """The cache's tokenizer: its SentencePiece model, or a Hugging Face tokenizer.json."""
+        if (self.path / TOKENIZER_FILE).is_file():
+            return HfTokenizer(self.path, eos=int(self.meta["eos_id"]), vocab=self.vocab_size)
         return spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model"))
 
     def __repr__(self) -> str:

@@ -1,12 +1,14 @@
 """Writing a token cache (`relu-sparsity prepare`): train the tokenizer on a bounded sample of the
-corpus (or take an existing SentencePiece model), stream every document through it into the split
-files, and install the finished folder in one rename, so an interrupted prepare leaves no
-half-written cache. Memory stays bounded whatever the corpus size.
+corpus (or take an existing SentencePiece model, or a Hugging Face checkpoint's own tokenizer),
+stream every document through it into the split files, and install the finished folder in one
+rename, so an interrupted prepare leaves no half-written cache. Memory stays bounded whatever the
+corpus size.
 
 Cache layout (one directory):
     train.bin, eval.bin   flat token ids (uint16 when the vocabulary fits, else uint32); documents
                           are joined with the tokenizer's end-of-document (eos) id
-    tokenizer.model       the SentencePiece model (data/tokenizer.py, or the one given)
+    tokenizer.model       the SentencePiece model (data/tokenizer.py, or the one given); or
+    tokenizer.json        a Hugging Face checkpoint's tokenizer (data/hf_tokenizer.py)
     meta.json             what was built from what (see `prepare`); written last, so its
                           presence marks a complete build
 """
@@ -30,6 +32,7 @@ import sentencepiece as spm
 import tqdm
 
 from relu_sparsity.data.corpus import DEFAULT_CORPUS, Document, open_source
+from relu_sparsity.data.hf_tokenizer import TOKENIZER_FILE, HfTokenizer
 from relu_sparsity.data.tokenizer import (
     MAX_TOKENIZER_SENTENCES,
     MIN_VOCAB_SIZE,
@@ -47,7 +50,8 @@ from relu_sparsity.runs.folder import check_writable_folder
 log = logging.getLogger(__name__)
 
 FORMAT = 2
-CACHE_FILES = ("train.bin", "eval.bin", "tokenizer.model", "meta.json")
+CACHE_FILES = ("train.bin", "eval.bin", "meta.json")  # and one of TOKENIZER_FILES
+TOKENIZER_FILES = ("tokenizer.model", TOKENIZER_FILE)
 SPLITS = ("train", "eval")
 TOKENIZER_SAMPLE_CHARS = 100_000_000  # the tokenizer trains on at most about this much text
 # Encoding works on line-aligned chunks of about this many characters so the batch API can spread a
@@ -69,13 +73,16 @@ def prepare(
     text_key: str = "text",
     tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS,
     progress: bool = True,
+    hf_tokenizer: str | os.PathLike | None = None,
 ) -> pathlib.Path:
     """Builds (or reuses) the token cache of `source` in `cache_dir` and returns `cache_dir`.
 
     source: "default" (this Python's stdlib sources), text files / folders (data/corpus.py), or
     a source object such as data.tfds.TfdsSource. vocab: an existing SentencePiece model to use
     instead of training one (vocab_size is then the model's). max_tokens: stop after about this
-    many tokens (a deterministic prefix). The cache is reused when its meta.json records the
+    many tokens (a deterministic prefix). hf_tokenizer: a Hugging Face checkpoint folder whose
+    tokenizer.json encodes the corpus (vocab_size is then the model's). The cache is reused when
+    its meta.json records the
     same corpus fingerprint and settings; otherwise it is built in `<cache_dir>.tmp-<pid>` and
     moved into place.
     """
@@ -84,7 +91,10 @@ def prepare(
     if not (cache_dir / "meta.json").is_file():  # a finished cache may be reused read-only
         check_writable_folder(cache_dir, "token cache folder", replaced=True)
         _check_replaceable(cache_dir)
+    if vocab is not None and hf_tokenizer is not None:
+        raise ValueError("give a SentencePiece --vocab or --hf-tokenizer, not both")
     vocab_model = load_vocabulary(vocab) if vocab is not None else None
+    hf = HfTokenizer(hf_tokenizer) if hf_tokenizer is not None else None
     source = open_source(source, eval_fraction=eval_fraction, seed=seed, text_key=text_key)
     settings = {
         "format": FORMAT, "source": source.kind, "requested_vocab_size": vocab_size,
@@ -92,6 +102,8 @@ def prepare(
         "tokenizer_sample_chars": tokenizer_sample_chars,
         "vocab_file_sha256": hashlib.sha256(vocab_model).hexdigest() if vocab_model else None,
     }
+    if hf is not None:
+        settings["hf_tokenizer_sha256"] = hf.fingerprint()
     if _reusable(cache_dir, settings, source.fingerprint()):
         log.info("reusing token cache %s (corpus %s)", cache_dir, source.fingerprint()[:12])
         return cache_dir
@@ -103,7 +115,7 @@ def prepare(
     with lock.held(lock_file, f"token cache folder {cache_dir}"), terminate_as_interrupt():
         remove_stale_builds(cache_dir)
         meta = _build(cache_dir, source, settings, vocab, vocab_model, vocab_size, seed,
-                      tokenizer_sample_chars, max_tokens, eval_fraction, progress)
+                      tokenizer_sample_chars, max_tokens, eval_fraction, progress, hf)
     if meta is None:
         return cache_dir
     total = meta["train_tokens"] + meta["eval_tokens"]
@@ -116,7 +128,8 @@ def prepare(
 
 
 def _build(cache_dir, source, settings, vocab, vocab_model, vocab_size, seed,
-           tokenizer_sample_chars, max_tokens, eval_fraction, progress) -> dict | None:
+           tokenizer_sample_chars, max_tokens, eval_fraction, progress,
+           hf: HfTokenizer | None) -> dict | None:
     """Builds the cache in `<cache_dir>.tmp-<pid>` and moves it into place; its meta, or None
     where another process installed the same cache meanwhile."""
     tmp = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
@@ -124,13 +137,19 @@ def _build(cache_dir, source, settings, vocab, vocab_model, vocab_size, seed,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        if vocab_model is not None:
-            model, tokenizer = vocab_model, {"file": str(vocab)}
+        if hf is not None:
+            encoder, tokenizer = hf, {"hf": str(hf.file.parent.resolve()), "eos_id": hf.eos_id()}
+            shutil.copyfile(hf.file, tmp / TOKENIZER_FILE)
         else:
-            model, tokenizer = _train_tokenizer(source, vocab_size, seed, tokenizer_sample_chars)
-        (tmp / "tokenizer.model").write_bytes(model)
+            if vocab_model is not None:
+                model, tokenizer = vocab_model, {"file": str(vocab)}
+            else:
+                model, tokenizer = _train_tokenizer(source, vocab_size, seed,
+                                                    tokenizer_sample_chars)
+            (tmp / "tokenizer.model").write_bytes(model)
+            encoder = spm.SentencePieceProcessor(model_proto=model)
         meta = {**settings, **source.describe(), "corpus_hash": source.fingerprint(),
-                **encode_corpus(tmp, source, model, max_tokens, eval_fraction, progress),
+                **encode_corpus(tmp, source, encoder, max_tokens, eval_fraction, progress),
                 "tokenizer": tokenizer}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -258,13 +277,13 @@ class SplitWriter:
         self.file.close()
 
 
-def encode_corpus(folder: pathlib.Path, source, model: bytes, max_tokens: int | None,
+def encode_corpus(folder: pathlib.Path, source, sp, max_tokens: int | None,
                   eval_fraction: float, progress: bool) -> dict:
     """Streams the source's documents into folder/train.bin and folder/eval.bin; returns what
     meta.json records of them. With max_tokens, each split is a prefix of itself: the eval split
     of about eval_fraction of max_tokens, the train split of the rest, each ending with the
-    first document that reaches its share."""
-    sp = spm.SentencePieceProcessor(model_proto=model)
+    first document that reaches its share. `sp` encodes: a SentencePiece processor, or an
+    HfTokenizer, which offers the same methods."""
     vocab = sp.get_piece_size()
     dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
     writers = {split: SplitWriter(folder / f"{split}.bin", sp, dtype, vocab) for split in SPLITS}
@@ -316,7 +335,8 @@ def _entropy_nats(counts: np.ndarray) -> float:
 
 
 def _reusable(cache_dir: pathlib.Path, settings: dict, corpus_hash: str) -> bool:
-    if not all((cache_dir / name).is_file() for name in CACHE_FILES):
+    if not all((cache_dir / name).is_file() for name in CACHE_FILES) or \
+            not any((cache_dir / name).is_file() for name in TOKENIZER_FILES):
         return False
     try:
         meta = json.loads((cache_dir / "meta.json").read_text())
