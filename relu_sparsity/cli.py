@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_train, _add_experiment, _add_report, _add_bench, _add_tune,
+    for add in (_add_prepare, _add_import, _add_train, _add_experiment, _add_report, _add_bench, _add_tune,
                 _add_profile):
         add(sub)
     return parser
@@ -111,6 +111,19 @@ def _add_prepare(sub) -> None:
                       help="train the tokenizer on at most this many MB of the train split "
                       "(default 100)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_import(sub) -> None:
+    """`import`: a run folder of a Hugging Face checkpoint."""
+    imp = sub.add_parser("import", help="a run folder whose model is a Hugging Face checkpoint "
+                         "(OPT, or a Llama-architecture model with a ReLU gate)")
+    imp.add_argument("hf_dir", help="the checkpoint folder: config.json and *.safetensors")
+    imp.add_argument("--out", required=True, help="the run folder to create")
+    imp.add_argument("--cache", required=True, help="a token cache in the checkpoint's own "
+                     "tokens (`prepare --hf-tokenizer HF_DIR`)")
+    imp.add_argument("--config", default="small", help="the preset (or JSON file) whose train "
+                     "settings the run takes (default small)")
+    imp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
 
 def _add_train(sub) -> None:
@@ -287,6 +300,28 @@ def cmd_prepare(args) -> None:
                         tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6),
                         progress=not args.no_progress, hf_tokenizer=args.hf_tokenizer)
     print(f"token cache ready: {path}")
+
+
+def cmd_import(args) -> None:
+    from relu_sparsity.runs.folder import RunFolder, check_writable_folder
+    from relu_sparsity.train import config as config_lib
+    from relu_sparsity.train.imported import imported_config
+
+    out = Path(args.out)
+    check_writable_folder(out, "run folder")
+    if (out / CONFIG_FILE).exists():
+        raise ValueError(f"{out} already holds a run; choose another --out")
+    config = imported_config(args.hf_dir, args.cache, config_lib.load(args.config,
+                                                                      args.overrides))
+    config_lib.validate(config)
+    folder = RunFolder(out)
+    folder.create()  # its checkpoints/ folder marks it as a run's for `train --config`
+    folder.write_config(config_lib.to_dict(config))
+    m = config.model
+    print(f"imported {args.hf_dir}: {m.num_layers} layers, d_model {m.d_model}, d_ff {m.d_ff}, "
+          f"{m.mlp} MLP, vocabulary {config.data.vocab_size}\nrun folder: {out}\ntrain it "
+          f"with: relu-sparsity train --config {out / CONFIG_FILE} [--instrument fused] "
+          "[--prune compact --prune-at N]")
 
 
 def common_overrides(args) -> list[str]:
@@ -508,15 +543,15 @@ def stop_process(command: str, what: str) -> None:
     """Ends a process of a multi-process run with one line, its locks released. It skips
     Python's exit, whose jax.distributed shutdown would wait for the processes that are gone.
     Called from the main thread or the peer watch, whichever comes first; the other blocks."""
-    _stopping.acquire()
-    print(f"relu-sparsity {command}: stopped: {what}; start every process again to resume "
-          "from the last checkpoint", file=sys.stderr)
     from relu_sparsity.runs import lock
 
-    lock.release_all()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_FAILED)
+    with _stopping:  # released only where os._exit returns (a test's stand-in)
+        print(f"relu-sparsity {command}: stopped: {what}; start every process again to resume "
+              "from the last checkpoint", file=sys.stderr)
+        lock.release_all()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)
 
 
 def exit_status(command: str, err: Exception) -> int:
@@ -549,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     args.on_lost_peer = lambda what: stop_process(
         args.command, f"another process of the run is gone ({what})")
     try:
-        {"prepare": cmd_prepare, "train": cmd_train, "experiment": cmd_experiment,
+        {"prepare": cmd_prepare, "import": cmd_import, "train": cmd_train,
+         "experiment": cmd_experiment,
          "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune,
          "profile": cmd_profile}[args.command](args)
     except Exception as err:

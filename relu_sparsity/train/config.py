@@ -23,6 +23,27 @@ class ModelSettings:
     tie_embeddings: bool = True
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     attention: str = "auto"  # auto: cuDNN's flash attention on GPUs (16-bit), else XLA's
+    # A Hugging Face checkpoint folder a fresh run starts from (`relu-sparsity import`); the
+    # fields below describe its architecture (model.TransformerConfig's, same defaults).
+    init_from: str | None = None
+    max_len: int | None = None  # rows of the position table; None: seq_len
+    norm: str = "layernorm"
+    norm_eps: float = 1e-6
+    post_norm: bool = False
+    final_norm: bool = True
+    position_offset: int = 0
+    embed_dim: int | None = None
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    num_kv_heads: int | None = None
+    attention_bias: bool = True
+    mlp: str = "relu"
+
+
+# The ModelSettings fields that TransformerConfig takes as they are.
+ARCHITECTURE_FIELDS = ("norm", "norm_eps", "post_norm", "final_norm", "position_offset",
+                       "embed_dim", "positions", "rope_theta", "num_kv_heads", "attention_bias",
+                       "mlp")
 
 
 @dataclasses.dataclass
@@ -285,6 +306,7 @@ def validate(config: Config) -> None:
     _require(all(w >= 1 for w in widths), f"model.d_ff must be positive, got {m.d_ff}")
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.attention", m.attention, ("auto", "xla", "cudnn"))
+    validate_architecture(m)
     _require(t.peak_lr > 0, f"train.peak_lr must be > 0, got {t.peak_lr}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
@@ -314,6 +336,22 @@ def validate(config: Config) -> None:
     source = config.data.source
     _require(bool(source) and (isinstance(source, str) or all(source)),
              f"data.source must be 'default' or paths, got {source!r}")
+
+
+def validate_architecture(m: ModelSettings) -> None:
+    _one_of("model.norm", m.norm, ("layernorm", "rmsnorm"))
+    _one_of("model.positions", m.positions, ("learned", "rope"))
+    _one_of("model.mlp", m.mlp, ("relu", "gated"))
+    _require(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+    _require(m.position_offset >= 0, f"model.position_offset must be >= 0, got "
+             f"{m.position_offset}")
+    _require(m.max_len is None or m.max_len >= m.seq_len, f"model.seq_len {m.seq_len} exceeds "
+             f"model.max_len {m.max_len}")
+    _require(m.num_kv_heads is None or (m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads
+                                        == 0), f"model.num_kv_heads {m.num_kv_heads} must "
+             f"divide model.num_heads {m.num_heads}")
+    _require(m.embed_dim is None or m.embed_dim >= 1, f"model.embed_dim must be >= 1, got "
+             f"{m.embed_dim}")
 
 
 def field_help() -> str:

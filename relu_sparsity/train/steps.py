@@ -22,7 +22,7 @@ import optax
 from relu_sparsity.model import Transformer, TransformerConfig, layer_stats
 from relu_sparsity.model.transformer import attention_implementation
 from relu_sparsity.train import history
-from relu_sparsity.train.config import Config
+from relu_sparsity.train.config import ARCHITECTURE_FIELDS, Config
 from relu_sparsity.train.pruning import Pruning
 
 
@@ -54,10 +54,11 @@ def model_config(config: Config, vocab_size: int, *, instrument: str | None = No
         live = tuple(tuple(int(i) for i in k) for k in pruning.keep)
     return TransformerConfig(
         vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
-        num_heads=m.num_heads, d_ff=d_ff, max_len=m.seq_len, tie_embeddings=m.tie_embeddings,
-        instrument=instrument or config.instrument, backend=config.kernel, live=live,
-        live_multiple=config.train.prune_multiple, dtype=compute_dtype(config),
-        attention=m.attention)
+        num_heads=m.num_heads, d_ff=d_ff, max_len=m.max_len or m.seq_len,
+        tie_embeddings=m.tie_embeddings, instrument=instrument or config.instrument,
+        backend=config.kernel, live=live, live_multiple=config.train.prune_multiple,
+        dtype=compute_dtype(config), attention=m.attention,
+        **{name: getattr(m, name) for name in ARCHITECTURE_FIELDS})
 
 
 def attention_of(config: Config) -> str:

@@ -35,6 +35,7 @@ from relu_sparsity.runs.reader import PROFILE_HLO_FILE, PROFILE_STEPS_FILE
 from relu_sparsity.runs.tensorboard import EventLog
 from relu_sparsity.train.config import Config, to_dict, validate
 from relu_sparsity.train.history import auto_prune_ready, dead_units, to_arrays
+from relu_sparsity.train.imported import with_imported_params
 from relu_sparsity.train.metrics import UnitStates, layer_records
 from relu_sparsity.train.parallel import Parallel
 from relu_sparsity.train.preflight import check_memory, check_splits
@@ -139,7 +140,9 @@ def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bo
     folder = RunFolder(run_dir) if writes else FollowerFolder(run_dir)
     folder.check_usable()
     saved = folder.read_config()
-    if saved is not None and not allow_config_change:
+    # A folder that holds no run yet (an imported model before its first step) takes the new one.
+    started = bool(folder.checkpoint_steps() or folder.read_metrics())
+    if saved is not None and started and not allow_config_change:
         wanted = to_dict(config)
         old = {k: saved.get(k) for k in wanted}
         if corpus is not None and saved.get("corpus") == corpus and isinstance(
@@ -207,6 +210,9 @@ class Trainer:
                             self.folder.path, dropped)
             model = Transformer(model_config(self.config, self.cache.vocab_size))
             state = init_state(model, self.optimizer, self.config, self.history_widths)
+            if self.config.model.init_from:
+                state = with_imported_params(state, self.optimizer, self.config.model.init_from)
+                log.info("step 0 starts from the weights of %s", self.config.model.init_from)
             return self.parallel.state(state), [UnitStates(w) for w in self.widths], None
         step, state, meta = latest
         unit_states = [UnitStates.from_state_dict(w, meta["unit_states"][str(i)])

@@ -1,0 +1,65 @@
+"""Runs of a model trained elsewhere: a Hugging Face checkpoint folder (model/hf.py) as the
+`model` section of a run's config (`relu-sparsity import`), and its weights as the parameters a
+fresh run starts from (`model.init_from`)."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relu_sparsity.model.hf import load_hf, read_hf_config
+from relu_sparsity.model.transformer import TransformerConfig
+from relu_sparsity.train.config import ARCHITECTURE_FIELDS, Config, from_dict, to_dict
+
+DEFAULT_SEQ_LEN = 512  # training windows, at most the checkpoint's own position limit
+
+
+def model_settings(cfg: TransformerConfig, init_from: Path) -> dict:
+    """The `model` section of a run of the checkpoint described by `cfg`."""
+    widths = cfg.layer_widths()
+    return {
+        "num_layers": cfg.num_layers, "d_model": cfg.d_model, "num_heads": cfg.num_heads,
+        "d_ff": widths[0] if len(set(widths)) == 1 else list(widths),
+        "seq_len": min(cfg.max_len, DEFAULT_SEQ_LEN), "max_len": cfg.max_len,
+        "tie_embeddings": cfg.tie_embeddings, "init_from": str(init_from.resolve()),
+        **{name: getattr(cfg, name) for name in ARCHITECTURE_FIELDS}}
+
+
+def imported_config(hf_dir: str | Path, cache_dir: str | Path, base: Config) -> Config:
+    """`base` (a preset, with the user's overrides) with the model of the checkpoint in hf_dir
+    and the token cache at cache_dir, refused when the cache's vocabulary is not the model's.
+    Reads the checkpoint's weights once, so that a folder that cannot load is refused here."""
+    from relu_sparsity.data import TokenCache
+
+    hf_dir = Path(hf_dir)
+    cfg, _ = load_hf(hf_dir)
+    cache = TokenCache(cache_dir)
+    if cache.vocab_size != cfg.vocab_size:
+        raise ValueError(f"token cache {cache_dir} has a vocabulary of {cache.vocab_size}, the "
+                         f"model's is {cfg.vocab_size}: prepare the cache with --hf-tokenizer "
+                         f"{hf_dir}")
+    values = to_dict(base)
+    values["model"].update(model_settings(cfg, hf_dir))
+    values["data"].update(vocab_size=cfg.vocab_size, cache=str(Path(cache_dir).absolute()))
+    values["name"] = read_hf_config(hf_dir).get("_name_or_path") or hf_dir.name
+    return from_dict(values)
+
+
+def with_imported_params(state, optimizer, hf_dir: str):
+    """A fresh train state with the checkpoint's weights as its parameters (and the optimizer
+    state made for them); a ValueError naming the first parameter whose shape differs."""
+    _, params = load_hf(hf_dir)
+    wanted = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, leaf in wanted:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if path not in given:
+            raise ValueError(f"{hf_dir} gives no parameter {name}")
+        if np.shape(given[path]) != leaf.shape:
+            raise ValueError(f"{hf_dir}: parameter {name} has shape {np.shape(given[path])}, "
+                             f"the model's is {leaf.shape}")
+    params = jax.tree.map(lambda mine, theirs: jnp.asarray(theirs, mine.dtype), state.params,
+                          params)
+    return dataclasses.replace(state, params=params, opt_state=optimizer.init(params))
