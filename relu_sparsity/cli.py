@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_import, _add_train, _add_experiment, _add_report, _add_bench, _add_tune,
+    for add in (_add_prepare, _add_import, _add_export, _add_train, _add_experiment, _add_report, _add_bench, _add_tune,
                 _add_profile):
         add(sub)
     return parser
@@ -124,6 +124,14 @@ def _add_import(sub) -> None:
     imp.add_argument("--config", default="small", help="the preset (or JSON file) whose train "
                      "settings the run takes (default small)")
     imp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+
+def _add_export(sub) -> None:
+    """`export`: a run's model as a Hugging Face folder."""
+    exp = sub.add_parser("export", help="a run's newest checkpoint as a Hugging Face OPT folder "
+                         "that transformers loads (a pruned run at the units it kept)")
+    exp.add_argument("run_dir", help="the run folder")
+    exp.add_argument("--out", required=True, help="the folder to write")
 
 
 def _add_train(sub) -> None:
@@ -311,8 +319,8 @@ def cmd_import(args) -> None:
     check_writable_folder(out, "run folder")
     if (out / CONFIG_FILE).exists():
         raise ValueError(f"{out} already holds a run; choose another --out")
-    config = imported_config(args.hf_dir, args.cache, config_lib.load(args.config,
-                                                                      args.overrides))
+    config = config_lib.apply_overrides(
+        imported_config(args.hf_dir, args.cache, config_lib.load(args.config)), args.overrides)
     config_lib.validate(config)
     folder = RunFolder(out)
     folder.create()  # its checkpoints/ folder marks it as a run's for `train --config`
@@ -322,6 +330,30 @@ def cmd_import(args) -> None:
           f"{m.mlp} MLP, vocabulary {config.data.vocab_size}\nrun folder: {out}\ntrain it "
           f"with: relu-sparsity train --config {out / CONFIG_FILE} [--instrument fused] "
           "[--prune compact --prune-at N]")
+
+
+def cmd_export(args) -> None:
+    import shutil
+
+    from relu_sparsity.model.hf import SPECIAL_TOKEN_IDS, check_exportable, read_hf_config, save_hf
+    from relu_sparsity.runs.folder import check_writable_folder
+    from relu_sparsity.train.imported import TOKENIZER_FILES, trained_model
+
+    out = Path(args.out)
+    check_writable_folder(out, "export folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; choose another --out")
+    run_config, cfg, params, step = trained_model(args.run_dir)
+    check_exportable(cfg)
+    init_from = Path(run_config.model.init_from) if run_config.model.init_from else None
+    source = read_hf_config(init_from) if init_from and init_from.is_dir() else {}
+    save_hf(cfg, params, out, extra={k: source[k] for k in SPECIAL_TOKEN_IDS if k in source})
+    copied = [name for name in TOKENIZER_FILES if init_from and (init_from / name).is_file()]
+    for name in copied:  # the imported checkpoint's tokenizer goes with its model
+        shutil.copy(init_from / name, out / name)
+    print(f"exported step {step} of {args.run_dir} to {out}: OPT, {cfg.num_layers} layers, "
+          f"per-layer widths {list(cfg.layer_widths())} zero-padded to "
+          f"{max(cfg.layer_widths())}" + (f"; with {', '.join(copied)}" if copied else ""))
 
 
 def common_overrides(args) -> list[str]:
@@ -584,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     args.on_lost_peer = lambda what: stop_process(
         args.command, f"another process of the run is gone ({what})")
     try:
-        {"prepare": cmd_prepare, "import": cmd_import, "train": cmd_train,
+        {"prepare": cmd_prepare, "import": cmd_import, "export": cmd_export,
+         "train": cmd_train,
          "experiment": cmd_experiment,
          "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune,
          "profile": cmd_profile}[args.command](args)

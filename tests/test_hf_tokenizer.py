@@ -21,20 +21,25 @@ def corpus(tmp_path_factory):
     return _write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(scope="module")
-def hf_dir(corpus, tmp_path_factory):
-    """A checkpoint folder's tokenizer files: a byte-level BPE trained here, its eos `</s>`."""
+def write_tokenizer(corpus, folder, vocab_size: int = 300):
+    """A checkpoint folder's tokenizer files: a byte-level BPE trained on `corpus`, its eos
+    `</s>` (id 2), the model's vocabulary EXTRA_EMBEDDINGS larger than the tokenizer's."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<s>", "<pad>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train([str(p) for p in sorted(corpus.rglob("*.py"))], trainer)
-    folder = tmp_path_factory.mktemp("hf")
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps(
         {"eos_token_id": 2, "vocab_size": tokenizer.get_vocab_size() + EXTRA_EMBEDDINGS}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_dir(corpus, tmp_path_factory):
+    return write_tokenizer(corpus, tmp_path_factory.mktemp("hf"))
 
 
 def test_the_cache_holds_the_tokenizers_own_ids_joined_by_eos(corpus, hf_dir, tmp_path):

@@ -18,6 +18,7 @@ from relu_sparsity.model.transformer import TransformerConfig
 CONFIG_FILE = "config.json"
 OPT_POSITION_OFFSET = 2  # OPT's learned position table keeps its first two rows unused
 OPT_NORM_EPS = 1e-5  # PyTorch's LayerNorm default, which OPT uses
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -347,11 +348,13 @@ def jax_free(params: dict) -> dict:
     return np.asarray(params, np.float32)
 
 
-def save_hf(cfg: TransformerConfig, params: dict, folder: str | Path) -> Path:
+def save_hf(cfg: TransformerConfig, params: dict, folder: str | Path,
+            extra: dict | None = None) -> Path:
     """Writes `Transformer(cfg)` with `params` as a Hugging Face OPT folder (config.json,
     model.safetensors) that `transformers` loads. Per-layer widths (a compacted model) are
     zero-padded to the widest layer, since OPT's config holds one width; the logits do not
-    change. Refuses (before writing anything) a model OPT's layout cannot hold."""
+    change. `extra`: more config.json fields (the special token ids of the checkpoint it was
+    imported from). Refuses (before writing anything) a model OPT's layout cannot hold."""
     from safetensors.numpy import save_file
 
     check_exportable(cfg)
@@ -360,5 +363,6 @@ def save_hf(cfg: TransformerConfig, params: dict, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(opt_hf_config(cfg, ffn_dim), indent=2) + "\n")
+    config = {**opt_hf_config(cfg, ffn_dim), **(extra or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder

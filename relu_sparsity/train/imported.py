@@ -63,3 +63,36 @@ def with_imported_params(state, optimizer, hf_dir: str):
     params = jax.tree.map(lambda mine, theirs: jnp.asarray(theirs, mine.dtype), state.params,
                           params)
     return dataclasses.replace(state, params=params, opt_state=optimizer.init(params))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
+
+
+def trained_model(run_dir: str | Path) -> tuple[Config, TransformerConfig, dict, int]:
+    """(run config, model config, host params, step) of a run's newest checkpoint, at the
+    widths of the units it
+    kept: after a compaction, without its zero padding; in mask or random mode, cut to the
+    live units."""
+    from relu_sparsity.runs.checkpoints import read_on_host
+    from relu_sparsity.runs.folder import RunFolder
+    from relu_sparsity.train.config import from_file
+    from relu_sparsity.train.pruning import Pruning, compact_tree
+    from relu_sparsity.train.steps import model_config
+
+    folder = RunFolder(run_dir)
+    steps = folder.checkpoint_steps()
+    if not folder.config_file.is_file() or not steps:
+        raise ValueError(f"{run_dir} holds no trained run (no config.json or no checkpoint)")
+    config = from_file(str(folder.config_file))
+    state, meta = read_on_host(folder.checkpoints, steps[-1])
+    params = state["params"]
+    vocab_size = int(np.shape(params["embed"]["embedding"])[0])
+    cfg = dataclasses.replace(model_config(config, vocab_size), dtype="float32", live=None)
+    if meta.get("pruning"):
+        pruning = Pruning.from_state_dict(meta["pruning"])
+        kept = tuple(np.arange(len(k)) if pruning.mode == "compact" else np.asarray(k)
+                     for k in pruning.keep)
+        params = compact_tree(params, kept)
+        cfg = dataclasses.replace(cfg, d_ff=tuple(len(k) for k in kept))
+    return config, cfg, params, steps[-1]

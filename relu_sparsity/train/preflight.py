@@ -25,15 +25,23 @@ def check_splits(config: Config, cache: TokenCache) -> None:
 
 
 def parameter_count(config: Config, vocab_size: int) -> int:
-    """The Transformer's parameters (model/transformer.py): embeddings, positions, per layer
-    attention (qkv and output with biases), two LayerNorms and the MLP, the final LayerNorm, and
-    an untied output layer where there is one."""
+    """The Transformer's parameters (model/transformer.py): embeddings (and their projections),
+    a learned position table, per layer attention (q, k, v and output, with biases where it
+    has them), two norms and the MLP (two matrices with biases, or a gated MLP's three), the
+    final norm, and an untied output layer where there is one."""
     m = config.model
-    d = m.d_model
+    d, e = m.d_model, m.embed_dim or m.d_model
+    kv = (m.num_kv_heads or m.num_heads) * (d // m.num_heads)  # width of the k and v heads
     widths = [m.d_ff] * m.num_layers if isinstance(m.d_ff, int) else list(m.d_ff)
-    per_layer = [4 * d * d + 4 * d + 4 * d + 2 * d * f + f + d for f in widths]
-    unembed = 0 if m.tie_embeddings else vocab_size * d + vocab_size
-    return vocab_size * d + m.seq_len * d + sum(per_layer) + 2 * d + unembed
+    attention = 2 * d * d + 2 * d * kv + (2 * d + 2 * kv if m.attention_bias else 0)
+    norm = 2 * d if m.norm == "layernorm" else d
+    mlp = [3 * d * f if m.mlp == "gated" else 2 * d * f + f + d for f in widths]
+    positions = (m.position_offset + (m.max_len or m.seq_len)) * d \
+        if m.positions == "learned" else 0
+    projections = 2 * e * d if e != d else 0
+    unembed = 0 if m.tie_embeddings else vocab_size * e + vocab_size
+    return (vocab_size * e + projections + positions + sum(attention + 2 * norm + f for f in mlp)
+            + (norm if m.final_norm else 0) + unembed)
 
 
 def memory_lower_bound(config: Config, vocab_size: int, dtype_bytes: int) -> dict[str, int]:

@@ -1,0 +1,109 @@
+"""An imported Hugging Face model through the command line: `prepare --hf-tokenizer`, `import`,
+`train` with statistics and compaction, `export`, and transformers loading the export (the side
+environment of tests/test_hf_import.py). The checkpoint is a tiny OPT-layout model with units
+that never fire (bias -1000), so that the compaction removes them and the export pads them."""
+
+import json
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from relu_sparsity import cli, data
+from relu_sparsity.model import Transformer, TransformerConfig
+from relu_sparsity.model.hf import load_hf, save_hf
+from side_env import ROOT
+from tests.test_data import _write_corpus
+from tests.test_hf_import import HF_PYTHON
+from tests.test_hf_tokenizer import write_tokenizer
+
+DEAD = (10, 20)  # units of layers 0 and 1 that never fire
+TRAIN = ["--config", "tiny", "train.steps=6", "train.log_every=1", "train.eval_every=3",
+         "train.eval_batches=1", "train.checkpoint_every=3", "model.seq_len=32",
+         "train.batch_size=2", "train.warmup_steps=1", "train.peak_lr=1e-4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(HF folder, token cache) of a tiny OPT-layout model in the tokens of its own tokenizer."""
+    root = tmp_path_factory.mktemp("hf_run")
+    corpus = _write_corpus(root / "corpus")
+    tokenizer = write_tokenizer(corpus, _made(root / "tokenizer"))
+    vocab = json.loads((tokenizer / "config.json").read_text())["vocab_size"]
+    cfg = TransformerConfig(vocab_size=vocab, num_layers=2, d_model=32, num_heads=4, d_ff=64,
+                            max_len=48, norm_eps=1e-5, position_offset=2)
+    params = jax.tree.map(np.array, Transformer(cfg).init(
+        jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    for layer, dead in enumerate(DEAD):
+        params[f"block_{layer}"]["mlp"]["bi"][:dead] = -1000.0
+    hf = save_hf(cfg, params, root / "hf", extra={"eos_token_id": 2})
+    shutil.copy(tokenizer / "tokenizer.json", hf)
+    assert cli.main(["prepare", str(corpus), "--out", str(root / "cache"), "--hf-tokenizer",
+                     str(hf), "--no-progress"]) == 0
+    return hf, root / "cache"
+
+
+def _made(folder):
+    folder.mkdir()
+    return folder
+
+
+def test_import_train_compact_and_export_for_transformers(checkpoint, tmp_path):
+    hf, cache = checkpoint
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert cli.main(["import", str(hf), "--out", str(run), "--cache", str(cache), *TRAIN]) == 0
+    assert cli.main(["train", "--config", str(run / "config.json"), "--prune", "compact",
+                     "--prune-at", "2", "--no-report", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # Step 0 trained the imported weights: its loss is theirs on batch 0, computed here.
+    cfg, params = load_hf(hf)
+    tokens = data.TokenCache(cache).batch("train", 0, 2, 32, seed=0)
+    logits = Transformer(cfg).apply({"params": params}, jnp.asarray(tokens[:, :-1]))
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    assert records[0]["step"] == 0
+    np.testing.assert_allclose(records[0]["loss"], float(want), rtol=1e-5)
+    pruned = next(r["pruned"] for r in records if "pruned" in r)
+    kept = pruned["kept"]  # without the dead units, and perhaps a few the batch left unused
+    assert pruned["mode"] == "compact" and all(48 <= k + d <= 64 for k, d in zip(kept, DEAD))
+
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["ffn_dim"] == max(kept) and exported["eos_token_id"] == 2
+    assert (out / "tokenizer.json").is_file()
+    ids = np.asarray(tokens[:, :-1])
+    np.save(out / "ids.npy", ids)
+    subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / "hf" / "make_oracle.py"), "--logits",
+                    str(out)], check=True, capture_output=True, timeout=300)
+    back_cfg, back = load_hf(out)
+    ours = Transformer(back_cfg).apply({"params": back}, jnp.asarray(ids))
+    np.testing.assert_allclose(np.load(out / "transformers_logits.npy"), ours, rtol=1e-4,
+                               atol=2e-5)
+
+
+def test_a_cache_in_other_tokens_is_refused_and_nothing_is_created(checkpoint, tmp_path,
+                                                                   capsys):
+    hf, _ = checkpoint
+    other = data.prepare(tmp_path / "other", [_write_corpus(tmp_path / "c", 3)],
+                         vocab_size=300, progress=False)
+    assert cli.main(["import", str(hf), "--out", str(tmp_path / "run"), "--cache",
+                     str(other)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("relu-sparsity import: error:") and "--hf-tokenizer" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_exporting_a_model_outside_opts_layout_is_refused(tmp_path, capsys):
+    # The default job's model: LayerNorm epsilon 1e-6 and no position offset.
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny", "--run-dir", str(run), "--no-report",
+                     "--no-progress", "train.steps=1", "train.checkpoint_every=1",
+                     "model.num_layers=1", "model.seq_len=16", "model.d_ff=32",
+                     "train.batch_size=1", "train.eval_every=1", "train.eval_batches=1"]) == 0
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "only models of OPT's layout export" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
