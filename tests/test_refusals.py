@@ -295,6 +295,7 @@ def test_experiment_refusing_a_changed_run_names_its_own_flags(cache_dir, tmp_pa
     out = tmp_path / "sweep"
     (out / "lr=0.001").mkdir(parents=True)
     (out / "lr=0.001" / "config.json").write_text(json.dumps({"train": {"steps": 999}}))
+    (out / "lr=0.001" / "metrics.jsonl").write_text('{"step": 0, "loss": 7.0}\n')  # it ran
     status = cli.main(["experiment", "sweep", *SMALL, *SHORT, "--out", str(out), "--cache",
                        str(cache_dir), "--no-progress", "--lr", "1e-3"])
     line = one_line(capsys.readouterr().err)
