@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_import, _add_export, _add_train, _add_experiment, _add_report, _add_bench, _add_tune,
-                _add_profile):
+    for add in (_add_prepare, _add_import, _add_export, _add_train, _add_experiment, _add_report,
+                _add_bench, _add_tune, _add_profile):
         add(sub)
     return parser
 
@@ -128,8 +128,9 @@ def _add_import(sub) -> None:
 
 def _add_export(sub) -> None:
     """`export`: a run's model as a Hugging Face folder."""
-    exp = sub.add_parser("export", help="a run's newest checkpoint as a Hugging Face OPT folder "
-                         "that transformers loads (a pruned run at the units it kept)")
+    exp = sub.add_parser("export", help="a run's newest checkpoint as a Hugging Face folder "
+                         "(OPT or Llama) that transformers loads (a pruned run at the units it "
+                         "kept)")
     exp.add_argument("run_dir", help="the run folder")
     exp.add_argument("--out", required=True, help="the folder to write")
 
@@ -335,7 +336,7 @@ def cmd_import(args) -> None:
 def cmd_export(args) -> None:
     import shutil
 
-    from relu_sparsity.model.hf import SPECIAL_TOKEN_IDS, check_exportable, read_hf_config, save_hf
+    from relu_sparsity.model.hf import SPECIAL_TOKEN_IDS, export_family, read_hf_config, save_hf
     from relu_sparsity.runs.folder import check_writable_folder
     from relu_sparsity.train.imported import TOKENIZER_FILES, trained_model
 
@@ -344,14 +345,14 @@ def cmd_export(args) -> None:
     if out.is_dir() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; choose another --out")
     run_config, cfg, params, step = trained_model(args.run_dir)
-    check_exportable(cfg)
+    family = export_family(cfg)
     init_from = Path(run_config.model.init_from) if run_config.model.init_from else None
     source = read_hf_config(init_from) if init_from and init_from.is_dir() else {}
     save_hf(cfg, params, out, extra={k: source[k] for k in SPECIAL_TOKEN_IDS if k in source})
     copied = [name for name in TOKENIZER_FILES if init_from and (init_from / name).is_file()]
     for name in copied:  # the imported checkpoint's tokenizer goes with its model
         shutil.copy(init_from / name, out / name)
-    print(f"exported step {step} of {args.run_dir} to {out}: OPT, {cfg.num_layers} layers, "
+    print(f"exported step {step} of {args.run_dir} to {out}: {family}, {cfg.num_layers} layers, "
           f"per-layer widths {list(cfg.layer_widths())} zero-padded to "
           f"{max(cfg.layer_widths())}" + (f"; with {', '.join(copied)}" if copied else ""))
 

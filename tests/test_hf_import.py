@@ -149,19 +149,23 @@ def compacted(cfg, params, seed: int):
     widths = cfg.layer_widths()
     keep = [np.sort(rng.choice(w, w - 7 * (i + 1), replace=False)) for i, w in enumerate(widths)]
     params = jax.tree.map(np.asarray, params)
+    unit_axes = {"wi": 1, "bi": 0, "wo": 0, "wg": 1, "wu": 1, "wd": 0}
     for i, k in enumerate(keep):
         mlp = params[f"block_{i}"]["mlp"]
-        mlp.update(wi=mlp["wi"][:, k], bi=mlp["bi"][k], wo=mlp["wo"][k])
+        mlp.update({name: np.take(mlp[name], k, axis=unit_axes[name])
+                    for name in mlp if name in unit_axes})
     return dataclasses.replace(cfg, d_ff=tuple(len(k) for k in keep)), params
 
 
-@pytest.mark.parametrize("variant", ["opt_pre_projected", "opt_post_untied"])
+@pytest.mark.parametrize("variant", ["opt_pre_projected", "opt_post_untied", "llama_gqa",
+                                     "llama_bias_tied"])
 def test_a_compacted_model_exported_gives_its_logits_in_transformers(oracle, tmp_path, variant):
     ids = np.load(oracle / variant / "oracle.npz")["ids"]
     cfg, params = compacted(*load_hf(oracle / variant), seed=3)
     ours = np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(ids)))
     folder = save_hf(cfg, params, tmp_path / "export")
-    assert json.loads((folder / "config.json").read_text())["ffn_dim"] == max(cfg.d_ff)
+    written = json.loads((folder / "config.json").read_text())
+    assert written.get("ffn_dim", written.get("intermediate_size")) == max(cfg.d_ff)
     np.save(folder / "ids.npy", ids)
     subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / "hf" / "make_oracle.py"), "--logits",
                     str(folder)], check=True, capture_output=True, timeout=300)
@@ -173,14 +177,15 @@ def test_a_compacted_model_exported_gives_its_logits_in_transformers(oracle, tmp
                                ours, rtol=1e-5, atol=1e-6)
 
 
-def test_models_outside_opts_layout_are_refused_before_writing(tmp_path):
+def test_models_outside_opts_and_llamas_layouts_are_refused_before_writing(tmp_path):
     from relu_sparsity.model import TransformerConfig
 
-    cases = {"norm_eps 1e-06": TransformerConfig(vocab_size=32, num_layers=1, d_model=16,
-                                                 num_heads=2, d_ff=32),
-             "has both": TransformerConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2,
-                                           d_ff=32, norm_eps=1e-5, position_offset=2,
-                                           post_norm=True)}
+    small = dict(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32)
+    cases = {"norm_eps=1e-06, position_offset=0": TransformerConfig(**small),
+             "a final norm after post-LN blocks": TransformerConfig(
+                 **small, norm_eps=1e-5, position_offset=2, post_norm=True),
+             "one fused qkv projection": TransformerConfig(
+                 **small, norm="rmsnorm", positions="rope", mlp="gated")}
     for said, cfg in cases.items():
         with pytest.raises(UnsupportedCheckpoint, match=said):
             save_hf(cfg, {}, tmp_path / "out")

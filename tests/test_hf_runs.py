@@ -105,5 +105,5 @@ def test_exporting_a_model_outside_opts_layout_is_refused(tmp_path, capsys):
                      "model.num_layers=1", "model.seq_len=16", "model.d_ff=32",
                      "train.batch_size=1", "train.eval_every=1", "train.eval_batches=1"]) == 0
     assert cli.main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
-    assert "only models of OPT's layout export" in capsys.readouterr().err
+    assert "only models of OPT's or Llama's layout export" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -200,8 +200,10 @@ def opt_params(tensors: dict, cfg: TransformerConfig) -> dict:
                 "out": {"kernel": w.linear(f"{layer}self_attn.out_proj", D, D).reshape(N, H, D),
                         "bias": w.get_or(f"{layer}self_attn.out_proj.bias", (D,), 0.0)}},
             "ln_mlp": w.norm(f"{layer}final_layer_norm", D),
-            "mlp": {"wi": w.linear(f"{layer}fc1", D, F), "bi": w.get_or(f"{layer}fc1.bias", (F,), 0.0),
-                    "wo": w.linear(f"{layer}fc2", F, D), "bo": w.get_or(f"{layer}fc2.bias", (D,), 0.0)},
+            "mlp": {"wi": w.linear(f"{layer}fc1", D, F),
+                    "bi": w.get_or(f"{layer}fc1.bias", (F,), 0.0),
+                    "wo": w.linear(f"{layer}fc2", F, D),
+                    "bo": w.get_or(f"{layer}fc2.bias", (D,), 0.0)},
         }
     if cfg.final_norm:
         params["ln_final"] = w.norm("final_layer_norm", D)
@@ -260,24 +262,30 @@ def load_hf(folder: str | Path, *, instrument: str = "xla", dtype: str = "float3
     return cfg, make_params(read_tensors(folder), cfg)
 
 
-def check_exportable(cfg: TransformerConfig) -> None:
-    """A ValueError with one line unless OPT's layout can hold the model: its fixed LayerNorm
-    epsilon and position offset, and post-LN blocks only without a final LayerNorm."""
-    if cfg.norm_eps != OPT_NORM_EPS or cfg.position_offset != OPT_POSITION_OFFSET:
-        raise UnsupportedCheckpoint(
-            f"only models of OPT's layout export (norm_eps {OPT_NORM_EPS}, position_offset "
-            f"{OPT_POSITION_OFFSET}); this one has norm_eps {cfg.norm_eps}, position_offset "
-            f"{cfg.position_offset}")
-    if cfg.post_norm and cfg.final_norm:
-        raise UnsupportedCheckpoint("OPT's post-LN layout has no final LayerNorm; this model "
-                                    "has both")
-    if cfg.mlp != "relu" or cfg.positions != "learned" or cfg.norm != "layernorm":
-        raise UnsupportedCheckpoint("only models of OPT's layout export (a plain ReLU MLP, "
-                                    "learned positions, LayerNorm); this one has a "
-                                    f"{cfg.mlp} MLP, {cfg.positions} positions, {cfg.norm}")
+def export_family(cfg: TransformerConfig) -> str:
+    """"opt" or "llama": the Hugging Face layout that holds the model exactly; an
+    UnsupportedCheckpoint line saying what differs from both otherwise."""
     if cfg.live is not None:
         raise UnsupportedCheckpoint("a model with live units (mask mode) exports once "
                                     "compacted: export its compacted widths")
+    opt = {"mlp": "relu", "norm": "layernorm", "positions": "learned", "norm_eps": OPT_NORM_EPS,
+           "position_offset": OPT_POSITION_OFFSET, "num_kv_heads": None,
+           "attention_bias": True}
+    llama = {"mlp": "gated", "norm": "rmsnorm", "positions": "rope", "post_norm": False,
+             "final_norm": True, "embed_dim": None}
+    differ = {name: [f"{k}={getattr(cfg, k)!r}" for k, v in want.items()
+                     if getattr(cfg, k) != v] for name, want in (("OPT", opt), ("Llama", llama))}
+    if cfg.post_norm and cfg.final_norm:
+        differ["OPT"].append("a final norm after post-LN blocks")
+    if cfg.num_kv_heads is None:
+        differ["Llama"].append("one fused qkv projection")
+    if not differ["OPT"]:
+        return "opt"
+    if not differ["Llama"]:
+        return "llama"
+    said = "; ".join(f"from {name}'s in {', '.join(keys)}" for name, keys in differ.items())
+    raise UnsupportedCheckpoint(f"only models of OPT's or Llama's layout export; this one "
+                                f"differs {said}")
 
 
 def opt_hf_config(cfg: TransformerConfig, ffn_dim: int) -> dict:
@@ -293,6 +301,21 @@ def opt_hf_config(cfg: TransformerConfig, ffn_dim: int) -> dict:
         "activation_function": "relu", "enable_bias": True,
         "layer_norm_elementwise_affine": True, "tie_word_embeddings": cfg.tie_embeddings,
         "dropout": 0.0, "attention_dropout": 0.0, "torch_dtype": "float32",
+    }
+
+
+def llama_hf_config(cfg: TransformerConfig, ffn_dim: int) -> dict:
+    """The config.json of `cfg` as a Llama-architecture model with a ReLU gate."""
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.d_model // cfg.num_heads,
+        "intermediate_size": ffn_dim, "max_position_embeddings": cfg.max_len,
+        "hidden_act": "relu", "rms_norm_eps": cfg.norm_eps, "mlp_bias": False,
+        "attention_bias": cfg.attention_bias, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "attention_dropout": 0.0, "torch_dtype": "float32",
     }
 
 
@@ -334,11 +357,49 @@ def opt_tensors(cfg: TransformerConfig, params: dict, ffn_dim: int) -> dict[str,
         out["final_layer_norm.bias"] = p["ln_final"]["bias"]
     tensors = {f"model.decoder.{k}": v for k, v in out.items()}
     if not cfg.tie_embeddings:
-        if np.any(p["unembed"]["bias"]):
-            raise UnsupportedCheckpoint("OPT's output layer has no bias; this model's unembed "
-                                        "bias is not zero")
-        tensors["lm_head.weight"] = p["unembed"]["kernel"].T
+        tensors["lm_head.weight"] = output_layer(p)
     return {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+
+def llama_tensors(cfg: TransformerConfig, params: dict, ffn_dim: int) -> dict[str, np.ndarray]:
+    """`Transformer(cfg)`'s parameters as a Llama-architecture model's tensors, every MLP
+    zero-padded to ffn_dim units (a zero gate is 0 after the ReLU: the unit adds nothing)."""
+    p = jax_free(params)
+    D = cfg.d_model
+    out = {"embed_tokens.weight": p["embed"]["embedding"], "norm.weight": p["ln_final"]["scale"]}
+    for i in range(cfg.num_layers):
+        block, layer = p[f"block_{i}"], f"layers.{i}."
+        attn, mlp = block["attn"], block["mlp"]
+        out[f"{layer}self_attn.q_proj.weight"] = attn["q"]["kernel"].reshape(D, -1).T
+        for j, name in enumerate("kv"):
+            out[f"{layer}self_attn.{name}_proj.weight"] = attn["kv"]["kernel"][:, j].reshape(
+                D, -1).T
+        out[f"{layer}self_attn.o_proj.weight"] = attn["out"]["kernel"].reshape(-1, D).T
+        if cfg.attention_bias:
+            out[f"{layer}self_attn.q_proj.bias"] = attn["q"]["bias"].reshape(-1)
+            for j, name in enumerate("kv"):
+                out[f"{layer}self_attn.{name}_proj.bias"] = attn["kv"]["bias"][j].reshape(-1)
+            out[f"{layer}self_attn.o_proj.bias"] = attn["out"]["bias"]
+        out[f"{layer}mlp.gate_proj.weight"] = pad_units(mlp["wg"], 1, ffn_dim).T
+        out[f"{layer}mlp.up_proj.weight"] = pad_units(mlp["wu"], 1, ffn_dim).T
+        out[f"{layer}mlp.down_proj.weight"] = pad_units(mlp["wd"], 0, ffn_dim).T
+        out[f"{layer}input_layernorm.weight"] = block["ln_attn"]["scale"]
+        out[f"{layer}post_attention_layernorm.weight"] = block["ln_mlp"]["scale"]
+    tensors = {f"model.{k}": v for k, v in out.items()}
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = output_layer(p)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+
+def output_layer(p: dict) -> np.ndarray:
+    """The untied output layer as PyTorch's lm_head weight, which has no bias."""
+    if np.any(p["unembed"]["bias"]):
+        raise UnsupportedCheckpoint("Hugging Face's output layer has no bias; this model's "
+                                    "unembed bias is not zero")
+    return p["unembed"]["kernel"].T
+
+
+EXPORTS = {"opt": (opt_hf_config, opt_tensors), "llama": (llama_hf_config, llama_tensors)}
 
 
 def jax_free(params: dict) -> dict:
@@ -350,19 +411,20 @@ def jax_free(params: dict) -> dict:
 
 def save_hf(cfg: TransformerConfig, params: dict, folder: str | Path,
             extra: dict | None = None) -> Path:
-    """Writes `Transformer(cfg)` with `params` as a Hugging Face OPT folder (config.json,
-    model.safetensors) that `transformers` loads. Per-layer widths (a compacted model) are
-    zero-padded to the widest layer, since OPT's config holds one width; the logits do not
-    change. `extra`: more config.json fields (the special token ids of the checkpoint it was
-    imported from). Refuses (before writing anything) a model OPT's layout cannot hold."""
+    """Writes `Transformer(cfg)` with `params` as a Hugging Face folder (config.json,
+    model.safetensors) of OPT or of a ReLU-gated Llama-architecture model, which `transformers`
+    loads. Per-layer widths (a compacted model) are zero-padded to the widest layer, since those
+    configs hold one width; the logits do not change. `extra`: more config.json fields (the
+    special token ids of the checkpoint it was imported from). Refuses (before writing
+    anything) a model neither layout holds."""
     from safetensors.numpy import save_file
 
-    check_exportable(cfg)
+    make_config, make_tensors = EXPORTS[export_family(cfg)]
     ffn_dim = max(cfg.layer_widths())
-    tensors = opt_tensors(cfg, params, ffn_dim)
+    tensors = make_tensors(cfg, params, ffn_dim)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = {**opt_hf_config(cfg, ffn_dim), **(extra or {})}
+    config = {**make_config(cfg, ffn_dim), **(extra or {})}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
