@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Watch and exploit activation sparsity in ReLU Transformers while they train."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prepare, _add_import, _add_export, _add_train, _add_experiment, _add_report,
-                _add_bench, _add_tune, _add_profile):
+    for add in (_add_prepare, _add_import, _add_export, _add_measure, _add_train,
+                _add_experiment, _add_report, _add_bench, _add_tune, _add_profile):
         add(sub)
     return parser
 
@@ -133,6 +133,20 @@ def _add_export(sub) -> None:
                          "kept)")
     exp.add_argument("run_dir", help="the run folder")
     exp.add_argument("--out", required=True, help="the folder to write")
+
+
+def _add_measure(sub) -> None:
+    """`measure`: the statistics of a fixed model."""
+    mea = sub.add_parser("measure", help="Tables 1-3 and the figures of a run's model as it is "
+                         "(its newest checkpoint, or an imported run's weights), over eval "
+                         "batches, with no training")
+    mea.add_argument("run_dir", help="the run folder")
+    mea.add_argument("--cache", required=True, help="token cache (its eval split is read)")
+    mea.add_argument("--batches", type=int, default=16, help="eval batches (default 16)")
+    mea.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
+    mea.add_argument("--instrument", choices=("xla", "fused"), help="default: the run's")
+    mea.add_argument("--out", help="the folder of the measurement (default RUN/measure)")
+    mea.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_train(sub) -> None:
@@ -355,6 +369,25 @@ def cmd_export(args) -> None:
     print(f"exported step {step} of {args.run_dir} to {out}: {family}, {cfg.num_layers} layers, "
           f"per-layer widths {list(cfg.layer_widths())} zero-padded to "
           f"{max(cfg.layer_widths())}" + (f"; with {', '.join(copied)}" if copied else ""))
+
+
+def cmd_measure(args) -> None:
+    from relu_sparsity.report import write_report
+    from relu_sparsity.runs.folder import check_writable_folder
+    from relu_sparsity.train.measure import measure
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "measure"
+    check_writable_folder(out, "measure folder")
+    if (out / METRICS_FILE).exists():
+        raise ValueError(f"{out} holds a measurement already; choose another --out")
+    if not (Path(args.run_dir) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a run folder (no {CONFIG_FILE})")
+    measure(args.run_dir, args.cache, out, args.batches, instrument=args.instrument,
+            batch_size=args.batch_size, progress=not args.no_progress)
+    tables = write_report([out], last_k=args.batches)
+    print(f"\nmeasured {args.run_dir} over {args.batches} batches\ntables: {tables}\nplots: "
+          f"{out / 'plots'}\n")
+    print(Path(tables).read_text())
 
 
 def common_overrides(args) -> list[str]:
@@ -618,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         args.command, f"another process of the run is gone ({what})")
     try:
         {"prepare": cmd_prepare, "import": cmd_import, "export": cmd_export,
-         "train": cmd_train,
+         "measure": cmd_measure, "train": cmd_train,
          "experiment": cmd_experiment,
          "report": cmd_report, "bench": cmd_bench, "tune": cmd_tune,
          "profile": cmd_profile}[args.command](args)

@@ -107,3 +107,29 @@ def test_exporting_a_model_outside_opts_layout_is_refused(tmp_path, capsys):
     assert cli.main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "only models of OPT's or Llama's layout export" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_measure_counts_what_transformers_relu_outputs_show(checkpoint, tmp_path):
+    hf, cache = checkpoint
+    run = tmp_path / "run"
+    assert cli.main(["import", str(hf), "--out", str(run), "--cache", str(cache), *TRAIN]) == 0
+    assert cli.main(["measure", str(run), "--cache", str(cache), "--batches", "2",
+                     "--batch-size", "2", "--no-progress"]) == 0
+    records = [json.loads(line)
+               for line in (run / "measure" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    assert "measured without training" in (run / "measure" / "tables.md").read_text()
+    folder = tmp_path / "oracle"
+    shutil.copytree(hf, folder)
+    for record, window in zip(records, data.TokenCache(cache).eval_batches(2, 2, 32)):
+        np.save(folder / "ids.npy", window[:, :-1])
+        subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / "hf" / "make_oracle.py"),
+                        "--logits", str(folder)], check=True, capture_output=True, timeout=300)
+        relu = np.load(folder / "transformers_relu.npz")
+        for i, layer in enumerate(record["layers"]):
+            on = relu[f"arr_{i}"].reshape(2, 32, -1) > 0  # [sequence, token, unit]
+            width = on.shape[-1]
+            assert layer["d_ff"] == width
+            np.testing.assert_allclose(layer["token_use"], on.sum(-1).mean() / width)
+            np.testing.assert_allclose(layer["seq_use"], on.any(1).mean())
+            np.testing.assert_allclose(layer["batch_use"], on.any((0, 1)).mean())

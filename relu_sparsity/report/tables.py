@@ -153,7 +153,13 @@ def auto_prune_note(config: dict, records: list[dict]) -> str | None:
             "back; the run trained at its full width.")
 
 
+MEASURED_NOTE = (" Measured without training (`relu-sparsity measure`): the steps are eval "
+                 "batches of one fixed model, batch 0 the first of them.")
+
+
 def _summary_line(config: dict, records: list[dict], run_dir: str | Path | None) -> str:
+    if config.get("measured"):
+        return _measured_line(config, records, run_dir)
     parts = []
     if run_dir is not None:
         parts.append(f"`{run_dir}`")
@@ -193,6 +199,17 @@ def _summary_line(config: dict, records: list[dict], run_dir: str | Path | None)
     if instrument:
         parts.append(f"instrument: {instrument}")
     return " · ".join(parts)
+
+
+def _measured_line(config: dict, records: list[dict], run_dir: str | Path | None) -> str:
+    """The summary of a measurement: the model measured, the batches, their mean loss."""
+    losses = [x for x in (number(r.get("eval_loss")) for r in records) if x is not None]
+    parts = [f"`{run_dir}`" if run_dir is not None else "",
+             f"the model of `{config['measured']}`, measured without training over "
+             f"{len(records)} eval batches",
+             f"mean eval loss {float(np.mean(losses)):.4f}" if losses else "no loss logged",
+             _widths_phrase(config, records), f"instrument: {config.get('instrument')}"]
+    return " · ".join(p for p in parts if p)
 
 
 NO_LAYERS_NOTE = (
@@ -258,7 +275,8 @@ def format_tables(run_name: str, records: list[dict], last_k: int, *,
         f"*Table 2: {spans[2]}. {TABLE2_CAPTION}"
         + (NEVER_ON_EVERY_STEP if every_step else NEVER_ON_LOGGED)
         + (" Width: d_ff at the last logged step." if extra else "")
-        + (" Orig. Width: d_ff at the first." if len(extra) > 1 else "") + "*", "",
+        + (" Orig. Width: d_ff at the first." if len(extra) > 1 else "")
+        + (MEASURED_NOTE if config.get("measured") else "") + "*", "",
         "### Table 3: use-frequency percentiles within a sequence", "",
         _metric_table(means, TABLE3), "",
         f"*Table 3: {spans[3]}. {TABLE3_CAPTION}*", "",

@@ -5,8 +5,8 @@ saved as a Hugging Face folder (config.json, model.safetensors) with oracle.npz 
 ids, transformers' logits for them, and every layer's ReLU output.
 
     python tests/hf/make_oracle.py OUT_DIR            every variant under OUT_DIR/<variant>
-    python tests/hf/make_oracle.py --logits HF_DIR    transformers' logits of HF_DIR (an
-                                                      exported folder) for HF_DIR/ids.npy
+    python tests/hf/make_oracle.py --logits HF_DIR    transformers' logits and ReLU outputs of
+                                                      HF_DIR for HF_DIR/ids.npy
 """
 
 import sys
@@ -83,8 +83,10 @@ def make(out: Path) -> None:
 def logits_of(folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = np.load(folder / "ids.npy")
+    hidden = relu_outputs(model)
     with torch.no_grad():
         np.save(folder / "transformers_logits.npy", model(torch.from_numpy(ids)).logits.numpy())
+    np.savez(folder / "transformers_relu.npz", *hidden)
 
 
 if __name__ == "__main__":
