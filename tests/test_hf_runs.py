@@ -1,7 +1,8 @@
 """An imported Hugging Face model through the command line: `prepare --hf-tokenizer`, `import`,
-`train` with statistics and compaction, `export`, and transformers loading the export (the side
-environment of tests/test_hf_import.py). The checkpoint is a tiny OPT-layout model with units
-that never fire (bias -1000), so that the compaction removes them and the export pads them."""
+`train` with statistics and pruning, `measure`, `export`, and transformers loading the export
+(the side environment of tests/test_hf_import.py). The checkpoints are tiny models of OPT's
+layout and of Llama's (gated MLP, grouped-query attention) with units that never fire (a bias of
+-1000, or a zero gate), so that the pruning removes them and the export pads them."""
 
 import json
 import shutil
@@ -27,19 +28,36 @@ TRAIN = ["--config", "tiny", "train.steps=6", "train.log_every=1", "train.eval_e
          "train.batch_size=2", "train.warmup_steps=1", "train.peak_lr=1e-4"]
 
 
+FAMILIES = {
+    "opt": dict(norm_eps=1e-5, position_offset=2),
+    "llama": dict(norm="rmsnorm", norm_eps=1e-5, positions="rope", num_kv_heads=2,
+                  attention_bias=False, mlp="gated", tie_embeddings=False, output_bias=False),
+}
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(HF folder, token cache) of a tiny OPT-layout model in the tokens of its own tokenizer."""
-    root = tmp_path_factory.mktemp("hf_run")
+def corpus_and_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_corpus")
     corpus = _write_corpus(root / "corpus")
-    tokenizer = write_tokenizer(corpus, _made(root / "tokenizer"))
+    return corpus, write_tokenizer(corpus, _made(root / "tokenizer"))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, corpus_and_tokenizer, tmp_path_factory):
+    """(HF folder, token cache) of a tiny model of the family in its own tokenizer's tokens."""
+    corpus, tokenizer = corpus_and_tokenizer
+    root = tmp_path_factory.mktemp(f"hf_{request.param}")
     vocab = json.loads((tokenizer / "config.json").read_text())["vocab_size"]
     cfg = TransformerConfig(vocab_size=vocab, num_layers=2, d_model=32, num_heads=4, d_ff=64,
-                            max_len=48, norm_eps=1e-5, position_offset=2)
+                            max_len=48, **FAMILIES[request.param])
     params = jax.tree.map(np.array, Transformer(cfg).init(
         jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
     for layer, dead in enumerate(DEAD):
-        params[f"block_{layer}"]["mlp"]["bi"][:dead] = -1000.0
+        mlp = params[f"block_{layer}"]["mlp"]
+        if "bi" in mlp:
+            mlp["bi"][:dead] = -1000.0
+        else:
+            mlp["wg"][:, :dead] = 0.0
     hf = save_hf(cfg, params, root / "hf", extra={"eos_token_id": 2})
     shutil.copy(tokenizer / "tokenizer.json", hf)
     assert cli.main(["prepare", str(corpus), "--out", str(root / "cache"), "--hf-tokenizer",
@@ -52,11 +70,13 @@ def _made(folder):
     return folder
 
 
-def test_import_train_compact_and_export_for_transformers(checkpoint, tmp_path):
+def test_import_train_prune_and_export_for_transformers(checkpoint, tmp_path):
     hf, cache = checkpoint
+    prune = "compact" if json.loads((hf / "config.json").read_text())["model_type"] == "opt" \
+        else "mask"  # each family one mode, to keep the suite short
     run, out = tmp_path / "run", tmp_path / "export"
     assert cli.main(["import", str(hf), "--out", str(run), "--cache", str(cache), *TRAIN]) == 0
-    assert cli.main(["train", "--config", str(run / "config.json"), "--prune", "compact",
+    assert cli.main(["train", "--config", str(run / "config.json"), "--prune", prune,
                      "--prune-at", "2", "--no-report", "--no-progress"]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -69,11 +89,12 @@ def test_import_train_compact_and_export_for_transformers(checkpoint, tmp_path):
     np.testing.assert_allclose(records[0]["loss"], float(want), rtol=1e-5)
     pruned = next(r["pruned"] for r in records if "pruned" in r)
     kept = pruned["kept"]  # without the dead units, and perhaps a few the batch left unused
-    assert pruned["mode"] == "compact" and all(48 <= k + d <= 64 for k, d in zip(kept, DEAD))
+    assert pruned["mode"] == prune and all(48 <= k + d <= 64 for k, d in zip(kept, DEAD))
 
     assert cli.main(["export", str(run), "--out", str(out)]) == 0
     exported = json.loads((out / "config.json").read_text())
-    assert exported["ffn_dim"] == max(kept) and exported["eos_token_id"] == 2
+    ffn_dim = exported.get("ffn_dim", exported.get("intermediate_size"))
+    assert ffn_dim == max(kept) and exported["eos_token_id"] == 2
     assert (out / "tokenizer.json").is_file()
     ids = np.asarray(tokens[:, :-1])
     np.save(out / "ids.npy", ids)

@@ -78,7 +78,7 @@ def opt_config(config: dict, *, instrument: str = "xla", dtype: str = "float32"
         tie_embeddings=require(config, "tie_word_embeddings", (True, False), True),
         instrument=instrument, dtype=dtype, norm_eps=OPT_NORM_EPS, post_norm=not pre_norm,
         final_norm=pre_norm and not remove_final, position_offset=OPT_POSITION_OFFSET,
-        embed_dim=positive_int(config, "word_embed_proj_dim", d_model))
+        embed_dim=positive_int(config, "word_embed_proj_dim", d_model), output_bias=False)
 
 
 def llama_config(config: dict, *, instrument: str = "xla", dtype: str = "float32"
@@ -106,7 +106,8 @@ def llama_config(config: dict, *, instrument: str = "xla", dtype: str = "float32
         instrument=instrument, dtype=dtype, norm="rmsnorm",
         norm_eps=float(config.get("rms_norm_eps", 1e-6)), positions="rope",
         rope_theta=rope_theta(config), num_kv_heads=num_kv_heads,
-        attention_bias=require(config, "attention_bias", (True, False), False), mlp="gated")
+        attention_bias=require(config, "attention_bias", (True, False), False), mlp="gated",
+        output_bias=False)
 
 
 def rope_theta(config: dict) -> float:
@@ -209,8 +210,7 @@ def opt_params(tensors: dict, cfg: TransformerConfig) -> dict:
         params["ln_final"] = w.norm("final_layer_norm", D)
     if not cfg.tie_embeddings:
         head = Weights(tensors, "")
-        params["unembed"] = {"kernel": head.linear("lm_head", E, V),
-                             "bias": head.get_or("lm_head.bias", (V,), 0.0)}
+        params["unembed"] = {"kernel": head.linear("lm_head", E, V)}
     return params
 
 
@@ -242,8 +242,7 @@ def llama_params(tensors: dict, cfg: TransformerConfig) -> dict:
                     "wd": w.linear(f"{layer}mlp.down_proj", F, D)},
         }
     if not cfg.tie_embeddings:
-        params["unembed"] = {"kernel": Weights(tensors, "").linear("lm_head", D, V),
-                             "bias": np.zeros(V, np.float32)}
+        params["unembed"] = {"kernel": Weights(tensors, "").linear("lm_head", D, V)}
     return params
 
 
@@ -279,6 +278,9 @@ def export_family(cfg: TransformerConfig) -> str:
         differ["OPT"].append("a final norm after post-LN blocks")
     if cfg.num_kv_heads is None:
         differ["Llama"].append("one fused qkv projection")
+    if cfg.output_bias and not cfg.tie_embeddings:
+        for keys in differ.values():
+            keys.append("a bias in the output layer")
     if not differ["OPT"]:
         return "opt"
     if not differ["Llama"]:
@@ -392,10 +394,8 @@ def llama_tensors(cfg: TransformerConfig, params: dict, ffn_dim: int) -> dict[st
 
 
 def output_layer(p: dict) -> np.ndarray:
-    """The untied output layer as PyTorch's lm_head weight, which has no bias."""
-    if np.any(p["unembed"]["bias"]):
-        raise UnsupportedCheckpoint("Hugging Face's output layer has no bias; this model's "
-                                    "unembed bias is not zero")
+    """The untied output layer as PyTorch's lm_head weight (export_family has checked that it
+    has no bias)."""
     return p["unembed"]["kernel"].T
 
 

@@ -42,6 +42,7 @@ class TransformerConfig:
     num_kv_heads: int | None = None  # grouped-query attention: separate q and kv projections
     attention_bias: bool = True
     mlp: str = "relu"  # relu (ReluMLP) | gated (GatedReluMLP, no biases)
+    output_bias: bool = True  # a bias in the untied output layer (Hugging Face models have none)
 
     def layer_widths(self) -> tuple[int, ...]:
         if isinstance(self.d_ff, int):
@@ -214,7 +215,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, dtype=dtype, name="unembed")(x)
+            logits = nn.Dense(cfg.vocab_size, use_bias=cfg.output_bias, dtype=dtype,
+                              name="unembed")(x)
         return logits.astype(jnp.float32)
 
 

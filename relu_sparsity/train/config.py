@@ -38,12 +38,13 @@ class ModelSettings:
     num_kv_heads: int | None = None
     attention_bias: bool = True
     mlp: str = "relu"
+    output_bias: bool = True
 
 
 # The ModelSettings fields that TransformerConfig takes as they are.
 ARCHITECTURE_FIELDS = ("norm", "norm_eps", "post_norm", "final_norm", "position_offset",
                        "embed_dim", "positions", "rope_theta", "num_kv_heads", "attention_bias",
-                       "mlp")
+                       "mlp", "output_bias")
 
 
 @dataclasses.dataclass

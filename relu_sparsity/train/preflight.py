@@ -39,7 +39,7 @@ def parameter_count(config: Config, vocab_size: int) -> int:
     positions = (m.position_offset + (m.max_len or m.seq_len)) * d \
         if m.positions == "learned" else 0
     projections = 2 * e * d if e != d else 0
-    unembed = 0 if m.tie_embeddings else vocab_size * e + vocab_size
+    unembed = 0 if m.tie_embeddings else vocab_size * e + (vocab_size if m.output_bias else 0)
     return (vocab_size * e + projections + positions + sum(attention + 2 * norm + f for f in mlp)
             + (norm if m.final_norm else 0) + unembed)
 
