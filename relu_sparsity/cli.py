@@ -144,7 +144,8 @@ def _add_measure(sub) -> None:
     mea.add_argument("--cache", required=True, help="token cache (its eval split is read)")
     mea.add_argument("--batches", type=int, default=16, help="eval batches (default 16)")
     mea.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
-    mea.add_argument("--instrument", choices=("xla", "fused"), help="default: the run's")
+    mea.add_argument("--instrument", choices=("xla", "fused"), help="default: the fused kernel "
+                     "where one runs here, else the reference statistics (xla)")
     mea.add_argument("--out", help="the folder of the measurement (default RUN/measure)")
     mea.add_argument("--no-progress", action="store_true", help="no progress bar")
 

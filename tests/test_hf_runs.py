@@ -154,3 +154,18 @@ def test_measure_counts_what_transformers_relu_outputs_show(checkpoint, tmp_path
             np.testing.assert_allclose(layer["token_use"], on.sum(-1).mean() / width)
             np.testing.assert_allclose(layer["seq_use"], on.any(1).mean())
             np.testing.assert_allclose(layer["batch_use"], on.any((0, 1)).mean())
+
+
+def test_importing_an_unsupported_folder_is_one_line_and_creates_nothing(checkpoint, tmp_path,
+                                                                         capsys):
+    hf, cache = checkpoint
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    config = json.loads((bad / "config.json").read_text())
+    field = "activation_function" if config["model_type"] == "opt" else "hidden_act"
+    (bad / "config.json").write_text(json.dumps({**config, field: "gelu"}))
+    assert cli.main(["import", str(bad), "--out", str(tmp_path / "run"), "--cache",
+                     str(cache)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("relu-sparsity import: error:") and f"{field}='gelu'" in line
+    assert not (tmp_path / "run").exists()

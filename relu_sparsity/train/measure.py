@@ -14,6 +14,7 @@ import optax
 from tqdm import tqdm
 
 from relu_sparsity.data import TokenCache
+from relu_sparsity.kernels.backends import resolve_backend
 from relu_sparsity.model import Transformer, layer_stats
 from relu_sparsity.model.hf import load_hf
 from relu_sparsity.runs.folder import RunFolder
@@ -43,15 +44,13 @@ def measure(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, bat
             instrument: str | None = None, batch_size: int | None = None,
             progress: bool = True) -> Path:
     """Writes `out_dir` (config.json, metrics.jsonl: one record per batch of the cache's eval
-    split, with the loss and the per-layer metrics) and returns it."""
+    split, with the loss and the per-layer metrics) and returns it. `instrument` (xla or
+    fused): by default the fused kernel where one runs, else the reference."""
     if batches < 1:
         raise ValueError(f"--batches must be >= 1, got {batches}")
     run_dir = Path(run_dir)
     config = from_file(str(RunFolder(run_dir).config_file))
-    if instrument is not None:
-        config = dataclasses.replace(config, instrument=instrument)
-    if config.instrument == "off":
-        raise ValueError("measure needs the statistics: use --instrument xla or fused")
+    config = dataclasses.replace(config, instrument=instrument or default_instrument(config))
     cache = TokenCache(cache_dir)
     cfg, params = fixed_model(run_dir, config, cache.vocab_size)
     if cache.vocab_size != cfg.vocab_size:
@@ -76,6 +75,18 @@ def measure(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, bat
         records, _ = layer_records(jax.device_get(stats), units, None)
         out.append_metrics({"step": step, "eval_loss": float(loss), "layers": records})
     return out.path
+
+
+def default_instrument(config: Config) -> str:
+    """The fused kernel where one runs here (the run's kernel choice), else the reference
+    statistics, said in the log."""
+    name = resolve_backend(config.kernel)
+    if name == "reference":
+        log.info("no fused kernel runs on %s: the reference statistics (instrument xla)",
+                 jax.devices()[0].device_kind)
+        return "xla"
+    log.info("statistics from the fused kernel %s", name)
+    return "fused"
 
 
 def forward_stats(model: Transformer, params, tokens):
