@@ -8,6 +8,17 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 
+# side_env DIR PYTHON MINOR: DIR made (or kept) as a venv of PYTHON 3.MINOR, pip upgraded.
+side_env() {
+  local dir=$1 from=$2 minor=$3
+  if [ ! -x "$dir/bin/python" ] || ! works "$dir/bin/python" "$minor"; then
+    rm -rf "$dir"
+    "$from" -m venv "$dir"
+  fi
+  echo "install.sh: $("$dir/bin/python" --version) in $dir (from $from)"
+  "$dir/bin/python" -m pip install -q --upgrade pip
+}
+
 # works PYTHON MINOR: true when PYTHON runs and is 3.MINOR.
 works() { "$1" -c "import sys; assert sys.version_info[:2] == (3, $2)" >/dev/null 2>&1; }
 
@@ -53,12 +64,7 @@ if [ "${1:-}" = "test" ]; then
          "none found on PATH or under pyenv. Install it or set PYTHON311=/path/to/python3.11." >&2
     exit 1
   fi
-  if [ ! -x .venv-triton/bin/python ] || ! works .venv-triton/bin/python 11; then
-    rm -rf .venv-triton
-    "$python311" -m venv .venv-triton
-  fi
-  echo "install.sh: $(.venv-triton/bin/python --version) in .venv-triton (from $python311)"
-  .venv-triton/bin/python -m pip install -q --upgrade pip
+  side_env .venv-triton "$python311" 11
   # Where a CPU wheel of torch 2.13.0 is provided locally pip takes it; elsewhere PyPI's build
   # (large, CUDA-enabled) works as well for the interpreter. numpy 2.4 breaks Triton 3.6's
   # interpreter ("only 0-dimensional arrays can be converted to Python scalars").
@@ -75,12 +81,7 @@ fi
 # here instead), so the tensorflow wheel (573 MB, with GPU kernels; tensorflow-cpu's is 274 MB)
 # stays out.
 if [ "${1:-}" = "test" ]; then
-  if [ ! -x .venv-seqio/bin/python ] || ! works .venv-seqio/bin/python 12; then
-    rm -rf .venv-seqio
-    "$python" -m venv .venv-seqio
-  fi
-  echo "install.sh: $(.venv-seqio/bin/python --version) in .venv-seqio (from $python)"
-  .venv-seqio/bin/python -m pip install -q --upgrade pip
+  side_env .venv-seqio "$python" 12
   .venv-seqio/bin/python -m pip install -q -c constraints.txt "tensorflow-cpu==2.21.*" \
     "tensorflow-datasets==4.9.*" clu absl-py editdistance pyglove packaging numpy \
     "sentencepiece>=0.2.0" tqdm pytest
@@ -91,12 +92,7 @@ fi
 # needs torch: a side environment of Python 3.11 with torch's CPU build (as .venv-triton's) and
 # transformers. The main environment reads checkpoints with `safetensors` alone.
 if [ "${1:-}" = "test" ]; then
-  if [ ! -x .venv-hf/bin/python ] || ! works .venv-hf/bin/python 11; then
-    rm -rf .venv-hf
-    "$python311" -m venv .venv-hf
-  fi
-  echo "install.sh: $(.venv-hf/bin/python --version) in .venv-hf (from $python311)"
-  .venv-hf/bin/python -m pip install -q --upgrade pip
+  side_env .venv-hf "$python311" 11
   .venv-hf/bin/python -m pip install -q "torch==2.13.0"
   .venv-hf/bin/python -m pip install -q "transformers==5.25.*" "safetensors>=0.4" "numpy<2.4"
 fi

@@ -9,9 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.test_multiprocess import free_port
-
-TIMEOUT_S = 120
+from tests.test_multiprocess import finish, free_port
 
 # Process 0 holds a lock and works outside any collective (a sleep) well past the heartbeat
 # timeout; process 1 dies (kill) or finishes late (finish) after a first collective.
@@ -43,15 +41,7 @@ def launch(mode: str, lock_file) -> list[tuple[int, str]]:
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, address, str(i), mode,
                                str(lock_file)], env=env, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for i in range(2)]
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
-            results.append((p.returncode, out))
-    finally:
-        for p in procs:
-            p.kill()
-    return results
+    return finish(procs)
 
 
 def test_a_busy_survivor_of_a_killed_peer_stops_with_one_line(tmp_path):
