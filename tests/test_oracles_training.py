@@ -166,6 +166,26 @@ def test_weight_decay_keeps_biases_and_layer_norms(decay_steps, name):
     assert decay_steps[name] is False
 
 
+def test_weight_decay_of_a_llama_layout_model_by_name():
+    """The gated MLP's three matrices and the q / kv projections decay; RMSNorm scales and the
+    attention biases do not (a zero gradient's update, as above, on every parameter)."""
+    config = preset("tiny", [*TINY, "model.mlp=gated", "model.norm=rmsnorm",
+                             "model.positions=rope", "model.num_kv_heads=1",
+                             "train.weight_decay=0.5", "train.warmup_steps=0",
+                             "train.peak_lr=0.1", "train.clip_norm=0"])
+    model = Transformer(steps.model_config(config, VOCAB))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda p: jnp.full_like(p, 1.0), params)
+    optimizer = steps.make_optimizer(config)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params),
+                                  params)
+    moved = {path_name(path) for path, u in jax.tree_util.tree_leaves_with_path(updates)
+             if np.any(np.asarray(u))}
+    assert moved == {"block_0/attn/q/kernel", "block_0/attn/kv/kernel",
+                     "block_0/attn/out/kernel", "block_0/mlp/wg", "block_0/mlp/wu",
+                     "block_0/mlp/wd", "embed/embedding", "unembed/kernel"}
+
+
 # --- prune across devices --------------------------------------------------------------------
 
 

@@ -53,7 +53,10 @@ class TrainSettings:
     batch_size: int = 16  # sequences per device
     peak_lr: float = 1e-3
     warmup_steps: int = 100
-    end_lr_ratio: float = 0.0  # cosine decays to peak_lr * end_lr_ratio at `steps`
+    end_lr_ratio: float = 0.0  # cosine decays to peak_lr * end_lr_ratio at decay_steps
+    # The step the cosine reaches its end at; None: `steps`. Longer than `steps` follows a longer
+    # schedule (the paper's 1M steps) and stops early.
+    decay_steps: int | None = None
     weight_decay: float = 1e-4
     clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
     b1: float = 0.9
@@ -310,6 +313,9 @@ def validate(config: Config) -> None:
     validate_architecture(m)
     _require(t.peak_lr > 0, f"train.peak_lr must be > 0, got {t.peak_lr}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.decay_steps is None or t.decay_steps > t.warmup_steps,
+             f"train.decay_steps must exceed train.warmup_steps {t.warmup_steps}, got "
+             f"{t.decay_steps}")
     for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     for name in ("b1", "b2"):

@@ -69,14 +69,18 @@ def attention_of(config: Config) -> str:
 
 
 def make_schedule(config: Config) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak, then cosine decay to peak * end_lr_ratio at the end."""
+    """Linear warm-up from 0 to the peak, then cosine decay to peak * end_lr_ratio at step
+    `train.decay_steps` (the run's last step when unset; a longer decay is the paper's 1M-step
+    cosine, stopped early), constant after it."""
     t = config.train
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.peak_lr, warmup_steps=t.warmup_steps,
-        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.peak_lr * t.end_lr_ratio)
+        decay_steps=max(t.decay_steps or t.steps, t.warmup_steps + 1),
+        end_value=t.peak_lr * t.end_lr_ratio)
 
 
-DECAYED_WEIGHTS = ("kernel", "embedding", "wi", "wo")  # the parameter names AdamW decays
+# The parameter names AdamW decays: kernels, embeddings and the MLPs' weights (gated ones too).
+DECAYED_WEIGHTS = ("kernel", "embedding", "wi", "wo", "wg", "wu", "wd")
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
