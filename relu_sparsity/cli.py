@@ -237,6 +237,8 @@ def _add_report(sub) -> None:
     report.add_argument("--last-k", type=int, default=None,
                         help="average the tables over the last K logged steps (default: the "
                         "runs' train.mean_last, else 5)")
+    report.add_argument("--paper", action="store_true", help="each run's Tables 1, 2, 3 and 5 "
+                        "beside the paper's own numbers")
 
 
 def _add_tune(sub) -> None:
@@ -514,7 +516,7 @@ def cmd_report(args) -> None:
     if last_k is None:
         ks = [config_value(read_config_or_empty(r), "train.mean_last") for r in args.runs]
         last_k = min((k for k in ks if k), default=5)
-    tables = write_report(args.runs, args.out, last_k=last_k)
+    tables = write_report(args.runs, args.out, last_k=last_k, paper=args.paper)
     print(Path(tables).read_text())
     print(f"tables: {tables}")
 

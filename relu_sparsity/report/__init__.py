@@ -16,6 +16,7 @@ from pathlib import Path
 
 from relu_sparsity.report.figures import write_plots
 from relu_sparsity.report.numbers import used_units, with_layers
+from relu_sparsity.report.paper import format_paper_comparison
 from relu_sparsity.report.tables import format_comparison, format_tables
 from relu_sparsity.runs.reader import read_config_or_empty, read_metrics, read_units, run_name
 
@@ -37,11 +38,12 @@ def _unique_names(names: list[str], run_dirs: list[Path]) -> list[str]:
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, *,
-                 last_k: int = 5) -> Path:
+                 last_k: int = 5, paper: bool = False) -> Path:
     """Write `out_dir/tables.md` and `out_dir/plots/*.png` for these runs; return tables.md's path.
 
     `out_dir` defaults to the run's folder when there is one run; with several it is required
-    (no single run folder is the natural home of a comparison).
+    (no single run folder is the natural home of a comparison). `paper`: each run's Tables 1, 2,
+    3 and 5 beside the paper's own numbers (report/paper.py).
     """
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
@@ -70,6 +72,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
                                  every_step=run_units is not None))
     if len(dirs) > 1:
         doc.append(format_comparison(names, records_per_run, configs, last_k))
+    if paper:
+        doc += ["## Against the paper", ""]
+        doc += [format_paper_comparison(name, recs, config, last_k)
+                for name, recs, config in zip(names, records_per_run, configs)]
 
     plots = write_plots(list(zip(names, records_per_run)), out / PLOTS_DIR, units)
     doc += ["## Figures", ""]
