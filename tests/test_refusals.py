@@ -95,6 +95,20 @@ def test_a_refused_resume_leaves_the_config_as_it_was(cache_dir, trained, tmp_pa
     assert json.loads(config.read_bytes())["model"]["d_ff"] == 48
 
 
+def test_a_run_written_before_newer_fields_resumes(cache_dir, trained, tmp_path, capsys):
+    # Its config.json lacks fields added since (model.norm, ..., train.decay_steps): they ran
+    # at their defaults, so the same command resumes it.
+    run = copy_of(trained, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    for name in ("norm", "norm_eps", "positions", "mlp", "output_bias", "init_from"):
+        del config["model"][name]
+    del config["train"]["decay_steps"]
+    (run / "config.json").write_text(json.dumps(config))
+    status, err = run_cli(capsys, run, cache_dir, *SHORT)
+    assert status == 0 and "another configuration" not in err, err
+    assert RunFolder(run).checkpoint_steps()[-1] == 4  # complete: nothing more to train
+
+
 def test_a_newest_checkpoint_without_read_permission_is_refused(cache_dir, trained, tmp_path,
                                                                 capsys, monkeypatch):
     run = copy_of(trained, tmp_path)

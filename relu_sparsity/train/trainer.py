@@ -33,7 +33,7 @@ from relu_sparsity.runs.folder import LOCK_FILE, FollowerFolder, RunFolder
 from relu_sparsity.runs.metadata import CORPUS_KEYS, run_metadata
 from relu_sparsity.runs.reader import PROFILE_HLO_FILE, PROFILE_STEPS_FILE
 from relu_sparsity.runs.tensorboard import EventLog
-from relu_sparsity.train.config import Config, to_dict, validate
+from relu_sparsity.train.config import Config, from_dict, to_dict, validate
 from relu_sparsity.train.history import auto_prune_ready, dead_units, to_arrays
 from relu_sparsity.train.imported import with_imported_params
 from relu_sparsity.train.metrics import UnitStates, layer_records
@@ -144,7 +144,7 @@ def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bo
     started = bool(folder.checkpoint_steps() or folder.read_metrics())
     if saved is not None and started and not allow_config_change:
         wanted = to_dict(config)
-        old = {k: saved.get(k) for k in wanted}
+        old = with_defaults({k: saved.get(k) for k in wanted if k in saved})
         if corpus is not None and saved.get("corpus") == corpus and isinstance(
                 old.get("data"), dict):
             old["data"] = {**old["data"], "cache": wanted["data"]["cache"]}
@@ -154,6 +154,16 @@ def open_run_folder(run_dir: str | Path, config: Config, allow_config_change: bo
                                 + "; ".join(differ) + ")")
     folder.create()
     return folder
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved configuration with the fields it predates at their defaults: a run written by an
+    earlier version ran at what its fields' defaults are now. Values that no longer parse are
+    compared as they are (and differ)."""
+    try:
+        return to_dict(from_dict(saved))
+    except (ValueError, TypeError):
+        return saved
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
