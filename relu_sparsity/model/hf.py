@@ -1,6 +1,6 @@
 """Hugging Face checkpoints from a local folder (`config.json` and safetensors files, no network)
 as this package's `Transformer`: OPT, whose MLP is a plain ReLU with biases, and Llama-architecture
-models with `hidden_act: relu` (ReluLLaMA, ProSparse), whose MLP is gated: RMSNorm, rotary
+models with `hidden_act: relu` (ReluLLaMA, for one), whose MLP is gated: RMSNorm, rotary
 positions, grouped-query attention.
 
 `load_hf(folder)` reads the folder's config, refuses anything the model cannot reproduce with one
