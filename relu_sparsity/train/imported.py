@@ -9,9 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relu_sparsity.data import TokenCache
 from relu_sparsity.model.hf import load_hf, read_hf_config
 from relu_sparsity.model.transformer import TransformerConfig
-from relu_sparsity.train.config import ARCHITECTURE_FIELDS, Config, from_dict, to_dict
+from relu_sparsity.runs.checkpoints import read_on_host
+from relu_sparsity.runs.folder import RunFolder
+from relu_sparsity.train.config import (
+    ARCHITECTURE_FIELDS,
+    Config,
+    from_dict,
+    from_file,
+    to_dict,
+)
+from relu_sparsity.train.pruning import Pruning, compact_tree
+from relu_sparsity.train.steps import model_config
 
 DEFAULT_SEQ_LEN = 512  # training windows, at most the checkpoint's own position limit
 
@@ -31,8 +42,6 @@ def imported_config(hf_dir: str | Path, cache_dir: str | Path, base: Config) -> 
     """`base` (a preset, with the user's overrides) with the model of the checkpoint in hf_dir
     and the token cache at cache_dir, refused when the cache's vocabulary is not the model's.
     Reads the checkpoint's weights once, so that a folder that cannot load is refused here."""
-    from relu_sparsity.data import TokenCache
-
     hf_dir = Path(hf_dir)
     cfg, _ = load_hf(hf_dir)
     cache = TokenCache(cache_dir)
@@ -71,15 +80,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def trained_model(run_dir: str | Path) -> tuple[Config, TransformerConfig, dict, int]:
     """(run config, model config, host params, step) of a run's newest checkpoint, at the
-    widths of the units it
-    kept: after a compaction, without its zero padding; in mask or random mode, cut to the
-    live units."""
-    from relu_sparsity.runs.checkpoints import read_on_host
-    from relu_sparsity.runs.folder import RunFolder
-    from relu_sparsity.train.config import from_file
-    from relu_sparsity.train.pruning import Pruning, compact_tree
-    from relu_sparsity.train.steps import model_config
-
+    widths of the units it kept: after a compaction, without its zero padding; in mask or random
+    mode, cut to the live units."""
     folder = RunFolder(run_dir)
     steps = folder.checkpoint_steps()
     if not folder.config_file.is_file() or not steps:

@@ -21,7 +21,7 @@ from relu_sparsity.runs.folder import RunFolder
 from relu_sparsity.train.config import Config, from_file, to_dict
 from relu_sparsity.train.imported import trained_model
 from relu_sparsity.train.metrics import UnitStates, layer_records
-from relu_sparsity.train.steps import model_config
+from relu_sparsity.train.steps import compute_dtype, model_config
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def measure(run_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, bat
         raise ValueError(f"token cache {cache_dir} has a vocabulary of {cache.vocab_size}, the "
                          f"model's is {cfg.vocab_size}")
     cfg = dataclasses.replace(cfg, instrument=config.instrument, backend=config.kernel,
-                              dtype=model_config(config, cfg.vocab_size).dtype)
+                              dtype=compute_dtype(config))
     out = RunFolder(out_dir)
     out.create()
     # The widths measured: a pruned run's kept units.
