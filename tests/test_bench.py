@@ -89,7 +89,12 @@ def test_timing_spread_and_environment(tmp_path):
 def test_rows_say_which_tiles_a_fused_backend_ran_with(monkeypatch):
     # Looked up for the H200 when no GPU is here (backends.device_kind).
     assert bench.variant_tiles("mosaic_gpu +stats", (8192, 512, 8192), "bfloat16") == "tuned"
+    # ... and mosaic_gpu's with what its edges copy (none at a TMA-addressable shape).
     assert bench.variant_tiles("mosaic_gpu no stats", (6000, 512, 4100), "bfloat16") \
+        == "nearest 8192x512x8192; pads w1, slices h"
+    assert bench.variant_tiles("mosaic_gpu no stats", (4096, 768, 3000), "bfloat16") \
+        == "nearest 8192x512x8192; pads w1"
+    assert bench.variant_tiles("mosaic_gpu no stats", (6000, 512, 8192), "bfloat16") \
         == "nearest 8192x512x8192"
     assert bench.variant_tiles("triton +stats", (8192, 512, 8192), "float32") == "default"
     assert bench.variant_tiles("xla dot+bias+relu", (8192, 512, 8192), "bfloat16") is None

@@ -22,7 +22,8 @@ from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_i
 
 ON_GPU = jax.default_backend() == "gpu"
 # T x D x F (:seq_len): the benchmark shapes, a compacted paper width, and shapes past the
-# tiles' edges: ragged F (padded by mosaic_gpu) and ragged T with an aligned F (left unpadded).
+# tiles' edges: ragged F (mosaic_gpu pads w1; h stays unpadded at F = 3000, a multiple of 8, and
+# is sliced at F = 4100) and ragged T with an aligned F (nothing padded).
 GPU_GRID = [*PAPER_SHAPES, "8192x1024x23040", "4096x768x3000", "6000x512x4100:1000",
             "6000x1024x8192:1000"]
 CPU_GRID = ["512x128x512", "384x96x200:96"]

@@ -14,6 +14,7 @@ import jax
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.backends import FUSED_BACKENDS, compiled_backends, config_device
 from relu_sparsity.kernels.contract import check_seq_len
+from relu_sparsity.kernels.mosaic_gpu import ops as mosaic_ops
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
 from relu_sparsity.kernels.tile_configs import tiles_source
@@ -97,11 +98,14 @@ def check_fits(shape: str, t: int, d: int, f: int, dtype: str) -> None:
 
 
 def variant_tiles(variant: str, shape: tuple[int, int, int], dtype: str) -> str | None:
-    """A fused backend's tiles at this shape (tile_configs.tiles_source); None for XLA's."""
+    """A fused backend's tiles at this shape (tile_configs.tiles_source) and, for mosaic_gpu,
+    the copies its edges take (`edge_copies`); None for XLA's."""
     backend = variant.split()[0]
     if backend not in FUSED_BACKENDS:
         return None
-    return tiles_source(backend, config_device(backend), shape, jax.numpy.dtype(dtype).name)
+    source = tiles_source(backend, config_device(backend), shape, jax.numpy.dtype(dtype).name)
+    copies = mosaic_ops.edge_copies(shape, dtype) if backend == "mosaic_gpu" else ""
+    return f"{source}; {copies}" if copies else source
 
 
 def launches_per_round(flops: float) -> int:

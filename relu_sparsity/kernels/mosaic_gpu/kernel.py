@@ -61,10 +61,12 @@ deterministic. The interpreter runs neither inline Mosaic GPU nor atomics: there
 writes per-tile partials (plain-JAX sums of the same packed words) and JAX adds them.
 
 Edges: the grid covers Tp x Fp (multiples of the CTA tile) and each tile Dp (a multiple of
-tile_k). Where TMA can address x [T, D], w1 [D, F] and h [T, F] as they are (`tma_edges`), they
-stay unpadded in global memory: TMA fills the parts of a load past an edge with zeros and drops
-the parts of a store past one, so no padded copy of the inputs and no sliced copy of h (a full
-extra pass over h) is made. Otherwise the caller (ops.py) pads them to Tp, Dp, Fp with zeros.
+tile_k). Each of x [T, D], w1 [D, F] and h [T, F] that TMA can address as it is (`tma_edges`,
+decided per array) stays unpadded in global memory: TMA fills the parts of a load past an edge
+with zeros and drops the parts of a store past one, so no padded copy of it is made (for h, no
+sliced copy: a full extra pass over h). The others the caller (ops.py) pads to Tp, Dp, Fp with
+zeros. h's edge is the one that matters (w1's padded copy is D x F, h's slice T x F): its SMEM
+pieces are narrowed where that lets TMA store it (`ops.edge_config`).
 Either way the kernel computes the same values past the edges: zero columns of w1 and b1 (b1 is
 always padded: it is read into registers, not by TMA) give h = 0 (never used); zero rows of x
 give h = relu(b1), which may be > 0, but those rows lie outside every sequence segment and their
@@ -188,6 +190,16 @@ def _round_up(a: int, b: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Unpadded:
+    """Which global arrays keep their own shape, their edges left to TMA (`tma_edges`). The
+    caller pads the others to whole tiles (x to [Tp, Dp], w1 to [Dp, Fp]); a padded h is
+    written [Tp, Fp] and sliced to [T, F] after the kernel, a full extra pass over h."""
+    x: bool = False
+    w: bool = False
+    h: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Static shapes of one call."""
     T: int
@@ -196,9 +208,9 @@ class Plan:
     seq_len: int
     config: TileConfig
     n_seg: int  # sequence segments a row tile can meet (static upper bound, >= 1)
-    # x [T, D], w1 [D, F] and h [T, F] unpadded in global memory (`tma_edges`); else padded to
-    # [Tp, Dp], [Dp, Fp] and [Tp, Fp].
-    unpadded: bool = False
+    # Which of x [T, D], w1 [D, F] and h [T, F] stay unpadded in global memory (`tma_edges`);
+    # the others are padded to [Tp, Dp], [Dp, Fp] and [Tp, Fp].
+    unpadded: Unpadded = Unpadded()
 
     @property
     def n_seq(self) -> int:
@@ -249,21 +261,39 @@ def swizzle_cols(width: int, dtype) -> int:
     return plgpu.find_swizzle(width * dtype.itemsize * 8) // dtype.itemsize
 
 
-def tma_edges(T: int, D: int, F: int, config: TileConfig, in_dtype, out_dtype) -> bool:
-    """Whether x [T, D], w1 [D, F] (in_dtype) and h [T, F] (out_dtype) can stay unpadded, their
-    edges left to TMA. A tiled TMA copy views the global array in its SMEM tiles (8 rows by
-    `swizzle_cols` columns), so each dimension must be a whole number of them; no array may be
-    smaller than one block; h must be stored by TMA (a store from registers past an edge would
-    write out of bounds)."""
+def h_tile_cols(config: TileConfig, F: int, out_dtype) -> int:
+    """Columns of h's SMEM tiles (`KernelFacts.out_transforms`): the swizzle row of its
+    [64, epi_tile_n] pieces, halved (down to 16 bytes, unswizzled) until it divides F, so that
+    TMA can store h at its own width (`tma_edges`). A narrower tile changes only the SMEM
+    layout and the TMA box of each piece, not the number of pieces; its stores from the WGMMA
+    layout stay conflict-free (a warp writes 8 rows x 16 bytes: one 128-byte tile)."""
+    itemsize = jnp.dtype(out_dtype).itemsize
+    widest = cols = swizzle_cols(config.epi_tile_n, out_dtype)
+    while F % cols and cols * itemsize > 16:
+        cols //= 2
+    return widest if F % cols else cols
+
+
+def tma_edges(T: int, D: int, F: int, config: TileConfig, in_dtype, out_dtype) -> Unpadded:
+    """Which of x [T, D], w1 [D, F] (in_dtype) and h [T, F] (out_dtype) can stay unpadded, each
+    decided on its own. A tiled TMA copy views the global array in its SMEM tiles (8 rows by
+    `swizzle_cols` columns), so each of its dimensions must be a whole number of them, and the
+    array may not be smaller than one block; h must be stored by TMA (a store from registers
+    past an edge would write out of bounds). The arrays share no condition but their
+    dimensions: x may stay unpadded while w1 is padded to Dp rows (TMA fills x past D with
+    zeros), and h [T, F] is written whatever Fp the w1 blocks are padded to (TMA drops the
+    stores past F)."""
     in_cols = swizzle_cols(config.tile_k, in_dtype)
-    out_cols = swizzle_cols(config.epi_tile_n, out_dtype)
-    return (config.h_store == "tma" and T % 8 == 0 and D % in_cols == 0
-            and F % math.lcm(in_cols, out_cols) == 0
-            and T >= config.cta_m and D >= config.tile_k and F >= config.cta_n)
+    out_cols = h_tile_cols(config, F, out_dtype)
+    rows = T % 8 == 0 and T >= config.cta_m
+    return Unpadded(
+        x=rows and D % in_cols == 0 and D >= config.tile_k,
+        w=D % 8 == 0 and D >= config.tile_k and F % in_cols == 0 and F >= config.cta_n,
+        h=config.h_store == "tma" and rows and F % out_cols == 0 and F >= config.cta_n)
 
 
 def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig,
-              unpadded: bool = False) -> Plan:
+              unpadded: Unpadded = Unpadded()) -> Plan:
     """The plan of a call on x [T, D], w1 [D, F] counted in sequences of seq_len tokens (T a
     whole number of them: the contract's check, kernels/contract.py); `unpadded` where
     `tma_edges` allows it."""
@@ -567,9 +597,12 @@ class KernelFacts:
     @property
     def out_transforms(self) -> tuple:
         """SMEM tiling and swizzle of the [64, epi_tile_n] h pieces."""
-        cols = swizzle_cols(self.config.epi_tile_n, self.out_dtype)
-        return (plgpu.TilingTransform((8, cols)),
-                plgpu.SwizzleTransform(cols * self.out_dtype.itemsize))
+        plan = self.plan
+        cols = h_tile_cols(self.config, plan.F if plan.unpadded.h else plan.Fp, self.out_dtype)
+        swizzle = cols * self.out_dtype.itemsize
+        if swizzle == 16:  # Pallas tiles only swizzled refs (32, 64 or 128 bytes)
+            return ()
+        return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,7 +611,7 @@ class GlobalRefs:
     (token_mask also without the token mask). Compiled, token_count [Tp] and seq_count
     [n_seq, Fp / 2] are the zeroed accumulators the kernel adds into; interpreted, they are the
     per-tile partials tc_part [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]."""
-    x: Any  # [Tp, Dp], or [T, D] (plan.unpadded)
+    x: Any  # [Tp, Dp], or [T, D] (plan.unpadded.x)
     w: Any  # [Dp, Fp], or [D, F]
     b: Any  # [Fp]
     h: Any  # [Tp, Fp], or [T, F]
@@ -1017,7 +1050,7 @@ def _out_types(facts: KernelFacts) -> tuple:
     partials tc_part [col_tiles, Tp] and sc_part [row_tiles, n_seg, WARPS, Fp / 4]; with the
     token mask, tm_part [Tp, Fp / 32] int32."""
     plan = facts.plan
-    h_shape = (plan.T, plan.F) if plan.unpadded else (plan.Tp, plan.Fp)
+    h_shape = (plan.T, plan.F) if plan.unpadded.h else (plan.Tp, plan.Fp)
     out_type = [jax.ShapeDtypeStruct(h_shape, facts.out_dtype)]
     if facts.with_stats and facts.interpret:
         out_type += [jax.ShapeDtypeStruct((plan.col_tiles, plan.Tp), jnp.int32),
@@ -1055,9 +1088,9 @@ def build_call(plan: Plan, in_dtype, out_dtype, *, with_stats: bool, with_token_
                num_sms: int, interpret=None, profile_dir: str | None = None,
                profile_ranges: int = 200):
     """The plgpu.kernel for one plan: f(x [Tp, Dp], w1 [Dp, Fp], b1 [Fp] bf16 or f32) -> outputs
-    (x [T, D], w1 [D, F] where plan.unpadded).
+    (x [T, D], w1 [D, F] where plan.unpadded.x, .w).
 
-    Outputs: h [Tp, Fp] ([T, F] where plan.unpadded) out_dtype; with stats also token_count
+    Outputs: h [Tp, Fp] ([T, F] where plan.unpadded.h) out_dtype; with stats also token_count
     [Tp], seq_count [n_seq, Fp] and, with the token mask, tm_part [Tp, Fp / 32] (int32; see the
     module docstring). Compiled, the kernel adds the counts atomically into zeroed arrays it is
     given; interpreted, it writes per-tile partials (tc_part [col_tiles, Tp], sc_part

@@ -27,6 +27,7 @@ the mask words (`finish_statistics`). The kernel's sequence counts are 16-bit: a
 than 65535 tokens is counted in parts that JAX adds (`counting_seq_len`).
 """
 
+import functools
 import logging
 
 import jax
@@ -111,9 +112,11 @@ def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
         xk, wk = x, w1
     count_len = counting_seq_len(seq_len) if with_stats else seq_len
     unpadded = mgpu_kernel.tma_edges(T, xk.shape[1], F, config, jnp.bfloat16, out_dtype)
+    if not unpadded.h:
+        _log_sliced_h(T, F, config.h_store)
     plan = mgpu_kernel.make_plan(T, xk.shape[1], F, count_len, config, unpadded)
-    xp = xk if plan.unpadded else _pad2(xk, plan.Tp, plan.Dp)
-    wp = wk if plan.unpadded else _pad2(wk, plan.Dp, plan.Fp)
+    xp = xk if plan.unpadded.x else _pad2(xk, plan.Tp, plan.Dp)
+    wp = wk if plan.unpadded.w else _pad2(wk, plan.Dp, plan.Fp)
     if b1.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         b1 = b1.astype(jnp.float32)
     bp = b1 if plan.Fp == F else jnp.pad(b1, (0, plan.Fp - F))
@@ -128,6 +131,28 @@ def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
     if not with_stats:
         return h, None
     return h, finish_statistics(outs[1:], plan, T, F, parts_per_seq=seq_len // count_len)
+
+
+def edge_copies(shape: tuple[int, int, int], dtype) -> str:
+    """What the forward copies at the edges of x [T, D], w1 [D, F] and h [T, F] with this
+    shape's tiles (`kernel.tma_edges`), for bench's tiles column: "" where TMA takes every
+    edge, else e.g. "pads w1, slices h"."""
+    T, D, F = shape
+    out_dtype = jnp.dtype(dtype)
+    D_k = 3 * D if out_dtype == jnp.float32 else D
+    unpadded = mgpu_kernel.tma_edges(T, D_k, F, fitted_tile_config(shape, out_dtype),
+                                     jnp.bfloat16, out_dtype)
+    pads = [name for name, kept in (("x", unpadded.x), ("w1", unpadded.w)) if not kept]
+    return ", ".join(([f"pads {' and '.join(pads)}"] if pads else [])
+                     + ([] if unpadded.h else ["slices h"]))
+
+
+@functools.cache
+def _log_sliced_h(T: int, F: int, h_store: str) -> None:
+    why = ("h is stored from registers" if h_store == "direct" else
+           "TMA needs T and F multiples of 8")
+    log.warning("mosaic_gpu: h [%d, %d] is written padded to whole tiles and sliced after the "
+                "kernel (%s): one more pass over h", T, F, why)
 
 
 def counting_seq_len(seq_len: int) -> int:
