@@ -70,6 +70,17 @@ def test_instrument_off_sows_nothing_and_matches():
     np.testing.assert_allclose(logits_off, Transformer(CONFIG).apply(params, tokens), atol=1e-6)
 
 
+def test_parameters_do_not_depend_on_the_instrument():
+    # train/steps.init_state initializes through the model without statistics, which must give
+    # the instrumented model's own parameters (tree and values), live units and all.
+    tokens = jnp.zeros((1, 12), jnp.int32)
+    live = TransformerConfig(**{**CONFIG.__dict__, "live": ((0, 5), (1, 2, 69), (7,))})
+    for config in (CONFIG, live):
+        off = TransformerConfig(**{**config.__dict__, "instrument": "off"})
+        jax.tree.map(np.testing.assert_array_equal, init(config, tokens)["params"],
+                     init(off, tokens)["params"])
+
+
 def test_fused_without_gpu_backend_is_a_clear_error():
     tokens = jnp.zeros((1, 12), jnp.int32)
     fused = TransformerConfig(**{**CONFIG.__dict__, "instrument": "fused", "backend": "triton"})

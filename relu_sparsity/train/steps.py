@@ -107,9 +107,13 @@ def learning_rate(config: Config, step: int) -> float:
 
 def init_state(model: Transformer, optimizer, config: Config,
                widths: tuple[int, ...] | None = None) -> TrainState:
-    """The state at step 0; `widths` (the layers' original widths) gives it unit histories."""
+    """The state at step 0; `widths` (the layers' original widths) gives it unit histories.
+    The parameters come from the model without statistics (the same tree and values): the
+    one-sequence forward of `init` would otherwise compile a fused kernel at a shape no step
+    runs."""
     tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
-    params = model.init(jax.random.key(config.train.seed), tokens)["params"]
+    plain = model.clone(config=dataclasses.replace(model.config, instrument="off"))
+    params = plain.init(jax.random.key(config.train.seed), tokens)["params"]
     units = history.empty_history(widths) if widths else ()
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                       jnp.full((), -1, jnp.int32), units)
