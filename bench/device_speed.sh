@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# On the lent H200 (device tool, carry [".whl", ".corpus"]): the measurements of "fast at every
-# shape", each stage one device call of under ten minutes, tables printed last.
-#   bash bench/device_speed.sh kernels   GPU tests of the unpadded edges, the live path against
-#                                        full width, every variant at the benchmark grid
-#   bash bench/device_speed.sh tune      `relu-sparsity tune` over the grid's shapes (mosaic_gpu)
-# Files for bench/RESULTS.md are written to $OUT.
+# On the lent H200 (device tool, carry [".whl"]): the measurements of "kernels at cuBLAS speed at
+# every shape", each stage one device call of under ten minutes, tables printed last.
+#   bash bench/device_speed.sh tune      `relu-sparsity tune` (mosaic_gpu) over every preset's
+#                                        shapes and the named ones; stops itself after
+#                                        TUNE_SECONDS (default 450) and resumes in the next call
+#                                        while the machine stays warm (/tmp/tune)
+#   bash bench/device_speed.sh grid      GPU tests of the kernel (ragged T, F, seq_len), then
+#                                        mosaic_gpu against XLA at every shape of the grid, with
+#                                        the tiles of the tune stage where it ran
+#   bash bench/device_speed.sh kernels   the live path against full width, every variant at the
+#                                        benchmark shapes (pytest-benchmark)
+# Files for bench/RESULTS.md are written to $OUT; the tune stage's configuration file too
+# ($OUT/mosaic_gpu.json, to commit as relu_sparsity/kernels/configs/mosaic_gpu.json).
 set -uo pipefail
-source "$(dirname "$0")/device_env.sh"
+[ -d .whl ] && source "$(dirname "$0")/device_env.sh"
 export PYTHONUNBUFFERED=1 RELU_SPARSITY_CACHE=/tmp/c
 OUT=${OUT:-/tmp/out}
-GRID="8192x1024x32768 8192x2048x16384 8192x512x8192 8192x1024x23040 4096x768x3000 6000x1024x8192"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+PY=${PY:-python3}
+PRESETS="small paper8k paper"
+# Named in the issue beside the presets' shapes: a benchmark shape and three past the tiles' edges.
+NAMED="8192x2048x16384 4096x768x3000 6000x512x4100 6000x1024x8192"
+GRID="$($PY -c "from relu_sparsity.bench.tune import preset_shapes as p; print(*p('$PRESETS'.split()))") $NAMED"
+TUNED=/tmp/tune/mosaic_gpu.json
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 git rev-parse HEAD 2>/dev/null || true
-case "$1" in
+echo "grid ($(wc -w <<< "$GRID") shapes): $GRID"
+case "${1:-}" in
+  tune)
+    mkdir -p /tmp/tune
+    # The tune writes into a copy of the committed file, which the device's next call would
+    # otherwise overwrite with the working tree's.
+    [ -f "$TUNED" ] || cp relu_sparsity/kernels/configs/mosaic_gpu.json "$TUNED"
+    $PY -m relu_sparsity.cli tune --backend mosaic_gpu --presets $PRESETS --shapes $NAMED \
+      --candidates "${CANDIDATES:-8}" --time-limit "${TUNE_SECONDS:-450}" --out "$TUNED" \
+      --report /tmp/tune/report.json --resume 2>&1 | grep -v "^W0000\|^I0000" | tail -30
+    echo "exit ${PIPESTATUS[0]}"
+    cp /tmp/tune/*.json "$OUT/" ;;
+  grid)
+    if [ -f "$TUNED" ]; then cp "$TUNED" relu_sparsity/kernels/configs/mosaic_gpu.json; fi
+    $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_mosaic_gpu_device.py 2>&1 | tail -3
+    $PY -m relu_sparsity.cli bench --backends mosaic_gpu --shapes $GRID --out "$OUT/grid.json" \
+      2>&1 | grep -E "^\||^device" | tee "$OUT/grid.md" ;;
   kernels)
-    python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_mosaic_gpu_device.py 2>&1 | tail -3
-    python3 bench/live_path.py 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/live_path.md"
-    python3 -m pytest -q -p no:cacheprovider tests/test_benchmarks.py --benchmark-only \
+    $PY bench/live_path.py 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/live_path.md"
+    $PY -m pytest -q -p no:cacheprovider tests/test_benchmarks.py --benchmark-only \
       --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,iqr,rounds \
       2>&1 | tail -80 ;;
-  tune)
-    python3 -m relu_sparsity.cli tune --backend mosaic_gpu --shapes $GRID \
-      --report "$OUT/tune_mosaic.json" 2>&1 | tail -20
-    cp relu_sparsity/kernels/configs/mosaic_gpu.json "$OUT/" ;;
-  *) echo "usage: device_speed.sh kernels|tune" >&2; exit 2 ;;
+  *) echo "usage: device_speed.sh tune|grid|kernels" >&2; exit 2 ;;
 esac

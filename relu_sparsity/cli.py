@@ -247,7 +247,11 @@ def _add_tune(sub) -> None:
                           "shapes on this device (each checked exact, then timed) and write the "
                           "fastest to its configuration file")
     tune.add_argument("--backend", default="mosaic_gpu", help="mosaic_gpu, triton or pallas_tpu")
-    tune.add_argument("--shapes", nargs="+", required=True, help="TxDxF shapes")
+    tune.add_argument("--shapes", nargs="+", default=[], help="TxDxF shapes")
+    tune.add_argument("--presets", nargs="+", default=[], metavar="PRESET",
+                      help="also every shape these presets' runs give the kernel: the train "
+                      "batch at full width and at the widths compaction leaves (25/50/70/90%% "
+                      "of the units kept, rounded up to train.prune_multiple)")
     tune.add_argument("--dtype", default="bfloat16")
     tune.add_argument("--seq-len", type=int, default=None,
                       help="tokens per sequence (default: 512, or the largest divisor of T)")
@@ -256,7 +260,13 @@ def _add_tune(sub) -> None:
     tune.add_argument("--repeats", type=int, default=5, help="timed rounds per candidate")
     tune.add_argument("--out", help="configuration file to update (default: the package's "
                       "kernels/configs/<backend>.json)")
-    tune.add_argument("--report", help="also write every candidate's result as JSON here")
+    tune.add_argument("--report", help="also write every candidate's result as JSON here, "
+                      "shape by shape")
+    tune.add_argument("--resume", action="store_true",
+                      help="skip the shapes the --report file already holds")
+    tune.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                      help="start no shape after this long; the rest are listed (--resume "
+                      "tunes them later)")
 
 
 def _add_profile(sub) -> None:
@@ -281,6 +291,9 @@ def _add_bench(sub) -> None:
     bench.add_argument("--repeats", type=int, default=5,
                        help="timed rounds per variant; the median is reported (default 5)")
     bench.add_argument("--out", help="also write the table as JSON here")
+    bench.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                       help="time only these of the reference and the compiled fused backends "
+                       "(default: all), each against XLA's dot+bias+ReLU")
     bench.add_argument("--train-step", metavar="CONFIG", help="time the train step of this "
                        "preset (e.g. paper) instead of the kernels, each instrument mode in its "
                        "own process, with its peak device memory")
@@ -522,19 +535,22 @@ def cmd_report(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    import json
+    from relu_sparsity.bench.tune import main as tune_main, preset_shapes
 
-    from relu_sparsity.bench.tune import main as tune_main
-
-    result = tune_main(args.backend, args.shapes, dtype=args.dtype, seq_len=args.seq_len,
-                       limit=args.candidates, repeats=args.repeats, out=args.out)
-    if args.report:
-        Path(args.report).write_text(json.dumps(result, indent=2) + "\n")
+    shapes = list(dict.fromkeys([*args.shapes, *preset_shapes(args.presets)]))
+    if not shapes:
+        raise ValueError("tune: give --shapes, --presets or both")
+    result = tune_main(args.backend, shapes, dtype=args.dtype, seq_len=args.seq_len,
+                       limit=args.candidates, repeats=args.repeats, out=args.out,
+                       report=args.report, resume=args.resume, time_limit=args.time_limit)
     failed = [shape for shape, rows in result["rows"].items()
               if not any("ms" in row for row in rows)]
     if failed:
         raise PartFailed(f"no candidate passed at {', '.join(failed)}: their configurations "
                          "are unchanged (the log says why each failed)")
+    if result.get("not_tuned"):
+        raise PartFailed(f"time limit reached; not tuned: {' '.join(result['not_tuned'])} "
+                         "(tune again with --resume)")
 
 
 def cmd_profile(args) -> None:
@@ -572,7 +588,7 @@ def cmd_bench(args) -> None:
     from relu_sparsity.bench.kernels import main as bench_main
 
     bench_main(shapes=args.shapes, seq_len=args.seq_len, dtype=args.dtype,
-               repeats=args.repeats, out=args.out)
+               repeats=args.repeats, out=args.out, backends=args.backends)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,17 @@ def test_bench_rows_and_table():
     assert table.count("\n") == len(rows) + 1 and "256x32x100" in table
 
 
+def test_bench_times_only_the_backends_asked_for(monkeypatch):
+    monkeypatch.setattr(bench, "compiled_backends", lambda: ["triton"])
+    assert list(bench.variants(64, ["triton"])) == ["xla dot+bias+relu", "triton no stats",
+                                                    "triton +stats"]
+    assert len(bench.variants(64)) == 5  # XLA's, then the reference and triton, each twice
+    # A backend not compiled here is refused before any timing.
+    with pytest.raises(ValueError, match="--backends mosaic_gpu: not compiled here"):
+        bench.run(["256x32x100"], seq_len=64, dtype="float32", repeats=1,
+                  backends=["mosaic_gpu"])
+
+
 @pytest.mark.parametrize("shape", ["256x32", "axbxc", "1x2x3x4"])
 def test_bad_shape(shape):
     with pytest.raises(ValueError, match="TxDxF"):

@@ -73,3 +73,62 @@ def test_an_untuned_shape_gets_the_nearest_tuned_shapes_tiles():
     assert committed != mgpu_kernel.DEFAULT_CONFIG
     assert mgpu_ops.tile_config("NVIDIA H100", (6000, 512, 4100), "bfloat16") \
         == mgpu_kernel.DEFAULT_CONFIG  # no tuned tiles for that device
+
+
+def test_preset_shapes_are_the_runs_train_batch_and_compacted_widths():
+    # tiny: 16 x 128 tokens, d_model 128, d_ff 1024, prune_multiple 32; 25/50/70/90% of 1024
+    # units are 256, 512, 716.8 -> 717 -> 736 and 921.6 -> 922 -> 928 rounded up to 32.
+    assert tune.preset_shapes(["tiny"]) == ["2048x128x1024", "2048x128x256", "2048x128x512",
+                                            "2048x128x736", "2048x128x928"]
+    # paper8k's full width is paper's 25%: listed once.
+    both = tune.preset_shapes(["paper8k", "paper"])
+    assert len(both) == len(set(both)) == 9 and both.count("8192x1024x8192") == 1
+    assert "8192x1024x23040" in both  # paper at 70% kept, rounded up to 256
+
+
+def fake_tuning(monkeypatch, clock_step: float) -> list[str]:
+    """tune_shape replaced by one that returns two timed candidates and advances a fake clock
+    by clock_step seconds; returns the list of shapes it was called with."""
+    calls, now = [], [0.0]
+
+    def tune_shape(backend, shape, dtype, **kwargs):
+        calls.append("x".join(map(str, shape)))
+        now[0] += clock_step
+        return [{"config": {"block_m": 8}, "base": True, "ms": 2.0},
+                {"config": {"block_m": 16}, "base": False, "ms": 1.0}]
+
+    monkeypatch.setattr(tune, "tune_shape", tune_shape)
+    monkeypatch.setattr(tune.time, "monotonic", lambda: now[0])
+    return calls
+
+
+def test_an_interrupted_tune_keeps_each_finished_shape_and_resumes(tmp_path, monkeypatch):
+    out, report = tmp_path / "tiles.json", tmp_path / "report.json"
+    calls = fake_tuning(monkeypatch, clock_step=10.0)
+    shapes = ["64x32x256", "64x32x512", "64x32x768"]
+    kwargs = dict(dtype="float32", seq_len=32, out=str(out), report=str(report),
+                  allow_interpreted=True)
+    first = tune.main("pallas_tpu", shapes, time_limit=15, **kwargs)
+    # Two shapes started before 15 s had passed; the third was not.
+    assert calls == shapes[:2] and first["not_tuned"] == shapes[2:]
+    saved = json.loads(out.read_text())["tpu"]
+    assert saved == {"64x32x256:float32": {"block_m": 16}, "64x32x512:float32": {"block_m": 16}}
+    assert list(json.loads(report.read_text())["rows"]) == shapes[:2]
+    second = tune.main("pallas_tpu", shapes, resume=True, **kwargs)
+    assert calls == shapes and "not_tuned" not in second
+    assert list(json.loads(report.read_text())["rows"]) == shapes
+    assert "64x32x768:float32" in json.loads(out.read_text())["tpu"]
+
+
+def test_tune_refuses_a_resume_it_cannot_do(tmp_path, monkeypatch, capsys):
+    fake_tuning(monkeypatch, clock_step=1.0)
+    with pytest.raises(ValueError, match="--resume needs --report"):
+        tune.main("pallas_tpu", ["64x32x256"], resume=True, allow_interpreted=True)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"backend": "triton", "dtype": "float32", "rows": {}}))
+    with pytest.raises(ValueError, match="tuned triton in float32"):
+        tune.main("pallas_tpu", ["64x32x256"], dtype="float32", report=str(report),
+                  resume=True, out=str(tmp_path / "t.json"), allow_interpreted=True)
+    assert cli.main(["tune", "--backend", "pallas_tpu"]) == 2
+    assert "give --shapes, --presets or both" in capsys.readouterr().err
+    assert cli.main(["tune", "--presets", "nosuch"]) == 2

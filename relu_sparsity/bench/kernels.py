@@ -26,15 +26,17 @@ PAPER_SHAPES = tuple("x".join(map(str, shape)) for shape in BENCH_SHAPES)
 CPU_SHAPES = ("1024x256x1024", "2048x256x2048")
 
 
-def variants(seq_len: int) -> dict[str, Callable]:
+def variants(seq_len: int, backends: list[str] | None = None) -> dict[str, Callable]:
+    """XLA's dot+bias+ReLU (the baseline of every ratio), then with and without statistics the
+    reference and every fused backend compiled here, or only the `backends` named (from
+    "reference" and the compiled ones: `chosen_backends`)."""
     def xla_dot_bias_relu(x, w1, b1):
         # The plain expression in x's dtype: XLA folds bias and ReLU into the GEMM's epilogue.
         return jax.nn.relu(x @ w1 + b1)
 
     out = {"xla dot+bias+relu": jax.jit(xla_dot_bias_relu)}
-    # The reference and every fused backend compiled for this platform (an interpreted kernel
-    # would measure the interpreter).
-    for name in ["reference", *compiled_backends()]:
+    # An interpreted kernel would measure the interpreter: only compiled backends are timed.
+    for name in chosen_backends(backends):
         for with_stats in (False, True):
             label = f"{name} {'+stats' if with_stats else 'no stats'}"
             if name == "reference":
@@ -42,6 +44,19 @@ def variants(seq_len: int) -> dict[str, Callable]:
             out[label] = jax.jit(lambda x, w1, b1, n=name, s=with_stats: fused_mlp_up(
                 x, w1, b1, seq_len=seq_len, with_stats=s, backend=n))
     return out
+
+
+def chosen_backends(backends: list[str] | None) -> list[str]:
+    """"reference" and the fused backends compiled here, or those of them named in `backends`;
+    a name among neither is refused."""
+    available = ["reference", *compiled_backends()]
+    if backends is None:
+        return available
+    unknown = [b for b in backends if b not in available]
+    if unknown:
+        raise ValueError(f"bench: --backends {' '.join(unknown)}: not compiled here (this "
+                         f"machine times {', '.join(available)})")
+    return [b for b in available if b in backends]
 
 
 def seq_len_for(num_tokens: int, seq_len: int | None) -> int:
@@ -58,11 +73,13 @@ def seq_len_for(num_tokens: int, seq_len: int | None) -> int:
     return seq_len
 
 
-def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
-    """Every variant at every shape; the shapes and sequence lengths are checked before any
-    timing."""
+def run(shapes, *, seq_len: int | None, dtype: str, repeats: int,
+        backends: list[str] | None = None) -> list[dict]:
+    """Every variant at every shape; the shapes, sequence lengths and backends are checked
+    before any timing."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    chosen_backends(backends)
     plans = []
     for shape in shapes:
         t, d, f = parse_shape(shape)
@@ -74,7 +91,7 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int) -> list[dict]:
         flops = 2.0 * t * d * f
         launches = launches_per_round(flops)
         base = None
-        for name, fn in variants(shape_seq_len).items():
+        for name, fn in variants(shape_seq_len, backends).items():
             timing = measure(kernel_round(fn, (x, w1, b1), launches), rounds=repeats,
                              calls_per_round=launches)
             ms = timing.median_ms
@@ -124,14 +141,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(shapes=None, seq_len: int | None = None, dtype: str | None = None, repeats: int = 5,
-         out: str | None = None) -> list[dict]:
+         out: str | None = None, backends: list[str] | None = None) -> list[dict]:
     accelerator = jax.default_backend() != "cpu"
     shapes = shapes or (PAPER_SHAPES if accelerator else CPU_SHAPES)
     dtype = dtype or ("bfloat16" if accelerator else "float32")
     device = jax.devices()[0].device_kind
     log.info("benchmarking on %s (%s), fused backends compiled here: %s", device, dtype,
              compiled_backends() or "none")
-    rows = run(shapes, seq_len=seq_len, dtype=dtype, repeats=repeats)
+    rows = run(shapes, seq_len=seq_len, dtype=dtype, repeats=repeats, backends=backends)
     table = format_table(rows)
     env = environment()
     print(f"device: {device}; dtype {dtype}; jax {env['jax']}, jaxlib {env['jaxlib']}, "

@@ -13,7 +13,9 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import random
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +26,11 @@ from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, config_device
 from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
 from relu_sparsity.kernels.tile_configs import CONFIG_DIR, shape_key
+from relu_sparsity.model.live import padded_width
+from relu_sparsity.train.config import preset
+
+# Fractions of a layer's units kept after compaction that `preset_shapes` tunes for.
+PRUNE_FRACTIONS = (0.25, 0.5, 0.7, 0.9)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +103,35 @@ def write_best(path: Path, key: str, entries: dict[str, dict]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def preset_shapes(presets: list[str], fractions=PRUNE_FRACTIONS) -> list[str]:
+    """The MLP shapes "TxDxF" a preset's runs give the kernel: the train batch (T = batch_size x
+    seq_len; evaluation runs the same batches) at the full width, and the widths compaction
+    leaves when `fractions` of the units are kept, rounded up to train.prune_multiple as
+    compaction rounds them. Distinct, in the order given."""
+    shapes = []
+    for name in presets:
+        config = preset(name)
+        m, t = config.model, config.train
+        widths = m.d_ff if isinstance(m.d_ff, list) else [m.d_ff]
+        tokens = t.batch_size * m.seq_len
+        for d_ff in widths:
+            kept = [padded_width(math.ceil(f * d_ff), t.prune_multiple, d_ff) for f in fractions]
+            for width in (d_ff, *kept):
+                shape = f"{tokens}x{m.d_model}x{width}"
+                if shape not in shapes:
+                    shapes.append(shape)
+    return shapes
+
+
 def main(backend: str, shapes: list[str], *, dtype: str = "bfloat16", seq_len: int | None = None,
-         limit: int = 24, repeats: int = 5, out: str | None = None,
+         limit: int = 24, repeats: int = 5, out: str | None = None, report: str | None = None,
+         resume: bool = False, time_limit: float | None = None,
          allow_interpreted: bool = False) -> dict:
-    """Tune every shape; write the winners to `out` (default: the package's configuration
-    file). An interpreted backend (no device for it here) is refused unless
+    """Tune every shape, each shape's winner written to `out` (default: the package's
+    configuration file) and every candidate's row to `report` (JSON) as soon as the shape is
+    done, so an interrupted tune keeps what it finished. `resume`: skip the shapes `report`
+    already holds. `time_limit` (seconds): start no shape after it; the result's "not_tuned"
+    lists those left. An interpreted backend (no device for it here) is refused unless
     `allow_interpreted`, since its times say nothing about the kernel."""
     plans = [(s, parse_shape(s)) for s in shapes]  # bad shapes refused before any work
     backend_ops(backend)  # an unknown backend is refused here
@@ -109,23 +140,53 @@ def main(backend: str, shapes: list[str], *, dtype: str = "bfloat16", seq_len: i
     if interpreted and not allow_interpreted:
         raise ValueError(f"tune: {backend} runs on {platform.upper()}s and this machine has "
                          f"none; tune on the device (its times here would be an interpreter's)")
-    key, winners, report = config_device(backend), {}, {}
-    for name, shape in plans:
+    result = {**environment(), "backend": backend, "dtype": dtype,
+              "rows": earlier_rows(report, backend, dtype) if resume else {}}
+    path = Path(out) if out else CONFIG_DIR / f"{backend}.json"
+    started = time.monotonic()
+    todo = [(name, shape) for name, shape in plans if name not in result["rows"]]
+    if len(todo) < len(plans):
+        print(f"resuming: {len(plans) - len(todo)} shape(s) already tuned in {report}")
+    for i, (name, shape) in enumerate(todo):
+        if time_limit is not None and time.monotonic() - started > time_limit:
+            result["not_tuned"] = [n for n, _ in todo[i:]]
+            break
         rows = tune_shape(backend, shape, dtype, seq_len=seq_len_for(shape[0], seq_len),
                           limit=limit, repeats=repeats, launches=1 if interpreted else 20,
                           interpret=True if interpreted else None)
-        report[name] = rows
-        winner = best(rows)
-        if winner is None:
-            log.warning("tune: no candidate passed at %s; the configuration file is unchanged",
-                        name)
-            continue
-        winners[shape_key(shape, jnp.dtype(dtype).name)] = winner["config"]
-        base_ms = next((r.get("ms") for r in rows if r["base"]), None)
-        print(f"{name}: best {winner['ms']:.3f} ms" + (
-            f" (the configured one: {base_ms:.3f} ms)" if base_ms else "") + f" {winner['config']}")
-    path = Path(out) if out else CONFIG_DIR / f"{backend}.json"
-    if winners:
-        write_best(path, key, winners)
-        print(f"wrote {len(winners)} configuration(s) under {key!r} to {path}")
-    return {**environment(), "backend": backend, "dtype": dtype, "rows": report}
+        result["rows"][name] = rows
+        record_winner(path, backend, name, shape, dtype, rows)
+        if report:
+            Path(report).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def earlier_rows(report: str | None, backend: str, dtype: str) -> dict:
+    """The rows of an earlier tune's report, to resume it; refused unless it tuned the same
+    backend and dtype."""
+    if not report:
+        raise ValueError("tune: --resume needs --report, the file that says what is done")
+    if not Path(report).exists():
+        return {}
+    earlier = json.loads(Path(report).read_text())
+    if (earlier.get("backend"), earlier.get("dtype")) != (backend, dtype):
+        raise ValueError(f"tune: {report} tuned {earlier.get('backend')} in "
+                         f"{earlier.get('dtype')}, not {backend} in {dtype}; resume it with "
+                         "those or write a new report")
+    return earlier.get("rows", {})
+
+
+def record_winner(path: Path, backend: str, name: str, shape, dtype: str, rows: list[dict]
+                  ) -> None:
+    """The fastest exact candidate of `rows` into the configuration file, with a line."""
+    winner = best(rows)
+    if winner is None:
+        log.warning("tune: no candidate passed at %s; the configuration file is unchanged",
+                    name)
+        return
+    write_best(path, config_device(backend),
+               {shape_key(shape, jnp.dtype(dtype).name): winner["config"]})
+    base_ms = next((r.get("ms") for r in rows if r["base"]), None)
+    print(f"{name}: best {winner['ms']:.3f} ms" + (
+        f" (the configured one: {base_ms:.3f} ms)" if base_ms else "") +
+        f" {winner['config']}; written to {path}", flush=True)
