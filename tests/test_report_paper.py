@@ -61,3 +61,25 @@ def test_a_learning_rate_the_paper_did_not_run_gets_all_its_columns(tmp_path):
     assert cli.main(["report", str(tmp_path / "run"), "--paper", "--last-k", "1"]) == 0
     header = (tmp_path / "run" / "tables.md").read_text().split("#### Table 5")[1]
     assert all(f"paper (LR={lr:g})" in header for lr in paper.TABLE5)
+
+
+def test_several_runs_share_one_batch_use_table_and_figure(tmp_path):
+    write_run(tmp_path / "a", 3e-3)
+    write_run(tmp_path / "b", 3e-3)
+    # Run b: 8 layers, its last two beyond the paper's six.
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text()
+    record = json.loads(lines)
+    record["layers"] += [dict(record["layers"][0], batch_use=0.5)] * 2
+    (tmp_path / "b" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    out = tmp_path / "both"
+    assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
+                     "--paper", "--last-k", "1"]) == 0
+    text = (out / "tables.md").read_text()
+    block = text[text.index("Per-batch use (%) by layer"):].split("\n\n")[1].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block]
+    assert rows[0] == ["run", *map(str, range(8))]
+    assert rows[2][1:] == [f"{100 * u:.1f}" for u in RUN_BATCH_USE] + ["—", "—"]
+    assert rows[3][7:] == ["50.0", "50.0"]
+    assert rows[4] == ["paper (Table 1)", *(f"{row[2]:.1f}" for row in paper.TABLE1), "—", "—"]
+    assert (out / "plots" / "paper_batch_use.png").stat().st_size > 10_000
+    assert "plots/paper_batch_use.png" in text

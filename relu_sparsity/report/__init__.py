@@ -10,13 +10,20 @@ report can be made on a machine without JAX, and every printed number can be rec
   row, and Table 4's count of hidden units used (section 4.4).
 - Figures 1, 2 and appendix A.1 / A.2, the unit states over training, and the loss curves
   (`figures`).
+- With `paper`, each run beside the paper's own numbers (`paper`): one table and a bar figure of
+  per-batch use by layer for all runs, then each run's Tables 1, 2, 3 and 5.
 """
 
 from pathlib import Path
 
-from relu_sparsity.report.figures import write_plots
-from relu_sparsity.report.numbers import used_units, with_layers
-from relu_sparsity.report.paper import format_paper_comparison
+from relu_sparsity.report.figures import paper_batch_use_plot, write_plots
+from relu_sparsity.report.numbers import final_means, used_units, with_layers
+from relu_sparsity.report.paper import (
+    PAPER_MODEL,
+    TABLE1,
+    batch_use_by_run,
+    format_paper_comparison,
+)
 from relu_sparsity.report.tables import format_comparison, format_tables
 from relu_sparsity.runs.reader import read_config_or_empty, read_metrics, read_units, run_name
 
@@ -72,12 +79,20 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
                                  every_step=run_units is not None))
     if len(dirs) > 1:
         doc.append(format_comparison(names, records_per_run, configs, last_k))
+    plots = write_plots(list(zip(names, records_per_run)), out / PLOTS_DIR, units)
     if paper:
-        doc += ["## Against the paper", ""]
+        means = [final_means(recs, last_k) for recs in records_per_run]
+        doc += ["## Against the paper", "",
+                f"Per-batch use (%) by layer, the mean of each run's last {last_k} logged steps, "
+                f"and the paper's ({PAPER_MODEL}):", "", batch_use_by_run(names, means), ""]
         doc += [format_paper_comparison(name, recs, config, last_k)
                 for name, recs, config in zip(names, records_per_run, configs)]
+        if any(means):
+            path = out / PLOTS_DIR / "paper_batch_use.png"
+            paper_batch_use_plot(path, [(n, m) for n, m in zip(names, means) if m],
+                                 [row[2] for row in TABLE1])
+            plots.append(path)
 
-    plots = write_plots(list(zip(names, records_per_run)), out / PLOTS_DIR, units)
     doc += ["## Figures", ""]
     if not any(with_layers(recs) for recs in records_per_run):
         doc += ["Sparsity figures skipped: no run has per-layer metrics (instrumentation off). "

@@ -200,6 +200,32 @@ def unit_life_plot(path: Path, name: str, units: dict) -> None:
     _finish(fig, path, handles)
 
 
+def paper_batch_use_plot(path: Path, runs: list[tuple[str, list[dict]]],
+                         paper: list[float]) -> None:
+    """Per-batch use by layer as grouped bars: each run's (the mean of its last logged steps,
+    `runs` as (name, per-layer means)) beside the paper's (`paper`, %), hatched."""
+    layers = max([len(paper), *(len(means) for _, means in runs)])
+    width = 0.8 / (len(runs) + 1)
+    fig = Figure(figsize=(max(6.0, 1.1 * layers + 2.5), 3.8), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(layers)
+    colors = colormaps["tab10"].colors
+    for r, (name, means) in enumerate(runs):
+        values = [number(m.get("batch_use")) for m in means] + [None] * (layers - len(means))
+        ax.bar(x + r * width, [np.nan if v is None else 100 * v for v in values], width,
+               color=colors[r % len(colors)], label=name)
+    ax.bar(x + len(runs) * width, list(paper) + [np.nan] * (layers - len(paper)), width,
+           color="white", edgecolor="black", hatch="//", label="paper (Table 1)")
+    ax.set_xticks(x + width * len(runs) / 2, [str(i) for i in range(layers)])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("per-batch use (% of d_ff)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Per-batch use by layer against the paper")
+    fig.legend(loc="outside right upper", fontsize="small")
+    fig.savefig(path, dpi=DPI)
+
+
 def write_plots(runs: list[tuple[str, list[dict]]], plots_dir: Path,
                 units: list[dict | None] | None = None) -> list[Path]:
     """Every figure for these runs, drawn on shared axes; the sparsity ones only with layer data,

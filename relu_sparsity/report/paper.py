@@ -102,3 +102,18 @@ def format_paper_comparison(run_name: str, records: list[dict], config: dict,
     peak_lr = number(config_value(config, "train.peak_lr"))
     out += ["#### Table 5: per-batch use by peak learning rate", "", table5(means, peak_lr), ""]
     return "\n".join(out)
+
+
+def batch_use_by_run(names: list[str], means_per_run: list[list[dict]]) -> str:
+    """Per-batch use (%) by layer, a row per run and the paper's Table 1 row last: the one table
+    that sets runs differing in one factor (width, schedule, length) beside the paper."""
+    layers = max([6, *(len(m) for m in means_per_run)])
+    lines = ["| run | " + " | ".join(str(i) for i in range(layers)) + " |",
+             "| :--- |" + " ---: |" * layers]
+    for name, means in zip(names, means_per_run):
+        cells = [pct(100 * m["batch_use"] if number(m.get("batch_use")) is not None else None)
+                 for m in means] + [pct(None)] * (layers - len(means))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    paper = [pct(row[2]) for row in TABLE1] + [pct(None)] * (layers - 6)
+    lines.append("| paper (Table 1) | " + " | ".join(paper) + " |")
+    return "\n".join(lines)
