@@ -21,6 +21,25 @@ def test_candidates_start_with_the_configured_one_and_are_distinct():
     assert all(c.wg_dim == "pingpong" or not c.ordered for c in mosaic)
 
 
+def test_mosaic_candidates_all_run_and_start_from_the_tuned_ones():
+    from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
+
+    base = mgpu_kernel.DEFAULT_CONFIG
+    seeds = tune.tuned_elsewhere("mosaic_gpu", base, "bfloat16")
+    assert len(seeds) == 3  # the committed H200 entries (lowering from a CPU looks up the H200)
+    got = tune.candidates("mosaic_gpu", base, limit=1000, seeds=seeds)
+    assert got[0] == base and len(set(got)) == len(got) > 40
+    assert got[1:1 + len(set(seeds) - {base})] == [c for c in dict.fromkeys(seeds) if c != base]
+    # None that the kernel would refuse: every one valid and within shared memory, in bf16; in
+    # f32 (doubled h staging) fewer rings fit.
+    for config in got:
+        config.validate()
+        mgpu_kernel.check_smem(config, "bfloat16", "bfloat16")
+    assert any(c.tile_m == 64 and c.tile_n == 256 for c in got)  # the wider tile is searched
+    f32 = tune.candidates("mosaic_gpu", base, limit=1000, dtype="float32")
+    assert all(mgpu_kernel.smem_bytes(c, 2, 4) <= mgpu_kernel.SMEM_LIMIT_BYTES for c in f32[1:])
+
+
 def test_tune_writes_the_fastest_exact_candidate(tmp_path, monkeypatch):
     out = tmp_path / "pallas_tpu.json"
     out.write_text(json.dumps({"tpu": {"1x1x1:bfloat16": {"block_m": 8}}}))

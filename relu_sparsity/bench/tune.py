@@ -25,7 +25,8 @@ from relu_sparsity.bench.kernels import seq_len_for
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, config_device
 from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
-from relu_sparsity.kernels.tile_configs import CONFIG_DIR, shape_key
+from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
+from relu_sparsity.kernels.tile_configs import CONFIG_DIR, parse_key, shape_key, tuned_configs
 from relu_sparsity.model.live import padded_width
 from relu_sparsity.train.config import preset
 
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Per backend: the TileConfig fields searched and their values (the others keep the base's).
 SEARCH_SPACES = {
-    "mosaic_gpu": {"tile_n": (128, 256), "tile_k": (64, 128), "stages": (3, 4, 5, 6),
+    "mosaic_gpu": {"tile_m": (64, 128), "tile_n": (128, 256), "tile_k": (64, 128),
+                   "stages": (3, 4, 5, 6),
                    "wg_dim": ("pingpong", "m"), "ordered": (False, True), "epi_slots": (2, 4)},
     "triton": {"block_m": (64, 128), "block_n": (128, 256), "block_k": (32, 64),
                "num_warps": (4, 8), "num_stages": (3, 4), "seq_programs": (False, True)},
@@ -50,19 +52,44 @@ def backend_ops(backend: str):
     return backend_module(backend)
 
 
-def candidates(backend: str, base, limit: int, seed: int = 0) -> list:
-    """`base` first, then up to limit - 1 other points of the search space (seeded order)."""
+def candidates(backend: str, base, limit: int, seed: int = 0, *, seeds=(),
+               dtype: str = "bfloat16") -> list:
+    """`base` first, then the `seeds` (configurations tuned at other shapes), then points of the
+    search space in a seeded order: up to `limit` in all, each once, none the backend would
+    refuse before compiling (`_plausible`)."""
     space = SEARCH_SPACES[backend]
     points = [dataclasses.replace(base, **dict(zip(space, values)))
               for values in itertools.product(*space.values())]
-    points = [p for p in points if p != base and _plausible(p)]
     random.Random(seed).shuffle(points)
-    return [base, *points[:max(limit - 1, 0)]]
+    chosen = [base]
+    for point in (*seeds, *points):
+        if len(chosen) >= limit:
+            break
+        if point not in chosen and _plausible(backend, point, dtype):
+            chosen.append(point)
+    return chosen
 
 
-def _plausible(config) -> bool:
-    """Mosaic-GPU's ordered schedule exists only for ping-pong."""
-    return not (getattr(config, "ordered", False) and getattr(config, "wg_dim", "") != "pingpong")
+def _plausible(backend: str, config, dtype: str) -> bool:
+    """Whether `config` can run at all: mosaic_gpu refuses invalid tiles (`validate`: the
+    ordered schedule only for ping-pong, at most 128 accumulator registers a thread) and rings
+    that overflow shared memory, before any compile; a candidate slot spent on one is wasted."""
+    if backend != "mosaic_gpu":
+        return True
+    try:
+        config.validate()
+        mgpu_kernel.check_smem(config, jnp.bfloat16, jnp.dtype(dtype))
+    except ValueError:
+        return False
+    return True
+
+
+def tuned_elsewhere(backend: str, base, dtype: str) -> list:
+    """The configurations this device has tuned at other shapes of this dtype, as `base`'s
+    type: good first candidates at a shape near them."""
+    entries = tuned_configs(backend).get(config_device(backend), {})
+    return [type(base)(**entry) for key, entry in sorted(entries.items())
+            if parse_key(key)[1] == jnp.dtype(dtype).name]
 
 
 def tune_shape(backend: str, shape: tuple[int, int, int], dtype: str, *, seq_len: int,
@@ -72,7 +99,8 @@ def tune_shape(backend: str, shape: tuple[int, int, int], dtype: str, *, seq_len
     x, w1, b1 = random_inputs(*shape, dtype, seed=1)
     base = ops.tile_config(config_device(backend), shape, jnp.dtype(dtype).name)
     rows = []
-    for config in candidates(backend, base, limit):
+    seeds = tuned_elsewhere(backend, base, dtype)
+    for config in candidates(backend, base, limit, seeds=seeds, dtype=dtype):
         row = {"config": dataclasses.asdict(config), "base": config == base}
         try:
             fn = jax.jit(lambda x, w, b, c=config: ops.forward(
