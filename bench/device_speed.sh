@@ -18,8 +18,10 @@ export PYTHONUNBUFFERED=1 RELU_SPARSITY_CACHE=/tmp/c
 OUT=${OUT:-/tmp/out}
 PY=${PY:-python3}
 PRESETS="small paper8k paper"
-# Named in the issue beside the presets' shapes: a benchmark shape and three past the tiles' edges.
-NAMED="8192x2048x16384 4096x768x3000 6000x512x4100 6000x1024x8192"
+# Beside the presets' shapes: a benchmark shape, three past the tiles' edges, and the MLPs of two
+# models users bring (OPT-125m's 768 x 3072; a Llama-7B-like 4096 x 11008, its gate and up
+# projections) at 16 x 512 tokens.
+NAMED="8192x2048x16384 4096x768x3000 6000x512x4100 6000x1024x8192 8192x768x3072 8192x4096x11008"
 GRID="$($PY -c "from relu_sparsity.bench.tune import preset_shapes as p; print(*p('$PRESETS'.split()))") $NAMED"
 TUNED=/tmp/tune/mosaic_gpu.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
