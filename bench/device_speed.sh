@@ -22,11 +22,9 @@ PRESETS="small paper8k paper"
 # models users bring (OPT-125m's 768 x 3072; a Llama-7B-like 4096 x 11008, its gate and up
 # projections) at 16 x 512 tokens.
 NAMED="8192x2048x16384 4096x768x3000 6000x512x4100 6000x1024x8192 8192x768x3072 8192x4096x11008"
-GRID="$($PY -c "from relu_sparsity.bench.tune import preset_shapes as p; print(*p('$PRESETS'.split()))") $NAMED"
 TUNED=/tmp/tune/mosaic_gpu.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 git rev-parse HEAD 2>/dev/null || true
-echo "grid ($(wc -w <<< "$GRID") shapes): $GRID"
 case "${1:-}" in
   tune)
     mkdir -p /tmp/tune
@@ -41,7 +39,8 @@ case "${1:-}" in
   grid)
     if [ -f "$TUNED" ]; then cp "$TUNED" relu_sparsity/kernels/configs/mosaic_gpu.json; fi
     $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_mosaic_gpu_device.py 2>&1 | tail -3
-    $PY -m relu_sparsity.cli bench --backends mosaic_gpu --shapes $GRID --out "$OUT/grid.json" \
+    $PY -m relu_sparsity.cli bench --backends mosaic_gpu --presets $PRESETS --shapes $NAMED \
+      --out "$OUT/grid.json" \
       2>&1 | grep -E "^\||^device" | tee "$OUT/grid.md" ;;
   kernels)
     $PY bench/live_path.py 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/live_path.md"

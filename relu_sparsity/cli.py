@@ -291,6 +291,9 @@ def _add_bench(sub) -> None:
     bench.add_argument("--repeats", type=int, default=5,
                        help="timed rounds per variant; the median is reported (default 5)")
     bench.add_argument("--out", help="also write the table as JSON here")
+    bench.add_argument("--presets", nargs="+", default=[], metavar="PRESET",
+                       help="also every shape these presets' runs give the kernel (as tune "
+                       "--presets lists them)")
     bench.add_argument("--backends", nargs="+", default=None, metavar="NAME",
                        help="time only these of the reference and the compiled fused backends "
                        "(default: all), each against XLA's dot+bias+ReLU")
@@ -535,7 +538,8 @@ def cmd_report(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from relu_sparsity.bench.tune import main as tune_main, preset_shapes
+    from relu_sparsity.bench.kernels import preset_shapes
+    from relu_sparsity.bench.tune import main as tune_main
 
     shapes = list(dict.fromkeys([*args.shapes, *preset_shapes(args.presets)]))
     if not shapes:
@@ -585,9 +589,10 @@ def cmd_bench(args) -> None:
             raise PartFailed(f"{len(failed)} of {len(rows)} train-step variants failed: "
                              f"{', '.join(failed)}; the table shows each error")
         return
-    from relu_sparsity.bench.kernels import main as bench_main
+    from relu_sparsity.bench.kernels import main as bench_main, preset_shapes
 
-    bench_main(shapes=args.shapes, seq_len=args.seq_len, dtype=args.dtype,
+    shapes = list(dict.fromkeys([*(args.shapes or []), *preset_shapes(args.presets)]))
+    bench_main(shapes=shapes or None, seq_len=args.seq_len, dtype=args.dtype,
                repeats=args.repeats, out=args.out, backends=args.backends)
 
 

@@ -28,6 +28,21 @@ def test_bench_times_only_the_backends_asked_for(monkeypatch):
                   backends=["mosaic_gpu"])
 
 
+def test_bench_presets_time_the_shapes_their_runs_give_the_kernel(tmp_path):
+    import json
+
+    from relu_sparsity import cli
+
+    out = tmp_path / "rows.json"
+    assert cli.main(["bench", "--presets", "tiny", "--shapes", "256x32x100", "--backends",
+                     "reference", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    assert shapes == ["256x32x100", *bench.preset_shapes(["tiny"])]
+    assert {r["variant"] for r in rows} == {"xla dot+bias+relu", "reference no stats",
+                                            "xla relu+stats (reference)"}
+
+
 @pytest.mark.parametrize("shape", ["256x32", "axbxc", "1x2x3x4"])
 def test_bad_shape(shape):
     with pytest.raises(ValueError, match="TxDxF"):

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from relu_sparsity import cli
-from relu_sparsity.bench import tune
+from relu_sparsity.bench import kernels, tune
 from relu_sparsity.kernels.pallas_tpu import kernel as tpu_kernel
 
 
@@ -97,10 +97,10 @@ def test_an_untuned_shape_gets_the_nearest_tuned_shapes_tiles():
 def test_preset_shapes_are_the_runs_train_batch_and_compacted_widths():
     # tiny: 16 x 128 tokens, d_model 128, d_ff 1024, prune_multiple 32; 25/50/70/90% of 1024
     # units are 256, 512, 716.8 -> 717 -> 736 and 921.6 -> 922 -> 928 rounded up to 32.
-    assert tune.preset_shapes(["tiny"]) == ["2048x128x1024", "2048x128x256", "2048x128x512",
+    assert kernels.preset_shapes(["tiny"]) == ["2048x128x1024", "2048x128x256", "2048x128x512",
                                             "2048x128x736", "2048x128x928"]
     # paper8k's full width is paper's 25%: listed once.
-    both = tune.preset_shapes(["paper8k", "paper"])
+    both = kernels.preset_shapes(["paper8k", "paper"])
     assert len(both) == len(set(both)) == 9 and both.count("8192x1024x8192") == 1
     assert "8192x1024x23040" in both  # paper at 70% kept, rounded up to 256
 

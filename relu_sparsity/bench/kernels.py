@@ -7,6 +7,7 @@ ratios are of medians, against XLA dot+bias+ReLU measured in the same run.
 
 import json
 import logging
+import math
 from collections.abc import Callable
 
 import jax
@@ -18,12 +19,16 @@ from relu_sparsity.kernels.mosaic_gpu import ops as mosaic_ops
 from relu_sparsity.bench.timing import environment, kernel_round, measure
 from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
 from relu_sparsity.kernels.tile_configs import tiles_source
+from relu_sparsity.model.live import padded_width
+from relu_sparsity.train.config import preset
 from relu_sparsity.train.preflight import device_memory
 
 log = logging.getLogger(__name__)
 
 PAPER_SHAPES = tuple("x".join(map(str, shape)) for shape in BENCH_SHAPES)
 CPU_SHAPES = ("1024x256x1024", "2048x256x2048")
+# Fractions of a layer's units kept after compaction that `preset_shapes` lists widths for.
+PRUNE_FRACTIONS = (0.25, 0.5, 0.7, 0.9)
 
 
 def variants(seq_len: int, backends: list[str] | None = None) -> dict[str, Callable]:
@@ -101,6 +106,26 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int,
                          "tflops": flops / ms / 1e9, "ratio": ms / base,
                          "tiles": variant_tiles(name, (t, d, f), dtype)})
     return rows
+
+
+def preset_shapes(presets: list[str], fractions=PRUNE_FRACTIONS) -> list[str]:
+    """The MLP shapes "TxDxF" a preset's runs give the kernel: the train batch (T = batch_size x
+    seq_len; evaluation runs the same batches) at the full width, and the widths compaction
+    leaves when `fractions` of the units are kept, rounded up to train.prune_multiple as
+    compaction rounds them. Distinct, in the order given."""
+    shapes = []
+    for name in presets:
+        config = preset(name)
+        m, t = config.model, config.train
+        widths = m.d_ff if isinstance(m.d_ff, list) else [m.d_ff]
+        tokens = t.batch_size * m.seq_len
+        for d_ff in widths:
+            kept = [padded_width(math.ceil(f * d_ff), t.prune_multiple, d_ff) for f in fractions]
+            for width in (d_ff, *kept):
+                shape = f"{tokens}x{m.d_model}x{width}"
+                if shape not in shapes:
+                    shapes.append(shape)
+    return shapes
 
 
 def check_fits(shape: str, t: int, d: int, f: int, dtype: str) -> None:

@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -27,11 +26,6 @@ from relu_sparsity.kernels.backends import FUSED_BACKENDS, backend_module, confi
 from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
 from relu_sparsity.kernels.mosaic_gpu import kernel as mgpu_kernel
 from relu_sparsity.kernels.tile_configs import CONFIG_DIR, parse_key, shape_key, tuned_configs
-from relu_sparsity.model.live import padded_width
-from relu_sparsity.train.config import preset
-
-# Fractions of a layer's units kept after compaction that `preset_shapes` tunes for.
-PRUNE_FRACTIONS = (0.25, 0.5, 0.7, 0.9)
 
 log = logging.getLogger(__name__)
 
@@ -130,26 +124,6 @@ def write_best(path: Path, key: str, entries: dict[str, dict]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.setdefault(key, {}).update(entries)
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def preset_shapes(presets: list[str], fractions=PRUNE_FRACTIONS) -> list[str]:
-    """The MLP shapes "TxDxF" a preset's runs give the kernel: the train batch (T = batch_size x
-    seq_len; evaluation runs the same batches) at the full width, and the widths compaction
-    leaves when `fractions` of the units are kept, rounded up to train.prune_multiple as
-    compaction rounds them. Distinct, in the order given."""
-    shapes = []
-    for name in presets:
-        config = preset(name)
-        m, t = config.model, config.train
-        widths = m.d_ff if isinstance(m.d_ff, list) else [m.d_ff]
-        tokens = t.batch_size * m.seq_len
-        for d_ff in widths:
-            kept = [padded_width(math.ceil(f * d_ff), t.prune_multiple, d_ff) for f in fractions]
-            for width in (d_ff, *kept):
-                shape = f"{tokens}x{m.d_model}x{width}"
-                if shape not in shapes:
-                    shapes.append(shape)
-    return shapes
 
 
 def main(backend: str, shapes: list[str], *, dtype: str = "bfloat16", seq_len: int | None = None,
