@@ -592,8 +592,12 @@ def cmd_bench(args) -> None:
     from relu_sparsity.bench.kernels import main as bench_main, preset_shapes
 
     shapes = list(dict.fromkeys([*(args.shapes or []), *preset_shapes(args.presets)]))
-    bench_main(shapes=shapes or None, seq_len=args.seq_len, dtype=args.dtype,
-               repeats=args.repeats, out=args.out, backends=args.backends)
+    rows = bench_main(shapes=shapes or None, seq_len=args.seq_len, dtype=args.dtype,
+                      repeats=args.repeats, out=args.out, backends=args.backends)
+    failed = [f"{r['variant']} at {r['shape']}" for r in rows if "error" in r]
+    if failed:
+        raise PartFailed(f"{len(failed)} variant(s) failed the exactness check and were not "
+                         f"timed: {', '.join(failed)}; the table shows each error")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

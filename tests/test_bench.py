@@ -17,6 +17,29 @@ def test_bench_rows_and_table():
     assert table.count("\n") == len(rows) + 1 and "256x32x100" in table
 
 
+def test_bench_times_a_variant_only_once_it_is_exact(monkeypatch, tmp_path, capsys):
+    from relu_sparsity import cli
+
+    real = bench.variants
+
+    def variants(seq_len, backends=None):  # the reference's h, one unit off
+        out = real(seq_len, backends)
+        out["reference no stats"] = lambda x, w1, b1: real(seq_len)["reference no stats"](
+            x, w1, b1)[0].at[:, 0].add(1.0)
+        return out
+
+    monkeypatch.setattr(bench, "variants", variants)
+    out = tmp_path / "rows.json"
+    assert cli.main(["bench", "--shapes", "256x32x100", "--backends", "reference",
+                     "--repeats", "1", "--out", str(out)]) == 1
+    rows = {r["variant"]: r for r in __import__("json").loads(out.read_text())["rows"]}
+    assert "ms" not in rows["reference no stats"]
+    assert "is not relu(x @ w1 + b1)" in rows["reference no stats"]["error"]
+    assert "ms" in rows["xla relu+stats (reference)"]
+    text = capsys.readouterr()
+    assert "failed: reference no stats" in text.out and "1 variant(s) failed" in text.err
+
+
 def test_bench_times_only_the_backends_asked_for(monkeypatch):
     monkeypatch.setattr(bench, "compiled_backends", lambda: ["triton"])
     assert list(bench.variants(64, ["triton"])) == ["xla dot+bias+relu", "triton no stats",

@@ -12,13 +12,14 @@ import pytest
 
 from relu_sparsity.bench.kernels import (
     PAPER_SHAPES,
+    check_variant,
     launches_per_round,
     seq_len_for,
     variant_tiles,
     variants,
 )
 from relu_sparsity.bench.timing import environment, kernel_round
-from relu_sparsity.kernels.testing import full_size_check, parse_shape, random_inputs, tolerance
+from relu_sparsity.kernels.testing import parse_shape, random_inputs
 
 ON_GPU = jax.default_backend() == "gpu"
 # T x D x F (:seq_len): the benchmark shapes, a compacted paper width, and shapes past the
@@ -45,26 +46,11 @@ def point(request):
     return request.param, (t, d, f), seq_len, random_inputs(t, d, f, DTYPE)
 
 
-def check_output(label: str, out, operands, seq_len: int) -> None:
-    """The variant computes relu(x @ w1 + b1), and a fused backend's statistics exactly. The
-    reference's statistics are the check's own oracle, so of the reference only h is checked."""
-    x, w1, b1 = operands
-    h, stats = out if isinstance(out, tuple) else (out, None)
-    if stats is not None and label != "xla relu+stats (reference)":
-        full_size_check(h, stats, x, w1, b1, seq_len=seq_len, with_token_mask=False,
-                        tol=tolerance(DTYPE))
-        return
-    want = jax.nn.relu(x.astype(jnp.float32) @ w1.astype(jnp.float32) + b1.astype(jnp.float32))
-    tol = tolerance(DTYPE)
-    close = jnp.isclose(h.astype(jnp.float32), want, rtol=tol, atol=tol)
-    assert float(jnp.mean(close)) > 0.999, f"{label}: h is not relu(x @ w1 + b1)"
-
-
 @pytest.mark.parametrize("label", LABELS)
 def test_kernel_variant(benchmark, point, label):
     name, (t, d, f), seq_len, operands = point
     fn = variants(seq_len)[label]
-    check_output(label, fn(*operands), operands, seq_len)
+    check_variant(label, fn(*operands), operands, seq_len)
     launches = launches_per_round(2.0 * t * d * f)
     benchmark.group = f"{name} {jnp.dtype(DTYPE).name}"
     benchmark.extra_info.update(environment(), seq_len=seq_len, calls_per_round=launches,

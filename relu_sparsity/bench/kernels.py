@@ -11,13 +11,21 @@ import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from relu_sparsity.kernels import fused_mlp_up
 from relu_sparsity.kernels.backends import FUSED_BACKENDS, compiled_backends, config_device
 from relu_sparsity.kernels.contract import check_seq_len
 from relu_sparsity.kernels.mosaic_gpu import ops as mosaic_ops
 from relu_sparsity.bench.timing import environment, kernel_round, measure
-from relu_sparsity.kernels.testing import BENCH_SEQ_LEN, BENCH_SHAPES, parse_shape, random_inputs
+from relu_sparsity.kernels.testing import (
+    BENCH_SEQ_LEN,
+    BENCH_SHAPES,
+    full_size_check,
+    parse_shape,
+    random_inputs,
+    tolerance,
+)
 from relu_sparsity.kernels.tile_configs import tiles_source
 from relu_sparsity.model.live import padded_width
 from relu_sparsity.train.config import preset
@@ -97,14 +105,20 @@ def run(shapes, *, seq_len: int | None, dtype: str, repeats: int,
         launches = launches_per_round(flops)
         base = None
         for name, fn in variants(shape_seq_len, backends).items():
+            row = {"shape": shape, "seq_len": shape_seq_len, "variant": name,
+                   "tiles": variant_tiles(name, (t, d, f), dtype)}
+            try:
+                check_variant(name, fn(x, w1, b1), (x, w1, b1), shape_seq_len)
+            except AssertionError as err:  # timed only once it is right
+                rows.append({**row, "error": str(err).splitlines()[0][:300]})
+                log.error("%s at %s: %s", name, shape, rows[-1]["error"])
+                continue
             timing = measure(kernel_round(fn, (x, w1, b1), launches), rounds=repeats,
                              calls_per_round=launches)
             ms = timing.median_ms
             base = base or ms
-            rows.append({"shape": shape, "seq_len": shape_seq_len, "variant": name, "ms": ms,
-                         "min_ms": timing.min_ms, "iqr_ms": timing.iqr_ms,
-                         "tflops": flops / ms / 1e9, "ratio": ms / base,
-                         "tiles": variant_tiles(name, (t, d, f), dtype)})
+            rows.append({**row, "ms": ms, "min_ms": timing.min_ms, "iqr_ms": timing.iqr_ms,
+                         "tflops": flops / ms / 1e9, "ratio": ms / base})
     return rows
 
 
@@ -126,6 +140,21 @@ def preset_shapes(presets: list[str], fractions=PRUNE_FRACTIONS) -> list[str]:
                 if shape not in shapes:
                     shapes.append(shape)
     return shapes
+
+
+def check_variant(label: str, out, operands, seq_len: int) -> None:
+    """Raises AssertionError unless the variant's output `out` is relu(x @ w1 + b1) and, for a
+    fused backend, its statistics are exact (`full_size_check`). The reference's statistics are
+    the check's own oracle, so of the reference only h is checked."""
+    x, w1, b1 = operands
+    h, stats = out if isinstance(out, tuple) else (out, None)
+    tol = tolerance(x.dtype)
+    if stats is not None and label != "xla relu+stats (reference)":
+        full_size_check(h, stats, x, w1, b1, seq_len=seq_len, with_token_mask=False, tol=tol)
+        return
+    want = jax.nn.relu(x.astype(jnp.float32) @ w1.astype(jnp.float32) + b1.astype(jnp.float32))
+    close = jnp.isclose(h.astype(jnp.float32), want, rtol=tol, atol=tol)
+    assert float(jnp.mean(close)) > 0.999, f"{label}: h is not relu(x @ w1 + b1)"
 
 
 def check_fits(shape: str, t: int, d: int, f: int, dtype: str) -> None:
@@ -161,6 +190,8 @@ def format_table(rows: list[dict]) -> str:
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     lines += [f"| {r['shape']} | {r['seq_len']} | {r['variant']} | {r['ms']:.3f} | "
               f"{r['min_ms']:.3f} | {r['iqr_ms']:.3f} | {r['tflops']:.1f} | {r['ratio']:.2f} | "
+              f"{r.get('tiles') or ''} |" if "ms" in r else
+              f"| {r['shape']} | {r['seq_len']} | {r['variant']} | failed: {r['error']} | | | | | "
               f"{r.get('tiles') or ''} |" for r in rows]
     return "\n".join(lines)
 
