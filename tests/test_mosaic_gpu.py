@@ -116,36 +116,38 @@ def test_unpadded_edges_match_reference(case):
 
 
 # Each array's edge decided on its own: (T, D, F, seq_len, config, dtype, expected Unpadded,
-# columns of h's SMEM tiles).
+# columns of h's SMEM tiles: 0 untiled, None where h is padded).
 PER_ARRAY = [
-    # F a multiple of 8 only: w1 padded to whole tiles, h [T, F] stored through unswizzled
-    # 16-byte rows, x unpadded
-    (200, 192, 328, 40, SMALL_PP, jnp.bfloat16, kernel.Unpadded(True, False, True), 8),
+    # F a multiple of 8 only: w1 padded to whole tiles, h [T, F] stored through untiled
+    # pieces, x unpadded
+    (200, 192, 328, 40, SMALL_PP, jnp.bfloat16, kernel.Unpadded(True, False, True), 0),
     # F a multiple of 16 only: h through 32-byte swizzled rows; cooperative along M
     (256, 128, 208, 64, SMALL, jnp.bfloat16, kernel.Unpadded(True, False, True), 16),
     # F a multiple of 32 only, ping-pong's 64-wide pieces narrowed to 32 columns
     (200, 128, 288, 40, SMALL_PP, jnp.bfloat16, kernel.Unpadded(True, False, True), 32),
     # f32 h (bf16x3 split, K = 3 D): F a multiple of 8, h through 32-byte rows
     (200, 64, 328, 40, SMALL, jnp.float32, kernel.Unpadded(True, False, True), 8),
-    # f32 h with F a multiple of 4 only: 16-byte unswizzled rows of 4 columns
-    (200, 64, 332, 40, SMALL, jnp.float32, kernel.Unpadded(True, False, True), 4),
+    # f32 h with F a multiple of 4 only: untiled pieces
+    (200, 64, 332, 40, SMALL, jnp.float32, kernel.Unpadded(True, False, True), 0),
+    # T not a multiple of 8: x padded to whole row tiles, h [T, F] through untiled pieces
+    (204, 128, 320, 51, SMALL_PP, jnp.bfloat16, kernel.Unpadded(False, True, True), 0),
     # D not a multiple of 64: x padded to Dp, w1 [96, F] read past D by TMA (zeros)
     (200, 96, 320, 40, SMALL_PP, jnp.bfloat16, kernel.Unpadded(False, True, True), 64),
     # F not a multiple of 8: TMA cannot address h [T, F] (rows of F * 2 bytes, not 16-byte
     # aligned), so h is written padded and sliced
-    (200, 128, 332, 40, SMALL_N, jnp.bfloat16, kernel.Unpadded(True, False, False), 32),
+    (200, 128, 332, 40, SMALL_N, jnp.bfloat16, kernel.Unpadded(True, False, False), None),
 ]
 
 
-@pytest.mark.parametrize("case", PER_ARRAY, ids=["h-8-cols", "h-16-cols", "h-32-cols",
-                                                 "h-f32", "h-f32-4-cols", "x-padded",
-                                                 "h-padded"])
+@pytest.mark.parametrize("case", PER_ARRAY, ids=["h-untiled", "h-16-cols", "h-32-cols",
+                                                 "h-f32", "h-f32-untiled", "t-ragged",
+                                                 "x-padded", "h-padded"])
 def test_each_edge_is_left_to_tma_where_it_can_be(case):
     T, D, F, seq_len, config, dtype, expected, cols = case
     D_k = 3 * D if dtype == jnp.float32 else D
     unpadded = kernel.tma_edges(T, D_k, F, config, jnp.bfloat16, dtype)
     assert unpadded == expected
-    assert kernel.h_tile_cols(config, F if unpadded.h else 10_240, dtype) == cols
+    assert kernel.h_tile_cols(config, T, F, dtype) == cols
     x, w1, b1 = inputs(T, D, F, dtype)
     check_against_reference(x, w1, b1, seq_len=seq_len, config=config)
 
@@ -167,12 +169,12 @@ def test_unpadded_edges_copy_nothing():
     # Past the tiles' edges but TMA-addressable: no padded copy of x or w1, no sliced copy of h.
     assert copies_of_edges(200, 128, 320, SMALL_PP) == (0, 0)
     # Only what TMA cannot address is copied: w1 where F is not a multiple of its blocks'
-    # 64-column SMEM tile (h stays unpadded through narrower tiles), x where D is not, x and h
-    # where T is not a multiple of 8 rows, h where F is not of 8 columns or h is stored from
+    # 64-column SMEM tile (h stays unpadded through narrower tiles or untiled pieces), x where D
+    # is not or T is not a multiple of 8 rows, h where F is not of 8 columns or h is stored from
     # registers (which would write past the edge).
     for T, D, F, config, copies in (
             (200, 128, 288, SMALL_PP, (1, 0)), (200, 128, 328, SMALL_PP, (1, 0)),
-            (200, 96, 320, SMALL_PP, (1, 0)), (204, 128, 320, SMALL_PP, (1, 1)),
+            (200, 96, 320, SMALL_PP, (1, 0)), (204, 128, 320, SMALL_PP, (1, 0)),
             (200, 128, 332, SMALL_PP, (1, 1)),
             (200, 128, 320, dataclasses.replace(SMALL_PP, h_store="direct"), (0, 1))):
         assert copies_of_edges(T, D, F, config) == copies, (T, D, F)
@@ -229,7 +231,7 @@ def test_lowers_for_cuda_at_bench_shapes(shape):
     ids=["4096x768x3000", "6000x512x4100", "6000x512x8192"])
 def test_untuned_shapes_lower_for_cuda(shape, seq_len, unpadded):
     # Untuned shapes with the default configuration: F = 3000 (a multiple of 8, not of 64) pads
-    # w1 only, h going through unswizzled 16-byte SMEM rows; F = 4100 (not a multiple of 8)
+    # w1 only, h going through untiled SMEM pieces; F = 4100 (not a multiple of 8)
     # pads h as well; T = 6000 (not a multiple of the 128-row tile) with F = 8192 pads nothing.
     T, D, F = shape
     config = ops.fitted_tile_config(shape, jnp.bfloat16)

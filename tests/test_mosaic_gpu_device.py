@@ -27,11 +27,11 @@ CONFIGS = {
 }
 # (n_seq, seq_len, D, F): tiles spanning sequences, sequences spanning tiles, ragged F and D;
 # T and F past a tile's edge but left unpadded, their edges to TMA (kernel.tma_edges): h at
-# F = 1000 through unswizzled 16-byte SMEM rows (bf16; 32-byte rows in f32), at F = 1040 through
-# 32-byte rows (bf16), at F = 1020 padded (bf16) or through 16-byte rows (f32); w1 padded at all
-# three.
+# F = 1000 through untiled SMEM pieces (bf16; 32-byte tiles in f32), at F = 1040 through
+# 32-byte tiles (bf16), at F = 1020 padded (bf16) or through untiled pieces (f32), w1 padded at
+# all three; at T = 500 (not a multiple of 8) x padded, h through untiled pieces.
 SHAPES = [(4, 512, 256, 1000), (3, 100, 72, 96), (16, 7, 40, 33), (2, 256, 1024, 4096),
-          (6, 100, 192, 640), (4, 256, 128, 1040), (4, 128, 64, 1020)]
+          (6, 100, 192, 640), (4, 256, 128, 1040), (4, 128, 64, 1020), (5, 100, 64, 256)]
 
 
 def compiled(config, *, seq_len, with_token_mask=True):

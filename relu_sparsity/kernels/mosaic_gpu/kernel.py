@@ -66,7 +66,7 @@ decided per array) stays unpadded in global memory: TMA fills the parts of a loa
 with zeros and drops the parts of a store past one, so no padded copy of it is made (for h, no
 sliced copy: a full extra pass over h). The others the caller (ops.py) pads to Tp, Dp, Fp with
 zeros. h's edge is the one that matters (w1's padded copy is D x F, h's slice T x F): its SMEM
-pieces are narrowed where that lets TMA store it (`ops.edge_config`).
+pieces take narrower tiles, or none, where that lets TMA store it (`h_tile_cols`).
 Either way the kernel computes the same values past the edges: zero columns of w1 and b1 (b1 is
 always padded: it is read into registers, not by TMA) give h = 0 (never used); zero rows of x
 give h = relu(b1), which may be > 0, but those rows lie outside every sequence segment and their
@@ -261,35 +261,41 @@ def swizzle_cols(width: int, dtype) -> int:
     return plgpu.find_swizzle(width * dtype.itemsize * 8) // dtype.itemsize
 
 
-def h_tile_cols(config: TileConfig, F: int, out_dtype) -> int:
-    """Columns of h's SMEM tiles (`KernelFacts.out_transforms`): the swizzle row of its
-    [64, epi_tile_n] pieces, halved (down to 16 bytes, unswizzled) until it divides F, so that
-    TMA can store h at its own width (`tma_edges`). A narrower tile changes only the SMEM
-    layout and the TMA box of each piece, not the number of pieces; its stores from the WGMMA
-    layout stay conflict-free (a warp writes 8 rows x 16 bytes: one 128-byte tile)."""
+def h_tile_cols(config: TileConfig, T: int, F: int, out_dtype) -> int | None:
+    """How TMA stores h [T, F] at its own shape, through [64, epi_tile_n] SMEM pieces
+    (`KernelFacts.out_transforms`): the columns of the pieces' swizzled SMEM tiles, the widest
+    of 128, 64 and 32 bytes that F is a whole number of (T a multiple of 8 rows); 0 where none
+    is, for untiled, unswizzled pieces that TMA stores as plain [64, epi_tile_n] boxes (any T;
+    rows of whole 16 bytes, TMA's stride rule); None where TMA cannot store h [T, F] at all
+    (rows not whole 16 bytes, h stored from registers, or h smaller than one CTA tile). Only
+    the pieces' layout differs, not their number; untiled pieces' stores from the WGMMA layout
+    meet 4-way bank conflicts (rows of epi_tile_n elements)."""
     itemsize = jnp.dtype(out_dtype).itemsize
-    widest = cols = swizzle_cols(config.epi_tile_n, out_dtype)
-    while F % cols and cols * itemsize > 16:
+    if (config.h_store != "tma" or (F * itemsize) % 16 or T < config.cta_m
+            or F < config.cta_n):
+        return None
+    cols = swizzle_cols(config.epi_tile_n, out_dtype)
+    while T % 8 == 0 and cols * itemsize >= 32:
+        if F % cols == 0:
+            return cols
         cols //= 2
-    return widest if F % cols else cols
+    return 0
 
 
 def tma_edges(T: int, D: int, F: int, config: TileConfig, in_dtype, out_dtype) -> Unpadded:
     """Which of x [T, D], w1 [D, F] (in_dtype) and h [T, F] (out_dtype) can stay unpadded, each
     decided on its own. A tiled TMA copy views the global array in its SMEM tiles (8 rows by
     `swizzle_cols` columns), so each of its dimensions must be a whole number of them, and the
-    array may not be smaller than one block; h must be stored by TMA (a store from registers
-    past an edge would write out of bounds). The arrays share no condition but their
+    array may not be smaller than one block: so for x and w1, which wgmma reads from swizzled
+    tiles. h's pieces need no tiles (`h_tile_cols`). The arrays share no condition but their
     dimensions: x may stay unpadded while w1 is padded to Dp rows (TMA fills x past D with
-    zeros), and h [T, F] is written whatever Fp the w1 blocks are padded to (TMA drops the
-    stores past F)."""
+    zeros), and h [T, F] is written whatever Tp and Fp the x and w1 blocks are padded to (TMA
+    drops the stores past T and F)."""
     in_cols = swizzle_cols(config.tile_k, in_dtype)
-    out_cols = h_tile_cols(config, F, out_dtype)
-    rows = T % 8 == 0 and T >= config.cta_m
     return Unpadded(
-        x=rows and D % in_cols == 0 and D >= config.tile_k,
+        x=T % 8 == 0 and T >= config.cta_m and D % in_cols == 0 and D >= config.tile_k,
         w=D % 8 == 0 and D >= config.tile_k and F % in_cols == 0 and F >= config.cta_n,
-        h=config.h_store == "tma" and rows and F % out_cols == 0 and F >= config.cta_n)
+        h=h_tile_cols(config, T, F, out_dtype) is not None)
 
 
 def make_plan(T: int, D: int, F: int, seq_len: int, config: TileConfig,
@@ -598,11 +604,12 @@ class KernelFacts:
     def out_transforms(self) -> tuple:
         """SMEM tiling and swizzle of the [64, epi_tile_n] h pieces."""
         plan = self.plan
-        cols = h_tile_cols(self.config, plan.F if plan.unpadded.h else plan.Fp, self.out_dtype)
-        swizzle = cols * self.out_dtype.itemsize
-        if swizzle == 16:  # Pallas tiles only swizzled refs (32, 64 or 128 bytes)
+        cols = (h_tile_cols(self.config, plan.T, plan.F, self.out_dtype) if plan.unpadded.h
+                else swizzle_cols(self.config.epi_tile_n, self.out_dtype))
+        if cols == 0:
             return ()
-        return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle))
+        return (plgpu.TilingTransform((8, cols)),
+                plgpu.SwizzleTransform(cols * self.out_dtype.itemsize))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,8 +150,8 @@ def edge_copies(shape: tuple[int, int, int], dtype) -> str:
 @functools.cache
 def _log_sliced_h(T: int, F: int, h_store: str) -> None:
     why = ("h is stored from registers" if h_store == "direct" else
-           "TMA stores h at its own shape only where its rows are whole 16-byte multiples, T a "
-           "multiple of 8 and neither dimension smaller than one CTA tile")
+           "TMA stores h at its own shape only where its rows are whole 16-byte multiples and "
+           "neither dimension is smaller than one CTA tile")
     log.warning("mosaic_gpu: h [%d, %d] is written padded to whole tiles and sliced after the "
                 "kernel (%s): one more pass over h", T, F, why)
 
