@@ -28,6 +28,10 @@ OUT=${OUT:-/tmp/out}
 PY=${PY:-python3}
 seconds=${STAGE_SECONDS:-480}
 run_settings="train.log_every=100 train.eval_every=1000 train.checkpoint_every=1000"
+# SEED=1 (any but 0): a second seed of each stage, under /tmp/runs-seed1 and with files named so.
+tag=""
+if [ "${SEED:-0}" != 0 ]; then tag=-seed$SEED; run_settings="$run_settings train.seed=$SEED"; fi
+runs=/tmp/runs$tag
 paper_schedule="train.decay_steps=1000000"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 git rev-parse HEAD 2>/dev/null || true
@@ -44,38 +48,38 @@ train() {  # train RUN_DIR [overrides]: one run, stopped after $seconds, then it
 }
 case "${1:-}" in
   run)
-    train /tmp/runs/p8 train.steps=9000 name=cosine-9k
+    train $runs/p8 train.steps=9000 name=cosine-9k
     folder=p8 ;;
   sweep)
     timeout -s TERM "$seconds" $PY -m relu_sparsity.cli experiment sweep --config "$CONFIG" \
-      --cache "$cache" --out /tmp/runs/lr --instrument "$instrument" --no-progress \
+      --cache "$cache" --out $runs/lr --instrument "$instrument" --no-progress \
       train.steps=3000 train.warmup_steps=1000 $run_settings --lr 1e-3 2e-3 3e-3 5e-3 \
       2>&1 | grep -vE "^\s*$" | tail -40
     echo "exit ${PIPESTATUS[0]}"
     folder=lr ;;
   width)
     timeout -s TERM "$seconds" $PY -m relu_sparsity.cli experiment sweep --config "$CONFIG" \
-      --cache "$cache" --out /tmp/runs/width --instrument "$instrument" --no-progress \
+      --cache "$cache" --out $runs/width --instrument "$instrument" --no-progress \
       train.steps=9000 $paper_schedule $run_settings --d-ff ${WIDTHS:-4096 8192 16384 32768} \
       2>&1 | grep -vE "^\s*$" | tail -40
     echo "exit ${PIPESTATUS[0]}"
     folder=width ;;
   long)
-    train /tmp/runs/long train.steps="${LONG_STEPS:-45000}" $paper_schedule name=long \
+    train $runs/long train.steps="${LONG_STEPS:-45000}" $paper_schedule name=long \
       train.checkpoint_every=2000
     folder=long ;;
   tables)
-    point=$(ls -d "/tmp/runs/width/dff=${POINT:-8192}" 2>/dev/null)
+    point=$(ls -d "$runs/width/dff=${POINT:-8192}" 2>/dev/null)
     factor() {  # factor NAME RUN...: report --paper of these runs into $OUT/NAME
       local name=$1; shift
-      $PY -m relu_sparsity.cli report "$@" --out "$OUT/$name" --paper >/dev/null \
-        && awk '/^## Against the paper/,/^### /' "$OUT/$name/tables.md" | grep "^|" \
+      $PY -m relu_sparsity.cli report "$@" --out "$OUT/$name$tag" --paper >/dev/null \
+        && awk '/^## Against the paper/,/^### /' "$OUT/$name$tag/tables.md" | grep "^|" \
         | sed "1i ## $name"
     }
-    factor width /tmp/runs/width/dff=*
-    [ -n "$point" ] && [ -d /tmp/runs/p8 ] && factor schedule /tmp/runs/p8 "$point"
-    [ -n "$point" ] && [ -d /tmp/runs/long ] && factor length "$point" /tmp/runs/long
+    factor width $runs/width/dff=*
+    [ -n "$point" ] && [ -d $runs/p8 ] && factor schedule $runs/p8 "$point"
+    [ -n "$point" ] && [ -d $runs/long ] && factor length "$point" $runs/long
     exit 0 ;;
   *) echo "usage: device_science.sh run|sweep|width|long|tables" >&2; exit 2 ;;
 esac
-tar czf "$OUT/$folder.tgz" -C /tmp/runs --exclude=checkpoints "$folder"
+tar czf "$OUT/$folder$tag.tgz" -C "$runs" --exclude=checkpoints "$folder"
