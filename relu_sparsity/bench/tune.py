@@ -34,7 +34,7 @@ SEARCH_SPACES = {
     "mosaic_gpu": {"tile_m": (64, 128), "tile_n": (128, 256), "tile_k": (64, 128),
                    "stages": (3, 4, 5, 6),
                    "wg_dim": ("pingpong", "m"), "ordered": (False, True), "epi_slots": (2, 4),
-                   "epi_tile_n": (32, 64)},
+                   "epi_tile_n": (32, 64, 128)},
     "triton": {"block_m": (64, 128), "block_n": (128, 256), "block_k": (32, 64),
                "num_warps": (4, 8), "num_stages": (3, 4), "seq_programs": (False, True)},
     "pallas_tpu": {"block_m": (256, 512), "block_n": (256, 512, 1024), "block_k": (512, 1024)},
