@@ -5,11 +5,14 @@
 #                                        shapes and the named ones; stops itself after
 #                                        TUNE_SECONDS (default 450) and resumes in the next call
 #                                        while the machine stays warm (/tmp/tune)
-#   bash bench/device_speed.sh grid      GPU tests of the kernel (ragged T, F, seq_len), then
-#                                        mosaic_gpu against XLA at every shape of the grid, with
-#                                        the tiles of the tune stage where it ran
+#   bash bench/device_speed.sh tests     GPU tests of the kernels (ragged T, F, seq_len; every
+#                                        schedule, bf16 and f32), with the tune stage's tiles
+#   bash bench/device_speed.sh grid      mosaic_gpu against XLA at every shape of the grid (each
+#                                        checked exact first), with the tune stage's tiles
 #   bash bench/device_speed.sh kernels   the live path against full width, every variant at the
 #                                        benchmark shapes (pytest-benchmark)
+# One period's plan (30 minutes of device time): tune twice (about 15 minutes: 20 shapes of 8
+# candidates, each compiled, checked at full size, then timed), tests, grid.
 # Files for bench/RESULTS.md are written to $OUT; the tune stage's configuration file too
 # ($OUT/mosaic_gpu.json, to commit as relu_sparsity/kernels/configs/mosaic_gpu.json).
 set -uo pipefail
@@ -36,9 +39,12 @@ case "${1:-}" in
       --report /tmp/tune/report.json --resume 2>&1 | grep -v "^W0000\|^I0000" | tail -30
     echo "exit ${PIPESTATUS[0]}"
     cp /tmp/tune/*.json "$OUT/" ;;
+  tests)
+    if [ -f "$TUNED" ]; then cp "$TUNED" relu_sparsity/kernels/configs/mosaic_gpu.json; fi
+    $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_mosaic_gpu_device.py \
+      tests/test_triton_gpu.py 2>&1 | tail -5 ;;
   grid)
     if [ -f "$TUNED" ]; then cp "$TUNED" relu_sparsity/kernels/configs/mosaic_gpu.json; fi
-    $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/test_mosaic_gpu_device.py 2>&1 | tail -3
     $PY -m relu_sparsity.cli bench --backends mosaic_gpu --presets $PRESETS --shapes $NAMED \
       --out "$OUT/grid.json" \
       2>&1 | grep -E "^\||^device" | tee "$OUT/grid.md" ;;
@@ -47,5 +53,5 @@ case "${1:-}" in
     $PY -m pytest -q -p no:cacheprovider tests/test_benchmarks.py --benchmark-only \
       --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,iqr,rounds \
       2>&1 | tail -80 ;;
-  *) echo "usage: device_speed.sh tune|grid|kernels" >&2; exit 2 ;;
+  *) echo "usage: device_speed.sh tune|tests|grid|kernels" >&2; exit 2 ;;
 esac
