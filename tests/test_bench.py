@@ -142,7 +142,9 @@ def test_rows_say_which_tiles_a_fused_backend_ran_with(monkeypatch):
     assert bench.variant_tiles("mosaic_gpu no stats", (6000, 512, 4100), "bfloat16") \
         == "nearest 8192x512x8192; pads w1, slices h"
     assert bench.variant_tiles("mosaic_gpu no stats", (4096, 768, 3000), "bfloat16") \
-        == "nearest 8192x512x8192; pads w1"
+        == "nearest 8192x512x8192; pads w1, h untiled"
+    assert bench.variant_tiles("mosaic_gpu no stats", (4096, 768, 3040), "bfloat16") \
+        == "nearest 8192x512x8192; pads w1"  # h through 64-byte swizzled tiles
     assert bench.variant_tiles("mosaic_gpu no stats", (6000, 512, 8192), "bfloat16") \
         == "nearest 8192x512x8192"
     assert bench.variant_tiles("triton +stats", (8192, 512, 8192), "float32") == "default"

@@ -134,17 +134,18 @@ def forward(x, w1, b1, *, seq_len, with_stats, with_token_mask,
 
 
 def edge_copies(shape: tuple[int, int, int], dtype) -> str:
-    """What the forward copies at the edges of x [T, D], w1 [D, F] and h [T, F] with this
-    shape's tiles (`kernel.tma_edges`), for bench's tiles column: "" where TMA takes every
-    edge, else e.g. "pads w1, slices h"."""
+    """What the forward does at the edges of x [T, D], w1 [D, F] and h [T, F] with this shape's
+    tiles (`kernel.tma_edges`), for bench's tiles column: "" where TMA takes every edge through
+    swizzled tiles, else the copies and h's untiled pieces, e.g. "pads w1, h untiled"."""
     T, D, F = shape
     out_dtype = jnp.dtype(dtype)
     D_k = 3 * D if out_dtype == jnp.float32 else D
-    unpadded = mgpu_kernel.tma_edges(T, D_k, F, fitted_tile_config(shape, out_dtype),
-                                     jnp.bfloat16, out_dtype)
+    config = fitted_tile_config(shape, out_dtype)
+    unpadded = mgpu_kernel.tma_edges(T, D_k, F, config, jnp.bfloat16, out_dtype)
     pads = [name for name, kept in (("x", unpadded.x), ("w1", unpadded.w)) if not kept]
+    untiled = unpadded.h and mgpu_kernel.h_tile_cols(config, T, F, out_dtype) == 0
     return ", ".join(([f"pads {' and '.join(pads)}"] if pads else [])
-                     + ([] if unpadded.h else ["slices h"]))
+                     + ([] if unpadded.h else ["slices h"]) + (["h untiled"] if untiled else []))
 
 
 @functools.cache
