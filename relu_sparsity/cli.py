@@ -538,10 +538,10 @@ def cmd_report(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from relu_sparsity.bench.kernels import preset_shapes
+    from relu_sparsity.bench.kernels import requested_shapes
     from relu_sparsity.bench.tune import main as tune_main
 
-    shapes = list(dict.fromkeys([*args.shapes, *preset_shapes(args.presets)]))
+    shapes = requested_shapes(args.shapes, args.presets)
     if not shapes:
         raise ValueError("tune: give --shapes, --presets or both")
     result = tune_main(args.backend, shapes, dtype=args.dtype, seq_len=args.seq_len,
@@ -589,9 +589,9 @@ def cmd_bench(args) -> None:
             raise PartFailed(f"{len(failed)} of {len(rows)} train-step variants failed: "
                              f"{', '.join(failed)}; the table shows each error")
         return
-    from relu_sparsity.bench.kernels import main as bench_main, preset_shapes
+    from relu_sparsity.bench.kernels import main as bench_main, requested_shapes
 
-    shapes = list(dict.fromkeys([*(args.shapes or []), *preset_shapes(args.presets)]))
+    shapes = requested_shapes(args.shapes, args.presets)
     rows = bench_main(shapes=shapes or None, seq_len=args.seq_len, dtype=args.dtype,
                       repeats=args.repeats, out=args.out, backends=args.backends)
     failed = [f"{r['variant']} at {r['shape']}" for r in rows if "error" in r]

@@ -142,6 +142,11 @@ def preset_shapes(presets: list[str], fractions=PRUNE_FRACTIONS) -> list[str]:
     return shapes
 
 
+def requested_shapes(shapes: list[str] | None, presets: list[str]) -> list[str]:
+    """The shapes named, then those of the presets' runs (`preset_shapes`), each once."""
+    return list(dict.fromkeys([*(shapes or []), *preset_shapes(presets)]))
+
+
 def check_variant(label: str, out, operands, seq_len: int) -> None:
     """Raises AssertionError unless the variant's output `out` is relu(x @ w1 + b1) and, for a
     fused backend, its statistics are exact (`full_size_check`). The reference's statistics are
@@ -188,12 +193,15 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| shape T x D x F | seq_len | variant | median ms | min ms | IQR ms | TF/s | "
              "/ xla dot+bias+relu | tiles |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['shape']} | {r['seq_len']} | {r['variant']} | {r['ms']:.3f} | "
-              f"{r['min_ms']:.3f} | {r['iqr_ms']:.3f} | {r['tflops']:.1f} | {r['ratio']:.2f} | "
-              f"{r.get('tiles') or ''} |" if "ms" in r else
-              f"| {r['shape']} | {r['seq_len']} | {r['variant']} | failed: {r['error']} | | | | | "
-              f"{r.get('tiles') or ''} |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [_table_row(r) for r in rows])
+
+
+def _table_row(r: dict) -> str:
+    """One variant's row; a variant that failed its check shows the error in place of times."""
+    figures = (f"{r['ms']:.3f} | {r['min_ms']:.3f} | {r['iqr_ms']:.3f} | {r['tflops']:.1f} | "
+               f"{r['ratio']:.2f}" if "ms" in r else f"failed: {r['error']} | | | |")
+    return (f"| {r['shape']} | {r['seq_len']} | {r['variant']} | {figures} | "
+            f"{r.get('tiles') or ''} |")
 
 
 def main(shapes=None, seq_len: int | None = None, dtype: str | None = None, repeats: int = 5,
